@@ -1,0 +1,409 @@
+"""The dataset format (version 1) that every stage shares, and the reading API.
+
+Layout (see docs/FORMAT.md for every field):
+    DATASET/manifest.json   format, seed, stage configs and status, sources, shards (+ sha256)
+    DATASET/assets.h5       the exact background and foreground arrays the samples came from
+    DATASET/shards/NNNNN.h5 fg_bg (encoded images), mask (bit-packed, gzip), meta, [depth]
+
+Invariants: a shard file under its final name is complete (written to a temporary name, then
+renamed); the manifest lists a shard only once its file is in place; manifest writes are atomic.
+HDF5 objects are written without timestamps so that the same content gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import h5py
+import numpy as np
+from numpy.typing import NDArray
+
+from .errors import DatasetError, OutputError
+
+FORMAT = "synthcar-dataset"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+ASSETS = "assets.h5"
+SHARD_DIR = "shards"
+
+META_DTYPE = np.dtype(
+    [
+        ("index", "<i8"),
+        ("bg", "<i4"),
+        ("fg", "<i4"),
+        ("flipped", "u1"),
+        ("x", "<i4"),
+        ("y", "<i4"),
+    ]
+)
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+
+def shard_name(k: int) -> str:
+    return f"{SHARD_DIR}/{k:05d}.h5"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode())
+
+
+def read_manifest(root: str | Path) -> dict[str, Any]:
+    root = Path(root)
+    path = root / MANIFEST
+    if not root.exists():
+        raise DatasetError(f"dataset folder does not exist: {root}")
+    if not path.is_file():
+        raise DatasetError(
+            f"not a dataset (no {MANIFEST}): {root}; make one with `cli.py overlay --out {root}`"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DatasetError(f"damaged manifest: {path} ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise DatasetError(f"not a synthcar dataset: {path} (format field is not {FORMAT!r})")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise DatasetError(
+            f"dataset format version {manifest.get('format_version')} is not supported "
+            f"(this version reads {FORMAT_VERSION}): {path}"
+        )
+    return manifest
+
+
+def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
+    write_json(Path(root) / MANIFEST, manifest)
+
+
+def prepare_output(root: str | Path) -> Path:
+    """Make the output folder; refuse one that holds something other than a dataset."""
+    root = Path(root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        (root / SHARD_DIR).mkdir(exist_ok=True)
+        probe = root / f".write-test.tmp{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise OutputError(
+            f"cannot write to output folder: {root} ({e.strerror or e}); choose another --out"
+        ) from None
+    return root
+
+
+# ------------------------------------------------------------------------- shard write/read
+
+
+@dataclass
+class ShardArrays:
+    """One shard's content in memory.
+
+    images: list of encoded fg_bg images (bytes); masks: (n, H, ceil(W/8)) uint8 bit-packed
+    along the width; meta: (n,) META_DTYPE; depth: optional (n, H, W) float16 in [0, 1].
+    """
+
+    images: list[bytes]
+    masks: NDArray[np.uint8]
+    meta: NDArray[Any]
+    width: int
+    encoding: str
+    depth: NDArray[np.float16] | None = None
+
+
+def _dataset(f: h5py.File, name: str, data: NDArray[Any], **kw: Any) -> None:
+    f.create_dataset(name, data=data, track_times=False, **kw)
+
+
+def write_shard(path: Path, shard: ShardArrays, first: int) -> int:
+    """Write a shard atomically; returns its size in bytes."""
+    n = len(shard.images)
+    lengths = np.fromiter((len(b) for b in shard.images), dtype=np.int64, count=n)
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    blob = np.frombuffer(b"".join(shard.images), dtype=np.uint8)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    with h5py.File(tmp, "w", libver="v110") as f:
+        f.attrs["format"] = FORMAT
+        f.attrs["format_version"] = FORMAT_VERSION
+        f.attrs["first"] = first
+        f.attrs["count"] = n
+        f.attrs["encoding"] = shard.encoding
+        f.attrs["width"] = shard.width
+        _dataset(f, "fg_bg", blob if n else np.zeros(0, np.uint8))
+        _dataset(f, "fg_bg_offsets", offsets)
+        _dataset(
+            f,
+            "mask",
+            shard.masks,
+            chunks=(1, *shard.masks.shape[1:]) if n else None,
+            compression="gzip",
+            compression_opts=4,
+        )
+        _dataset(f, "meta", shard.meta)
+        if shard.depth is not None:
+            _dataset(f, "depth", shard.depth, chunks=(1, *shard.depth.shape[1:]))
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return path.stat().st_size
+
+
+def remove_stale_temporaries(root: Path) -> list[Path]:
+    """Temporaries left by a killed run (never a finished file)."""
+    stale = [p for p in (root / SHARD_DIR).glob("*.tmp*")] + list(root.glob("*.tmp*"))
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+def decode_image(data: bytes | NDArray[np.uint8]) -> NDArray[np.uint8]:
+    """Encoded fg_bg (JPEG or PNG) to (H, W, 3) uint8 RGB."""
+    buf = np.frombuffer(data, np.uint8) if isinstance(data, bytes) else data
+    bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise DatasetError("an encoded image in the shard cannot be decoded")
+    return bgr[..., ::-1]
+
+
+def unpack_masks(packed: NDArray[np.uint8], width: int) -> NDArray[np.uint8]:
+    """(..., H, ceil(W/8)) bit-packed to (..., H, W) uint8 in {0, 255}."""
+    return np.unpackbits(packed, axis=-1, count=width) * np.uint8(255)
+
+
+@dataclass
+class Sample:
+    """One sample: fg_bg (H,W,3) uint8 RGB, bg (H,W,3) uint8 RGB, mask (H,W) uint8 in {0,255},
+    depth (H,W) float32 in [0,1] or None, meta dict(index, bg, fg, flipped, x, y)."""
+
+    fg_bg: NDArray[np.uint8]
+    bg: NDArray[np.uint8]
+    mask: NDArray[np.uint8]
+    depth: NDArray[np.float32] | None
+    meta: dict[str, Any]
+
+
+@dataclass
+class ShardBatch:
+    """All of one shard, decoded on demand: the raw encoded images, and arrays for the rest."""
+
+    first: int
+    encoded: list[NDArray[np.uint8]]
+    masks_packed: NDArray[np.uint8]
+    meta: NDArray[Any]
+    width: int
+    depth: NDArray[np.float16] | None
+
+    def __len__(self) -> int:
+        return len(self.encoded)
+
+    def images(self) -> Iterator[NDArray[np.uint8]]:
+        for buf in self.encoded:
+            yield decode_image(buf)
+
+    def masks(self) -> NDArray[np.uint8]:
+        return unpack_masks(self.masks_packed, self.width)
+
+
+def read_shard_file(path: Path) -> ShardBatch:
+    try:
+        with h5py.File(path, "r") as f:
+            blob = f["fg_bg"][()]
+            offsets = f["fg_bg_offsets"][()]
+            encoded = [blob[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
+            depth = f["depth"][()] if "depth" in f else None
+            return ShardBatch(
+                first=int(f.attrs["first"]),
+                encoded=encoded,
+                masks_packed=f["mask"][()],
+                meta=f["meta"][()],
+                width=int(f.attrs["width"]),
+                depth=depth,
+            )
+    except (OSError, KeyError) as e:
+        raise DatasetError(f"damaged shard: {path} ({e}); run `cli.py verify`") from None
+
+
+def meta_dict(row: Any) -> dict[str, Any]:
+    d = {name: row[name].item() for name in META_DTYPE.names}
+    d["flipped"] = bool(d["flipped"])
+    return d
+
+
+# -------------------------------------------------------------------------------- assets.h5
+
+
+def write_assets(
+    path: Path,
+    backgrounds: NDArray[np.uint8],
+    bg_names: list[str],
+    foregrounds: list[NDArray[np.uint8]],
+    fg_names: list[str],
+) -> None:
+    """backgrounds (N, H, W, 3) uint8 RGB; foregrounds[k] (h, w, 4) uint8 RGBA."""
+    shapes = np.array([fg.shape[:2] for fg in foregrounds], dtype=np.int64).reshape(-1, 2)
+    sizes = shapes[:, 0] * shapes[:, 1] * 4
+    offsets = np.zeros(len(foregrounds) + 1, dtype=np.int64)
+    np.cumsum(sizes, out=offsets[1:])
+    flat = np.concatenate([fg.reshape(-1) for fg in foregrounds]) if foregrounds else np.zeros(0)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    strings = h5py.string_dtype()
+    with h5py.File(tmp, "w", libver="v110") as f:
+        f.attrs["format"] = FORMAT
+        f.attrs["format_version"] = FORMAT_VERSION
+        _dataset(f, "backgrounds", backgrounds, compression="gzip", compression_opts=1)
+        _dataset(f, "bg_names", np.array(bg_names, dtype=object), dtype=strings)
+        _dataset(f, "fg_data", flat.astype(np.uint8), compression="gzip", compression_opts=1)
+        _dataset(f, "fg_offsets", offsets)
+        _dataset(f, "fg_shapes", shapes)
+        _dataset(f, "fg_names", np.array(fg_names, dtype=object), dtype=strings)
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class Assets:
+    backgrounds: NDArray[np.uint8]
+    bg_names: list[str]
+    foregrounds: list[NDArray[np.uint8]]
+    fg_names: list[str]
+
+
+def read_assets(path: Path) -> Assets:
+    try:
+        with h5py.File(path, "r") as f:
+            bgs = f["backgrounds"][()]
+            flat = f["fg_data"][()]
+            offsets = f["fg_offsets"][()]
+            shapes = f["fg_shapes"][()]
+            fgs = [
+                flat[offsets[k] : offsets[k + 1]].reshape(int(h), int(w), 4)
+                for k, (h, w) in enumerate(shapes)
+            ]
+            return Assets(
+                backgrounds=bgs,
+                bg_names=[s.decode() for s in f["bg_names"][()]],
+                foregrounds=fgs,
+                fg_names=[s.decode() for s in f["fg_names"][()]],
+            )
+    except (OSError, KeyError) as e:
+        raise DatasetError(f"damaged assets file: {path} ({e})") from None
+
+
+# ------------------------------------------------------------------------------ reading API
+
+
+class Dataset:
+    """Random access to a finished dataset: `len(ds)`, `ds[i]` -> `Sample`, plus the sources.
+
+    Shard files are opened lazily and kept open; a Dataset pickles without its open files, so
+    it can be handed to worker processes.
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.manifest = read_manifest(self.root)
+        overlay = self.manifest.get("stages", {}).get("overlay", {})
+        if overlay.get("status") != "complete":
+            done = len(self.manifest.get("shards", []))
+            raise DatasetError(
+                f"unfinished dataset: {self.root} ({done} of {self.manifest.get('num_shards')} "
+                "shards); run the same overlay command again to finish it"
+            )
+        self.shards: list[dict[str, Any]] = sorted(self.manifest["shards"], key=lambda s: s["first"])
+        self._firsts = [s["first"] for s in self.shards]
+        self._len = int(self.manifest["num_samples"])
+        self._files: dict[int, h5py.File] = {}
+        self._assets: Assets | None = None
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_files"] = {}
+        return state
+
+    def __enter__(self) -> Dataset:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+    @property
+    def assets(self) -> Assets:
+        if self._assets is None:
+            self._assets = read_assets(self.root / ASSETS)
+        return self._assets
+
+    @property
+    def backgrounds(self) -> NDArray[np.uint8]:
+        """(N, H, W, 3) uint8 RGB."""
+        return self.assets.backgrounds
+
+    @property
+    def foregrounds(self) -> list[NDArray[np.uint8]]:
+        """foregrounds[k]: (h, w, 4) uint8 RGBA; sizes may differ."""
+        return self.assets.foregrounds
+
+    @property
+    def has_depth(self) -> bool:
+        return self.manifest.get("stages", {}).get("depth", {}).get("status") == "complete"
+
+    def shard_path(self, k: int) -> Path:
+        return self.root / self.shards[k]["file"]
+
+    def read_shard(self, k: int) -> ShardBatch:
+        return read_shard_file(self.shard_path(k))
+
+    def _file(self, k: int) -> h5py.File:
+        f = self._files.get(k)
+        if f is None:
+            path = self.shard_path(k)
+            try:
+                f = self._files[k] = h5py.File(path, "r")
+            except OSError as e:
+                raise DatasetError(f"cannot open shard: {path} ({e}); run `cli.py verify`") from None
+        return f
+
+    def __getitem__(self, i: int) -> Sample:
+        i = int(i)
+        if i < 0:
+            i += self._len
+        if not 0 <= i < self._len:
+            raise IndexError(f"sample {i} out of range 0..{self._len - 1}")
+        k = bisect.bisect_right(self._firsts, i) - 1
+        j = i - self._firsts[k]
+        f = self._file(k)
+        start, stop = f["fg_bg_offsets"][j : j + 2]
+        fg_bg = decode_image(f["fg_bg"][start:stop])
+        mask = unpack_masks(f["mask"][j], int(f.attrs["width"]))
+        depth = f["depth"][j].astype(np.float32) if "depth" in f else None
+        meta = meta_dict(f["meta"][j])
+        return Sample(fg_bg, self.backgrounds[meta["bg"]], mask, depth, meta)
+
+
+def open_dataset(path: str | Path) -> Dataset:
+    """Open a finished dataset for reading; a clear `DatasetError` if it is missing or
+    unfinished."""
+    return Dataset(path)

@@ -1,0 +1,531 @@
+"""overlay: every foreground on every background at random positions, into dataset shards.
+
+Input: a folder of backgrounds (any readable image; all one size, or resized and centre-cropped
+with --size) and one or more folders of RGBA cutouts. Output: a dataset (see `dataset.py`) of
+B x F x M x P samples (M = 2 with --mirror), each an alpha-composite (fg_bg), its exact mask
+(pasted alpha >= 128) and the placement that made it.
+
+Invariants:
+- A sample's draws depend only on (seed, sample index): which (background, foreground, mirror,
+  position) it is comes from a seeded shuffle of all combinations, and its x, y from a
+  counter-based hash of the index. Shards are byte-identical whatever the worker count.
+- The positions keep the foreground fully inside the background.
+- Rerunning the same command resumes: finished shards are kept, the rest are made.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from numpy.typing import NDArray
+
+from . import dataset as fmt
+from .errors import BadImageError, InputFolderError, OutputError, PipelineError
+from .images import fit_crop, list_images, read_rgb, read_rgba, sha256_file
+from .runner import map_shards
+
+log = logging.getLogger(__name__)
+
+STREAM_ORDER, STREAM_X, STREAM_Y = 1, 2, 3
+FORMATS = ("jpeg", "png")
+SUBSAMPLINGS = {"420": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420, "444": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444}
+
+
+@dataclass(frozen=True)
+class OverlayConfig:
+    """How a dataset is made; written to the manifest so every dataset records it."""
+
+    positions: int = 20
+    seed: int = 0
+    shard_size: int = 1000
+    format: str = "jpeg"
+    quality: int = 95
+    subsampling: str = "420"
+    mirror: bool = False
+    size: tuple[int, int] | None = None  # (height, width) to fit backgrounds to, or as found
+
+    def __post_init__(self) -> None:
+        if self.positions < 1:
+            raise PipelineError(f"--positions must be at least 1, got {self.positions}")
+        if self.shard_size < 1:
+            raise PipelineError(f"--shard-size must be at least 1, got {self.shard_size}")
+        if self.format not in FORMATS:
+            raise PipelineError(f"--format must be one of {', '.join(FORMATS)}, got {self.format}")
+        if not 1 <= self.quality <= 100:
+            raise PipelineError(f"--quality must be in 1..100, got {self.quality}")
+        if self.subsampling not in SUBSAMPLINGS:
+            raise PipelineError(f"--subsampling must be 420 or 444, got {self.subsampling}")
+        if not 0 <= self.seed < 2**63:
+            raise PipelineError(f"--seed must be in 0..2**63-1, got {self.seed}")
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["size"] = list(self.size) if self.size else None
+        return d
+
+
+# ------------------------------------------------------------------ random draws (pure, fast)
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix64(z: NDArray[np.uint64]) -> NDArray[np.uint64]:
+    """splitmix64's finaliser: a bijective, well-mixed hash of 64-bit words."""
+    with np.errstate(over="ignore"):
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def hash_draws(seed: int, stream: int, index: NDArray[np.integer]) -> NDArray[np.uint64]:
+    """64 random bits per index, a pure function of (seed, stream, index)."""
+    with np.errstate(over="ignore"):
+        key = _mix64(np.array([seed, stream], dtype=np.uint64) * _GOLDEN)
+        base = _mix64(key[:1] ^ (key[1:] + _GOLDEN))
+        return _mix64(base + (np.asarray(index, dtype=np.uint64) + np.uint64(1)) * _GOLDEN)
+
+
+def uniform_draws(seed: int, stream: int, index: NDArray[np.integer]) -> NDArray[np.float64]:
+    """Uniform floats in [0, 1), 53 bits each."""
+    return (hash_draws(seed, stream, index) >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+@functools.lru_cache(maxsize=4)
+def sample_order(seed: int, n: int) -> NDArray[np.int64]:
+    """The seeded shuffle: order[i] is the combination index of sample i."""
+    keys = hash_draws(seed, STREAM_ORDER, np.arange(n, dtype=np.int64))
+    order = np.argsort(keys, kind="stable")
+    order.flags.writeable = False
+    return order
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The combination space and image size of a dataset."""
+
+    num_bg: int
+    num_fg: int
+    mirrors: int  # 1, or 2 with --mirror
+    positions: int
+    height: int
+    width: int
+
+    @property
+    def num_samples(self) -> int:
+        return self.num_bg * self.num_fg * self.mirrors * self.positions
+
+
+def draw_placements(
+    seed: int, geom: Geometry, fg_sizes: NDArray[np.int64], first: int, count: int
+) -> NDArray[Any]:
+    """Placements of samples first..first+count-1 as a META_DTYPE array.
+
+    fg_sizes: (F, 2) heights and widths of the foregrounds.
+    """
+    index = np.arange(first, first + count, dtype=np.int64)
+    combo = sample_order(seed, geom.num_samples)[first : first + count]
+    bg, fg, mirror, _ = np.unravel_index(
+        combo, (geom.num_bg, geom.num_fg, geom.mirrors, geom.positions)
+    )
+    h, w = fg_sizes[fg, 0], fg_sizes[fg, 1]
+    meta = np.zeros(count, dtype=fmt.META_DTYPE)
+    meta["index"] = index
+    meta["bg"] = bg
+    meta["fg"] = fg
+    meta["flipped"] = mirror
+    meta["x"] = np.floor(uniform_draws(seed, STREAM_X, index) * (geom.width - w + 1))
+    meta["y"] = np.floor(uniform_draws(seed, STREAM_Y, index) * (geom.height - h + 1))
+    return meta
+
+
+# --------------------------------------------------------------------- compositing (pure)
+
+
+@dataclass(frozen=True)
+class PreparedForeground:
+    """A cutout ready to paste: colour, alpha weights and the binary mask it stamps."""
+
+    color: NDArray[np.uint8]  # (h, w, 3) uint8, in the caller's channel order
+    weight: NDArray[np.float32]  # (h, w) alpha / 255
+    inverse: NDArray[np.float32]  # (h, w) 1 - alpha / 255
+    mask: NDArray[np.bool_]  # (h, w) alpha >= 128
+
+    @classmethod
+    def from_rgba(cls, rgba: NDArray[np.uint8], flip: bool = False, bgr: bool = False):
+        if flip:
+            rgba = rgba[:, ::-1]
+        color = rgba[..., 2::-1] if bgr else rgba[..., :3]
+        weight = rgba[..., 3].astype(np.float32) / np.float32(255)
+        return cls(
+            color=np.ascontiguousarray(color),
+            weight=np.ascontiguousarray(weight),
+            inverse=np.ascontiguousarray(np.float32(1) - weight),
+            mask=np.ascontiguousarray(rgba[..., 3] >= 128),
+        )
+
+
+def paste(bg: NDArray[np.uint8], fg: PreparedForeground, x: int, y: int) -> NDArray[np.uint8]:
+    """A copy of bg (H, W, 3) uint8 with fg alpha-composited at column x, row y (rounded)."""
+    out = bg.copy()
+    h, w = fg.mask.shape
+    region = out[y : y + h, x : x + w]
+    region[...] = cv2.blendLinear(fg.color, region, fg.weight, fg.inverse)
+    return out
+
+
+def composite(
+    bg: NDArray[np.uint8], fg_rgba: NDArray[np.uint8], x: int, y: int, flip: bool = False
+) -> tuple[NDArray[np.uint8], NDArray[np.uint8]]:
+    """One sample: bg (H,W,3) uint8, fg (h,w,4) uint8 RGBA -> (fg_bg (H,W,3), mask (H,W) 0/255)."""
+    fg = PreparedForeground.from_rgba(fg_rgba, flip=flip)
+    h, w = fg.mask.shape
+    if not (0 <= x <= bg.shape[1] - w and 0 <= y <= bg.shape[0] - h):
+        raise ValueError(f"foreground {w}x{h} at ({x}, {y}) is not inside the background")
+    mask = np.zeros(bg.shape[:2], np.uint8)
+    mask[y : y + h, x : x + w][fg.mask] = 255
+    return paste(bg, fg, x, y), mask
+
+
+def encode_params(config: OverlayConfig) -> tuple[str, list[int]]:
+    if config.format == "png":
+        return ".png", [cv2.IMWRITE_PNG_COMPRESSION, 3]
+    return ".jpg", [
+        cv2.IMWRITE_JPEG_QUALITY,
+        config.quality,
+        cv2.IMWRITE_JPEG_SAMPLING_FACTOR,
+        SUBSAMPLINGS[config.subsampling],
+    ]
+
+
+# ------------------------------------------------------------------------ one shard (I/O)
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """Everything a worker needs to make shard k; small and picklable."""
+
+    root: str
+    config: OverlayConfig
+    geometry: Geometry
+    assets_sha256: str
+
+
+class _WorkerAssets:
+    """Per-process cache: the assets of a dataset, in BGR and ready to paste."""
+
+    def __init__(self, path: Path, mirrors: int) -> None:
+        assets = fmt.read_assets(path)
+        self.backgrounds = np.ascontiguousarray(assets.backgrounds[..., ::-1])
+        self.fg_sizes = np.array([fg.shape[:2] for fg in assets.foregrounds], dtype=np.int64)
+        self.prepared = [
+            [PreparedForeground.from_rgba(fg, flip=bool(m), bgr=True) for m in range(mirrors)]
+            for fg in assets.foregrounds
+        ]
+
+
+@functools.lru_cache(maxsize=2)
+def _worker_assets(root: str, sha: str, mirrors: int) -> _WorkerAssets:
+    return _WorkerAssets(Path(root) / fmt.ASSETS, mirrors)
+
+
+def make_shard(job: ShardJob, k: int) -> dict[str, Any]:
+    """Make shard k and write it atomically; returns its manifest record."""
+    cfg, geom = job.config, job.geometry
+    assets = _worker_assets(job.root, job.assets_sha256, geom.mirrors)
+    first = k * cfg.shard_size
+    count = min(cfg.shard_size, geom.num_samples - first)
+    meta = draw_placements(cfg.seed, geom, assets.fg_sizes, first, count)
+    ext, params = encode_params(cfg)
+    width_bytes = (geom.width + 7) // 8
+    masks = np.zeros((count, geom.height, width_bytes), np.uint8)
+    images: list[bytes] = []
+    for i, m in enumerate(meta):
+        fg = assets.prepared[m["fg"]][m["flipped"]]
+        x, y = int(m["x"]), int(m["y"])
+        out = paste(assets.backgrounds[m["bg"]], fg, x, y)
+        ok, buf = cv2.imencode(ext, out, params)
+        if not ok:
+            raise PipelineError(f"image encoding failed for sample {m['index']}")
+        images.append(buf.tobytes())
+        h, w = fg.mask.shape
+        band = np.zeros((h, geom.width), np.bool_)
+        band[:, x : x + w] = fg.mask
+        masks[i, y : y + h] = np.packbits(band, axis=-1)
+    path = Path(job.root) / fmt.shard_name(k)
+    shard = fmt.ShardArrays(images, masks, meta, geom.width, cfg.format)
+    size = fmt.write_shard(path, shard, first)
+    return {
+        "file": fmt.shard_name(k),
+        "first": first,
+        "count": count,
+        "bytes": size,
+        "sha256": sha256_file(path),
+    }
+
+
+# ------------------------------------------------------------------------ inputs (I/O)
+
+
+@dataclass
+class Inputs:
+    backgrounds: NDArray[np.uint8]
+    bg_names: list[str]
+    bg_sha: list[str]
+    foregrounds: list[NDArray[np.uint8]]
+    fg_names: list[str]
+    fg_sha: list[str]
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+
+
+def _skip_or_raise(err: BadImageError, skip_bad: bool, skipped: list[dict[str, str]]) -> None:
+    if not skip_bad:
+        raise err
+    log.warning("skipped %s", err)
+    skipped.append({"file": err.path, "reason": err.reason})
+
+
+def _read_or_skip(read: Callable[[Path], Any], path: Path, skip_bad: bool, skipped: list) -> Any:
+    try:
+        return read(path)
+    except BadImageError as e:
+        _skip_or_raise(e, skip_bad, skipped)
+        return None
+
+
+def load_backgrounds(
+    folder: Path, size: tuple[int, int] | None, skip_bad: bool, inputs: Inputs
+) -> None:
+    listing = list_images(folder, "backgrounds")
+    inputs.ignored += [str(p) for p in listing.ignored]
+    arrays, names, shas, paths = [], [], [], []
+    for p in listing.images:
+        rgb = _read_or_skip(read_rgb, p, skip_bad, inputs.skipped)
+        if rgb is None:
+            continue
+        arrays.append(rgb if size is None else fit_crop(rgb, *size))
+        names.append(p.name)
+        shas.append(sha256_file(p))
+        paths.append(p)
+    if not arrays:
+        raise InputFolderError(f"no usable backgrounds in {folder} (all were skipped as bad)")
+    if size is None:
+        want = arrays[0].shape
+        odd = [(p, a.shape) for p, a in zip(paths, arrays, strict=True) if a.shape != want]
+        if odd:
+            p, s = odd[0]
+            more = f" (and {len(odd) - 1} more)" if len(odd) > 1 else ""
+            raise InputFolderError(
+                f"backgrounds differ in size: {p} is {s[1]}x{s[0]}{more}, but {paths[0].name} "
+                f"is {want[1]}x{want[0]}; pass --size {want[1]}x{want[0]} to resize and "
+                "centre-crop them all"
+            )
+    inputs.backgrounds = np.stack(arrays)
+    inputs.bg_names, inputs.bg_sha = names, shas
+
+
+def load_foregrounds(
+    folders: Sequence[Path], skip_bad: bool, inputs: Inputs, bg_hw: tuple[int, int]
+) -> None:
+    H, W = bg_hw
+    seen: dict[str, Path] = {}
+    for folder in folders:
+        listing = list_images(folder, "foregrounds")
+        inputs.ignored += [str(p) for p in listing.ignored]
+        for p in listing.images:
+            name = f"{Path(folder).name}/{p.name}"
+            if name in seen:
+                raise InputFolderError(
+                    f"two foregrounds have the same name {name}: {seen[name]} and {p}; "
+                    "rename one of the folders"
+                )
+            seen[name] = p
+            rgba = _read_or_skip(read_rgba, p, skip_bad, inputs.skipped)
+            if rgba is None:
+                continue
+            h, w = rgba.shape[:2]
+            if h > H or w > W:
+                err = BadImageError(
+                    p,
+                    f"foreground is larger than the backgrounds ({w}x{h} > {W}x{H})",
+                    "shrink it (e.g. the foregrounds stage's --size) or use larger "
+                    "backgrounds; or pass --skip-bad to skip it",
+                )
+                _skip_or_raise(err, skip_bad, inputs.skipped)
+                continue
+            inputs.foregrounds.append(rgba)
+            inputs.fg_names.append(name)
+            inputs.fg_sha.append(sha256_file(p))
+    if not inputs.foregrounds:
+        raise InputFolderError(
+            "no usable foregrounds in " + ", ".join(map(str, folders)) + " (all were skipped)"
+        )
+
+
+def load_inputs(
+    backgrounds: Path, foregrounds: Sequence[Path], size: tuple[int, int] | None, skip_bad: bool
+) -> Inputs:
+    inputs = Inputs(np.zeros((0, 0, 0, 3), np.uint8), [], [], [], [], [])
+    load_backgrounds(Path(backgrounds), size, skip_bad, inputs)
+    load_foregrounds([Path(f) for f in foregrounds], skip_bad, inputs, inputs.backgrounds.shape[1:3])
+    return inputs
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+@dataclass
+class OverlayReport:
+    out: Path
+    num_samples: int
+    num_shards: int
+    made: int  # shards made by this run
+    reused: int  # shards already complete from an earlier run
+    bytes: int
+    seconds: float
+    num_bg: int
+    num_fg: int
+    skipped: list[dict[str, str]]
+    ignored: list[str]
+
+
+def _sources(inputs: Inputs) -> dict[str, Any]:
+    return {
+        "backgrounds": [{"name": n, "sha256": s} for n, s in zip(inputs.bg_names, inputs.bg_sha, strict=True)],
+        "foregrounds": [{"name": n, "sha256": s} for n, s in zip(inputs.fg_names, inputs.fg_sha, strict=True)],
+    }
+
+
+def _check_resume(root: Path, manifest: dict[str, Any], fresh: dict[str, Any]) -> None:
+    old_cfg = manifest.get("stages", {}).get("overlay", {}).get("config")
+    if old_cfg != fresh["stages"]["overlay"]["config"]:
+        diff = [k for k in fresh["stages"]["overlay"]["config"] if (old_cfg or {}).get(k) != fresh["stages"]["overlay"]["config"][k]]
+        raise OutputError(
+            f"{root} holds a dataset made with other settings ({', '.join(diff) or 'config'} "
+            "differ); use another --out, or the same settings to resume it"
+        )
+    if manifest.get("sources") != fresh["sources"]:
+        raise OutputError(
+            f"{root} holds a dataset made from other input images; use another --out, or the "
+            "same inputs to resume it"
+        )
+
+
+def _finished_shards(root: Path, manifest: dict[str, Any], num_shards: int) -> dict[int, dict]:
+    """Shards of an earlier run that are complete on disk, keyed by shard number."""
+    done: dict[int, dict] = {}
+    listed = {rec["file"]: rec for rec in manifest.get("shards", [])}
+    for k in range(num_shards):
+        name = fmt.shard_name(k)
+        path = root / name
+        if not path.is_file():
+            continue
+        rec = listed.get(name)
+        if rec is None or rec.get("bytes") != path.stat().st_size:
+            # Renamed into place but not yet recorded when the run was killed: adopt it after
+            # checking it reads as a whole shard.
+            try:
+                batch = fmt.read_shard_file(path)
+            except PipelineError:
+                continue
+            rec = {"file": name, "first": batch.first, "count": len(batch),
+                   "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+        done[k] = rec
+    return done
+
+
+def run_overlay(
+    backgrounds: Path,
+    foregrounds: Sequence[Path],
+    out: Path,
+    config: OverlayConfig,
+    workers: int = 1,
+    skip_bad: bool = False,
+    progress: Callable[[int], None] | None = None,
+    on_start: Callable[[int, int], None] | None = None,
+) -> OverlayReport:
+    """Make (or finish) the dataset at `out`. progress(n) is called with samples done;
+    on_start(total_samples, already_done) once the work is known."""
+    t0 = time.perf_counter()
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"output path is a file, not a folder: {out}; choose another --out")
+    existing = None
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / fmt.MANIFEST).exists():
+            raise OutputError(
+                f"output folder is not empty and holds no dataset: {out}; choose an empty or "
+                "new folder for --out"
+            )
+        existing = fmt.read_manifest(out)
+    inputs = load_inputs(backgrounds, foregrounds, config.size, skip_bad)
+    H, W = inputs.backgrounds.shape[1:3]
+    geom = Geometry(len(inputs.bg_names), len(inputs.fg_names), 2 if config.mirror else 1,
+                    config.positions, H, W)
+    num_shards = -(-geom.num_samples // config.shard_size)
+    manifest: dict[str, Any] = {
+        "format": fmt.FORMAT,
+        "format_version": fmt.FORMAT_VERSION,
+        "seed": config.seed,
+        "num_samples": geom.num_samples,
+        "num_shards": num_shards,
+        "image_size": [H, W],
+        "stages": {"overlay": {"status": "running", "config": config.to_json(),
+                               "geometry": asdict(geom)}},
+        "sources": _sources(inputs),
+        "assets": None,
+        "shards": [],
+    }
+    if existing is not None:
+        _check_resume(out, existing, manifest)
+    fmt.prepare_output(out)
+    fmt.remove_stale_temporaries(out)
+    assets_path = out / fmt.ASSETS
+    if existing is None or not assets_path.is_file() or (existing.get("assets") or {}).get("sha256") != _sha_or_none(assets_path):
+        fmt.write_assets(assets_path, inputs.backgrounds, inputs.bg_names, inputs.foregrounds, inputs.fg_names)
+    manifest["assets"] = {"file": fmt.ASSETS, "sha256": sha256_file(assets_path)}
+    done = _finished_shards(out, existing or {}, num_shards) if existing else {}
+    manifest["shards"] = [done[k] for k in sorted(done)]
+    manifest["stages"]["overlay"]["skipped"] = inputs.skipped
+    manifest["stages"]["overlay"]["ignored"] = inputs.ignored
+    fmt.write_manifest(out, manifest)
+
+    already = sum(r["count"] for r in done.values())
+    if on_start:
+        on_start(geom.num_samples, already)
+    job = ShardJob(str(out), config, geom, manifest["assets"]["sha256"])
+    todo = [(job, k) for k in range(num_shards) if k not in done]
+    records = dict(done)
+    for rec in map_shards(make_shard, todo, workers):
+        records[rec["first"] // config.shard_size] = rec
+        manifest["shards"] = [records[k] for k in sorted(records)]
+        fmt.write_manifest(out, manifest)
+        if progress:
+            progress(rec["count"])
+    manifest["stages"]["overlay"]["status"] = "complete"
+    fmt.write_manifest(out, manifest)
+    return OverlayReport(
+        out=out,
+        num_samples=geom.num_samples,
+        num_shards=num_shards,
+        made=len(todo),
+        reused=len(done),
+        bytes=sum(r["bytes"] for r in records.values()) + assets_path.stat().st_size,
+        seconds=time.perf_counter() - t0,
+        num_bg=geom.num_bg,
+        num_fg=geom.num_fg,
+        skipped=inputs.skipped,
+        ignored=inputs.ignored,
+    )
+
+
+def _sha_or_none(path: Path) -> str | None:
+    return sha256_file(path) if path.is_file() else None
