@@ -27,6 +27,7 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
+from . import codec
 from . import dataset as fmt
 from .errors import BadImageError, InputFolderError, OutputError, PipelineError
 from .images import fit_crop, list_images, read_rgb, read_rgba, sha256_file
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 
 STREAM_ORDER, STREAM_X, STREAM_Y = 1, 2, 3
 FORMATS = ("jpeg", "png")
-SUBSAMPLINGS = {"420": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420, "444": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444}
+SUBSAMPLINGS = ("420", "444")
 
 
 @dataclass(frozen=True)
@@ -153,16 +154,16 @@ def draw_placements(
 class PreparedForeground:
     """A cutout ready to paste: colour, alpha weights and the binary mask it stamps."""
 
-    color: NDArray[np.uint8]  # (h, w, 3) uint8, in the caller's channel order
+    color: NDArray[np.uint8]  # (h, w, 3) uint8 RGB
     weight: NDArray[np.float32]  # (h, w) alpha / 255
     inverse: NDArray[np.float32]  # (h, w) 1 - alpha / 255
     mask: NDArray[np.bool_]  # (h, w) alpha >= 128
 
     @classmethod
-    def from_rgba(cls, rgba: NDArray[np.uint8], flip: bool = False, bgr: bool = False):
+    def from_rgba(cls, rgba: NDArray[np.uint8], flip: bool = False) -> PreparedForeground:
         if flip:
             rgba = rgba[:, ::-1]
-        color = rgba[..., 2::-1] if bgr else rgba[..., :3]
+        color = rgba[..., :3]
         weight = rgba[..., 3].astype(np.float32) / np.float32(255)
         return cls(
             color=np.ascontiguousarray(color),
@@ -194,17 +195,6 @@ def composite(
     return paste(bg, fg, x, y), mask
 
 
-def encode_params(config: OverlayConfig) -> tuple[str, list[int]]:
-    if config.format == "png":
-        return ".png", [cv2.IMWRITE_PNG_COMPRESSION, 3]
-    return ".jpg", [
-        cv2.IMWRITE_JPEG_QUALITY,
-        config.quality,
-        cv2.IMWRITE_JPEG_SAMPLING_FACTOR,
-        SUBSAMPLINGS[config.subsampling],
-    ]
-
-
 # ------------------------------------------------------------------------ one shard (I/O)
 
 
@@ -219,14 +209,14 @@ class ShardJob:
 
 
 class _WorkerAssets:
-    """Per-process cache: the assets of a dataset, in BGR and ready to paste."""
+    """Per-process cache: the assets of a dataset, ready to paste."""
 
     def __init__(self, path: Path, mirrors: int) -> None:
         assets = fmt.read_assets(path)
-        self.backgrounds = np.ascontiguousarray(assets.backgrounds[..., ::-1])
+        self.backgrounds = assets.backgrounds
         self.fg_sizes = np.array([fg.shape[:2] for fg in assets.foregrounds], dtype=np.int64)
         self.prepared = [
-            [PreparedForeground.from_rgba(fg, flip=bool(m), bgr=True) for m in range(mirrors)]
+            [PreparedForeground.from_rgba(fg, flip=bool(m)) for m in range(mirrors)]
             for fg in assets.foregrounds
         ]
 
@@ -243,7 +233,6 @@ def make_shard(job: ShardJob, k: int) -> dict[str, Any]:
     first = k * cfg.shard_size
     count = min(cfg.shard_size, geom.num_samples - first)
     meta = draw_placements(cfg.seed, geom, assets.fg_sizes, first, count)
-    ext, params = encode_params(cfg)
     width_bytes = (geom.width + 7) // 8
     masks = np.zeros((count, geom.height, width_bytes), np.uint8)
     images: list[bytes] = []
@@ -251,10 +240,7 @@ def make_shard(job: ShardJob, k: int) -> dict[str, Any]:
         fg = assets.prepared[m["fg"]][m["flipped"]]
         x, y = int(m["x"]), int(m["y"])
         out = paste(assets.backgrounds[m["bg"]], fg, x, y)
-        ok, buf = cv2.imencode(ext, out, params)
-        if not ok:
-            raise PipelineError(f"image encoding failed for sample {m['index']}")
-        images.append(buf.tobytes())
+        images.append(codec.encode(out, cfg.format, cfg.quality, cfg.subsampling))
         h, w = fg.mask.shape
         band = np.zeros((h, geom.width), np.bool_)
         band[:, x : x + w] = fg.mask
