@@ -163,6 +163,108 @@ def _echo_skipped(skipped: list[dict[str, str]], ignored: list[str]) -> None:
                    + (" ..." if len(ignored) > 5 else ""))
 
 
+dataset_arg = click.argument("dataset", type=click.Path(path_type=Path))
+
+
+@cli.command()
+@dataset_arg
+@workers_option
+@handle_errors
+def stats(dataset: Path, workers: int) -> None:
+    """Per-channel mean/std of fg_bg and bg, mask coverage (and depth): DATASET/stats.json."""
+    from pipeline.stats import run_stats
+
+    bar = _Bar("stats")
+    try:
+        rep = run_stats(dataset, workers=workers, progress=bar.update, on_start=bar.start)
+    finally:
+        bar.close()
+    s = rep.stats
+    click.echo(f"stats: {s['num_samples']:,} samples, {s['image_size'][1]}x{s['image_size'][0]}, "
+               f"{rep.seconds:.1f} s ({s['num_samples'] / rep.seconds:,.0f} samples/s) -> {rep.path}")
+    click.echo(f"  {'':8} {'mean (R, G, B)':>26} {'std (R, G, B)':>26}")
+    for key in ("fg_bg", "bg"):
+        mean = ", ".join(f"{v:.4f}" for v in s[key]["mean"])
+        std = ", ".join(f"{v:.4f}" for v in s[key]["std"])
+        click.echo(f"  {key:8} {mean:>26} {std:>26}")
+    m = s["mask"]
+    pw = f"{m['pos_weight']:.2f}" if m["pos_weight"] else "n/a"
+    click.echo(f"  mask     foreground {m['foreground_fraction']:.4f} of pixels, pos_weight {pw}, "
+               f"empty masks {m['empty_masks']}")
+    if s["depth"]:
+        d = s["depth"]
+        click.echo(f"  depth    mean {d['mean']:.4f}, std {d['std']:.4f}, "
+                   f"range {d['min']:.4f}..{d['max']:.4f}")
+    else:
+        click.echo("  depth    none yet (run the depth stage)")
+
+
+@cli.command()
+@dataset_arg
+@click.option("--n", "n", default=16, show_default=True, type=click.IntRange(min=1),
+              help="Samples on the sheet.")
+@click.option("--out", "-o", type=click.Path(path_type=Path), default=None,
+              help="Where to write the PNG (default DATASET/preview.png).")
+@handle_errors
+def preview(dataset: Path, n: int, out: Path | None) -> None:
+    """A contact sheet of samples: composite | mask overlay (| depth): DATASET/preview.png."""
+    from pipeline.preview import run_preview
+
+    try:
+        path = run_preview(dataset, n=n, out=out)
+    except OSError as e:
+        raise PipelineError(f"cannot write the preview: {e}; choose another --out") from None
+    click.echo(f"preview: {min(n, _dataset_len(dataset))} samples -> {path}")
+
+
+def _dataset_len(dataset: Path) -> int:
+    from pipeline.dataset import read_manifest
+
+    return int(read_manifest(dataset)["num_samples"])
+
+
+@cli.command()
+@dataset_arg
+@workers_option
+@handle_errors
+def verify(dataset: Path, workers: int) -> None:
+    """Check every shard's checksum and decode every sample; exit 1 listing bad shards."""
+    from pipeline.verify import run_verify
+
+    bar = _Bar("verify")
+    try:
+        rep = run_verify(dataset, workers=workers, progress=bar.update, on_start=bar.start)
+    finally:
+        bar.close()
+    if rep.ok:
+        click.echo(f"verify: OK, {rep.shards} shards, {rep.samples:,} samples in {dataset}")
+        return
+    click.echo(f"verify: {len(rep.bad)} bad file(s) in {dataset}:")
+    for file, problems in sorted(rep.bad.items()):
+        click.echo(f"  {file}: {'; '.join(problems)}")
+    click.echo("Error: the dataset is damaged; delete the bad shard files and run the same overlay "
+               "command again: they are remade identically.", err=True)
+    sys.exit(1)
+
+
+@cli.command()
+@dataset_arg
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path),
+              help="Folder to write fg_bg/, mask/, depth/, bg/ and samples.csv into.")
+@workers_option
+@handle_errors
+def export(dataset: Path, out: Path, workers: int) -> None:
+    """Write the dataset as plain image folders plus samples.csv."""
+    from pipeline.export import run_export
+
+    bar = _Bar("export")
+    try:
+        made = run_export(dataset, out, workers=workers, progress=bar.update, on_start=bar.start)
+    finally:
+        bar.close()
+    click.echo(f"export: {made:,} samples written (the rest were done earlier) -> {out}")
+
+
 def main() -> None:
     cli(prog_name="synthcar")
 

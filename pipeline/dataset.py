@@ -52,17 +52,19 @@ def shard_name(k: int) -> str:
     return f"{SHARD_DIR}/{k:05d}.h5"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes, sync: bool = False) -> None:
+    """Write to a temporary name, then rename: readers never see a partial file."""
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     with open(tmp, "wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+        if sync:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
 def write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode())
+    atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode(), sync=True)
 
 
 def read_manifest(root: str | Path) -> dict[str, Any]:

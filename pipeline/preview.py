@@ -1,0 +1,88 @@
+"""preview: a contact sheet of samples, to look at a dataset rather than read about it.
+
+Output `DATASET/preview.png` (or --out): for each chosen sample, the composite, the composite
+with its mask overlaid (red fill, green outline) and, once depth exists, the depth as a colour
+map (near = bright). Samples are evenly spaced through the (shuffled) dataset.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+from numpy.typing import NDArray
+
+from . import dataset as fmt
+
+GAP = 4
+PREVIEW = "preview.png"
+
+
+def mask_overlay(rgb: NDArray[np.uint8], mask: NDArray[np.uint8]) -> NDArray[np.uint8]:
+    """rgb (H,W,3) uint8, mask (H,W) {0,255} -> rgb with the mask tinted red, outlined green."""
+    out = rgb.copy()
+    on = mask > 0
+    out[on] = (out[on] * 0.45 + np.array([255, 0, 0]) * 0.55).astype(np.uint8)
+    contours, _ = cv2.findContours(on.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    cv2.drawContours(out, contours, -1, (0, 255, 0), 1)
+    return out
+
+
+def depth_colormap(depth: NDArray[np.floating]) -> NDArray[np.uint8]:
+    """depth (H,W) in [0,1], larger = farther -> (H,W,3) uint8 RGB, near bright."""
+    d = np.asarray(depth, np.float64)
+    lo, hi = float(d.min()), float(d.max())
+    norm = (d - lo) / (hi - lo) if hi > lo else np.zeros_like(d)
+    gray = np.clip(np.rint((1 - norm) * 255), 0, 255).astype(np.uint8)
+    return cv2.applyColorMap(gray, cv2.COLORMAP_INFERNO)[..., ::-1]
+
+
+def tiles_of(sample: fmt.Sample) -> list[NDArray[np.uint8]]:
+    tiles = [sample.fg_bg, mask_overlay(sample.fg_bg, sample.mask)]
+    if sample.depth is not None:
+        tiles.append(depth_colormap(sample.depth))
+    return tiles
+
+
+def contact_sheet(samples: list[fmt.Sample], columns: int | None = None) -> NDArray[np.uint8]:
+    """Samples laid out in a grid of cells; each cell is the sample's tiles side by side."""
+    cells = [np.hstack(_with_gaps(tiles_of(s), axis=1)) for s in samples]
+    h, w = cells[0].shape[:2]
+    cols = columns or max(1, round(math.sqrt(len(cells) * h / w * 1.6)))
+    rows = math.ceil(len(cells) / cols)
+    sheet = np.full((rows * (h + GAP) + GAP, cols * (w + GAP) + GAP, 3), 24, np.uint8)
+    for i, cell in enumerate(cells):
+        r, c = divmod(i, cols)
+        y, x = GAP + r * (h + GAP), GAP + c * (w + GAP)
+        sheet[y : y + h, x : x + w] = cell
+    return sheet
+
+
+def _with_gaps(tiles: list[NDArray[np.uint8]], axis: int) -> list[NDArray[np.uint8]]:
+    gap_shape = list(tiles[0].shape)
+    gap_shape[axis] = 1
+    gap = np.full(gap_shape, 24, np.uint8)
+    out: list[NDArray[np.uint8]] = []
+    for t in tiles:
+        out += [t, gap]
+    return out[:-1]
+
+
+def pick_indices(total: int, n: int) -> list[int]:
+    n = max(1, min(n, total))
+    return sorted({int(round(v)) for v in np.linspace(0, total - 1, n)})
+
+
+def run_preview(root: str | Path, n: int = 16, out: Path | None = None) -> Path:
+    """Write the contact sheet of n samples; returns its path."""
+    with fmt.open_dataset(root) as ds:
+        samples = [ds[i] for i in pick_indices(len(ds), n)]
+        sheet = contact_sheet(samples)
+        path = Path(out) if out else ds.root / PREVIEW
+    ok, buf = cv2.imencode(".png", sheet[..., ::-1])
+    if not ok:
+        raise RuntimeError("PNG encoding of the preview failed")
+    fmt.atomic_write_bytes(path, buf.tobytes())
+    return path
