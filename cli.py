@@ -78,8 +78,15 @@ class _Bar:
         self.bar: tqdm | None = None
 
     def start(self, total: int, done: int) -> None:
-        self.bar = tqdm(total=total, initial=done, desc=self.desc, unit="sample",
-                        unit_scale=True, dynamic_ncols=True, file=sys.stderr)
+        self.bar = tqdm(
+            total=total,
+            initial=done,
+            desc=self.desc,
+            unit="sample",
+            unit_scale=True,
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
 
     def update(self, n: int) -> None:
         if self.bar is None:
@@ -97,58 +104,134 @@ class _Bar:
 def cli(debug: bool, verbose: bool) -> None:
     """Synthetic car segmentation and depth datasets: composites of car cutouts on road
     backgrounds, with exact masks (and depth), in sharded HDF5."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
 
 
 @cli.command()
-@click.option("--backgrounds", "-b", required=True, type=click.Path(path_type=Path),
-              help="Folder of background images.")
-@click.option("--foregrounds", "-f", required=True, multiple=True, type=click.Path(path_type=Path),
-              help="Folder of RGBA cutouts; repeat for several folders (e.g. cutouts and mirrors).")
-@click.option("--out", "-o", required=True, type=click.Path(path_type=Path),
-              help="Dataset folder to make (or to finish, if an earlier run was interrupted).")
-@click.option("--positions", default=20, show_default=True, type=int,
-              help="Random positions per background x foreground pair.")
+@click.option(
+    "--backgrounds",
+    "-b",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Folder of background images.",
+)
+@click.option(
+    "--foregrounds",
+    "-f",
+    required=True,
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="Folder of RGBA cutouts; repeat for several folders (e.g. cutouts and mirrors).",
+)
+@click.option(
+    "--out",
+    "-o",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Dataset folder to make (or to finish, if an earlier run was interrupted).",
+)
+@click.option(
+    "--positions",
+    default=20,
+    show_default=True,
+    type=int,
+    help="Random positions per background x foreground pair.",
+)
 @click.option("--seed", default=0, show_default=True, type=int, help="Random seed.")
 @click.option("--shard-size", default=1000, show_default=True, type=int, help="Samples per shard.")
-@click.option("--format", "fmt", type=click.Choice(["jpeg", "png"]), default="jpeg",
-              show_default=True, help="Encoding of the composites (png is lossless).")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["jpeg", "png"]),
+    default="jpeg",
+    show_default=True,
+    help="Encoding of the composites (png is lossless).",
+)
 @click.option("--quality", default=95, show_default=True, type=int, help="JPEG quality.")
-@click.option("--subsampling", type=click.Choice(["420", "444"]), default="420",
-              show_default=True, help="JPEG chroma subsampling.")
-@click.option("--mirror/--no-mirror", default=False, show_default=True,
-              help="Also paste each foreground mirrored left-right (doubles the samples).")
-@click.option("--size", "size", default=None, metavar="WxH",
-              help="Resize and centre-crop backgrounds to this size (default: as they are; "
-              "they must then all have one size).")
+@click.option(
+    "--subsampling",
+    type=click.Choice(["420", "444"]),
+    default="420",
+    show_default=True,
+    help="JPEG chroma subsampling.",
+)
+@click.option(
+    "--mirror/--no-mirror",
+    default=False,
+    show_default=True,
+    help="Also paste each foreground mirrored left-right (doubles the samples).",
+)
+@click.option(
+    "--size",
+    "size",
+    default=None,
+    metavar="WxH",
+    help="Resize and centre-crop backgrounds to this size (default: as they are; "
+    "they must then all have one size).",
+)
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable or unusable inputs and list them.")
 @workers_option
 @handle_errors
-def overlay(backgrounds: Path, foregrounds: tuple[Path, ...], out: Path, positions: int,
-            seed: int, shard_size: int, fmt: str, quality: int, subsampling: str, mirror: bool,
-            size: str | None, skip_bad: bool, workers: int) -> None:
+def overlay(
+    backgrounds: Path,
+    foregrounds: tuple[Path, ...],
+    out: Path,
+    positions: int,
+    seed: int,
+    shard_size: int,
+    fmt: str,
+    quality: int,
+    subsampling: str,
+    mirror: bool,
+    size: str | None,
+    skip_bad: bool,
+    workers: int,
+) -> None:
     """Paste every foreground on every background at random positions: B x F x P samples
     (x2 with --mirror), each with its exact mask, written as HDF5 shards."""
     from pipeline.overlay import OverlayConfig, run_overlay
 
-    config = OverlayConfig(positions=positions, seed=seed, shard_size=shard_size, format=fmt,
-                           quality=quality, subsampling=subsampling, mirror=mirror,
-                           size=_size_option(size))
+    config = OverlayConfig(
+        positions=positions,
+        seed=seed,
+        shard_size=shard_size,
+        format=fmt,
+        quality=quality,
+        subsampling=subsampling,
+        mirror=mirror,
+        size=_size_option(size),
+    )
     bar = _Bar("overlay")
     try:
-        rep = run_overlay(backgrounds, foregrounds, out, config, workers=workers,
-                          skip_bad=skip_bad, progress=bar.update, on_start=bar.start)
+        rep = run_overlay(
+            backgrounds,
+            foregrounds,
+            out,
+            config,
+            workers=workers,
+            skip_bad=skip_bad,
+            progress=bar.update,
+            on_start=bar.start,
+        )
     finally:
         bar.close()
     made = rep.num_samples if rep.reused == 0 else None
-    rate = f"{(made or rep.num_samples) / rep.seconds:,.0f} samples/s" if rep.made else "nothing to do"
-    click.echo(f"overlay: {rep.num_samples:,} samples ({rep.num_bg} backgrounds x {rep.num_fg} "
-               f"foregrounds{' x 2 mirrored' if mirror else ''} x {positions} positions) "
-               f"in {rep.num_shards} shards -> {rep.out}")
+    rate = (
+        f"{(made or rep.num_samples) / rep.seconds:,.0f} samples/s" if rep.made else "nothing to do"
+    )
+    click.echo(
+        f"overlay: {rep.num_samples:,} samples ({rep.num_bg} backgrounds x {rep.num_fg} "
+        f"foregrounds{' x 2 mirrored' if mirror else ''} x {positions} positions) "
+        f"in {rep.num_shards} shards -> {rep.out}"
+    )
     click.echo(f"  shards made {rep.made}, already done {rep.reused}; {rep.seconds:.1f} s ({rate})")
-    click.echo(f"  size {_human_bytes(rep.bytes)} ({rep.bytes / max(rep.num_samples, 1) / 1000:.1f} "
-               "KB/sample)")
+    click.echo(
+        f"  size {_human_bytes(rep.bytes)} ({rep.bytes / max(rep.num_samples, 1) / 1000:.1f} "
+        "KB/sample)"
+    )
     _echo_skipped(rep.skipped, rep.ignored)
 
 
@@ -158,9 +241,11 @@ def _echo_skipped(skipped: list[dict[str, str]], ignored: list[str]) -> None:
         for s in skipped:
             click.echo(f"    {s['file']}: {s['reason']}")
     if ignored:
-        click.echo(f"  ignored {len(ignored)} non-image file(s): "
-                   + ", ".join(Path(p).name for p in ignored[:5])
-                   + (" ..." if len(ignored) > 5 else ""))
+        click.echo(
+            f"  ignored {len(ignored)} non-image file(s): "
+            + ", ".join(Path(p).name for p in ignored[:5])
+            + (" ..." if len(ignored) > 5 else "")
+        )
 
 
 dataset_arg = click.argument("dataset", type=click.Path(path_type=Path))
@@ -180,8 +265,10 @@ def stats(dataset: Path, workers: int) -> None:
     finally:
         bar.close()
     s = rep.stats
-    click.echo(f"stats: {s['num_samples']:,} samples, {s['image_size'][1]}x{s['image_size'][0]}, "
-               f"{rep.seconds:.1f} s ({s['num_samples'] / rep.seconds:,.0f} samples/s) -> {rep.path}")
+    click.echo(
+        f"stats: {s['num_samples']:,} samples, {s['image_size'][1]}x{s['image_size'][0]}, "
+        f"{rep.seconds:.1f} s ({s['num_samples'] / rep.seconds:,.0f} samples/s) -> {rep.path}"
+    )
     click.echo(f"  {'':8} {'mean (R, G, B)':>26} {'std (R, G, B)':>26}")
     for key in ("fg_bg", "bg"):
         mean = ", ".join(f"{v:.4f}" for v in s[key]["mean"])
@@ -189,22 +276,37 @@ def stats(dataset: Path, workers: int) -> None:
         click.echo(f"  {key:8} {mean:>26} {std:>26}")
     m = s["mask"]
     pw = f"{m['pos_weight']:.2f}" if m["pos_weight"] else "n/a"
-    click.echo(f"  mask     foreground {m['foreground_fraction']:.4f} of pixels, pos_weight {pw}, "
-               f"empty masks {m['empty_masks']}")
+    click.echo(
+        f"  mask     foreground {m['foreground_fraction']:.4f} of pixels, pos_weight {pw}, "
+        f"empty masks {m['empty_masks']}"
+    )
     if s["depth"]:
         d = s["depth"]
-        click.echo(f"  depth    mean {d['mean']:.4f}, std {d['std']:.4f}, "
-                   f"range {d['min']:.4f}..{d['max']:.4f}")
+        click.echo(
+            f"  depth    mean {d['mean']:.4f}, std {d['std']:.4f}, "
+            f"range {d['min']:.4f}..{d['max']:.4f}"
+        )
     else:
         click.echo("  depth    none yet (run the depth stage)")
 
 
 @cli.command()
 @dataset_arg
-@click.option("--n", "n", default=16, show_default=True, type=click.IntRange(min=1),
-              help="Samples on the sheet.")
-@click.option("--out", "-o", type=click.Path(path_type=Path), default=None,
-              help="Where to write the PNG (default DATASET/preview.png).")
+@click.option(
+    "--n",
+    "n",
+    default=16,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Samples on the sheet.",
+)
+@click.option(
+    "--out",
+    "-o",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Where to write the PNG (default DATASET/preview.png).",
+)
 @handle_errors
 def preview(dataset: Path, n: int, out: Path | None) -> None:
     """A contact sheet of samples: composite | mask overlay (| depth): DATASET/preview.png."""
@@ -242,15 +344,23 @@ def verify(dataset: Path, workers: int) -> None:
     click.echo(f"verify: {len(rep.bad)} bad file(s) in {dataset}:")
     for file, problems in sorted(rep.bad.items()):
         click.echo(f"  {file}: {'; '.join(problems)}")
-    click.echo("Error: the dataset is damaged; delete the bad shard files and run the same overlay "
-               "command again: they are remade identically.", err=True)
+    click.echo(
+        "Error: the dataset is damaged; delete the bad shard files and run the same overlay "
+        "command again: they are remade identically.",
+        err=True,
+    )
     sys.exit(1)
 
 
 @cli.command()
 @dataset_arg
-@click.option("--out", "-o", required=True, type=click.Path(path_type=Path),
-              help="Folder to write fg_bg/, mask/, depth/, bg/ and samples.csv into.")
+@click.option(
+    "--out",
+    "-o",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Folder to write fg_bg/, mask/, depth/, bg/ and samples.csv into.",
+)
 @workers_option
 @handle_errors
 def export(dataset: Path, out: Path, workers: int) -> None:

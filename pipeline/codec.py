@@ -20,8 +20,9 @@ CHROMA = {"420": "420", "444": "444"}
 def encode(rgb: NDArray[np.uint8], fmt: str, quality: int = 95, subsampling: str = "420") -> bytes:
     """(H, W, 3) uint8 RGB, C-contiguous -> JPEG or PNG bytes."""
     if fmt == "jpeg":
-        return simplejpeg.encode_jpeg(rgb, quality=quality, colorspace="RGB",
-                                      colorsubsampling=CHROMA[subsampling])
+        return simplejpeg.encode_jpeg(
+            rgb, quality=quality, colorspace="RGB", colorsubsampling=CHROMA[subsampling]
+        )
     ok, buf = cv2.imencode(".png", rgb[..., ::-1], [cv2.IMWRITE_PNG_COMPRESSION, 3])
     if not ok:
         raise ValueError("PNG encoding failed")

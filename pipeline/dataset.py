@@ -323,7 +323,9 @@ class Dataset:
                 f"unfinished dataset: {self.root} ({done} of {self.manifest.get('num_shards')} "
                 "shards); run the same overlay command again to finish it"
             )
-        self.shards: list[dict[str, Any]] = sorted(self.manifest["shards"], key=lambda s: s["first"])
+        self.shards: list[dict[str, Any]] = sorted(
+            self.manifest["shards"], key=lambda s: s["first"]
+        )
         self._firsts = [s["first"] for s in self.shards]
         self._len = int(self.manifest["num_samples"])
         self._files: dict[int, h5py.File] = {}
@@ -381,7 +383,9 @@ class Dataset:
             try:
                 f = self._files[k] = h5py.File(path, "r")
             except OSError as e:
-                raise DatasetError(f"cannot open shard: {path} ({e}); run `cli.py verify`") from None
+                raise DatasetError(
+                    f"cannot open shard: {path} ({e}); run `cli.py verify`"
+                ) from None
         return f
 
     def __getitem__(self, i: int) -> Sample:

@@ -24,8 +24,20 @@ from .errors import OutputError
 
 DONE_DIR = ".done"
 MARKER = "export.json"
-COLUMNS = ["index", "fg_bg", "mask", "depth", "bg", "bg_id", "bg_name", "fg_id", "fg_name",
-           "flipped", "x", "y"]
+COLUMNS = [
+    "index",
+    "fg_bg",
+    "mask",
+    "depth",
+    "bg",
+    "bg_id",
+    "bg_name",
+    "fg_id",
+    "fg_name",
+    "flipped",
+    "x",
+    "y",
+]
 
 
 def _png(img: np.ndarray) -> bytes:
@@ -56,16 +68,32 @@ def export_shard(root: str, k: int, out: str, with_depth: bool) -> tuple[int, st
             depth_file = f"depth/{name}.png"
             fmt.atomic_write_bytes(dest / depth_file, _png(d16.astype(np.uint16)))
         bg, fg = int(m["bg"]), int(m["fg"])
-        writer.writerow([idx, f"fg_bg/{name}.{ext}", f"mask/{name}.png", depth_file,
-                         f"bg/{bg:04d}.png", bg, assets.bg_names[bg], fg, assets.fg_names[fg],
-                         int(m["flipped"]), int(m["x"]), int(m["y"])])
+        writer.writerow(
+            [
+                idx,
+                f"fg_bg/{name}.{ext}",
+                f"mask/{name}.png",
+                depth_file,
+                f"bg/{bg:04d}.png",
+                bg,
+                assets.bg_names[bg],
+                fg,
+                assets.fg_names[fg],
+                int(m["flipped"]),
+                int(m["x"]),
+                int(m["y"]),
+            ]
+        )
     fmt.atomic_write_bytes(dest / DONE_DIR / f"{k:05d}.csv", rows.getvalue().encode())
     ds.close()
     return len(batch), rows.getvalue()
 
 
 def _prepare(out: Path, root: Path, manifest: dict[str, Any]) -> None:
-    ident = {"dataset": str(root.resolve()), "shards_sha256": [s["sha256"] for s in manifest["shards"]]}
+    ident = {
+        "dataset": str(root.resolve()),
+        "shards_sha256": [s["sha256"] for s in manifest["shards"]],
+    }
     if out.exists() and not out.is_dir():
         raise OutputError(f"export path is a file, not a folder: {out}; choose another --out")
     if out.is_dir() and any(out.iterdir()):
@@ -84,8 +112,9 @@ def _prepare(out: Path, root: Path, manifest: dict[str, Any]) -> None:
             (out / sub).mkdir(parents=True, exist_ok=True)
         fmt.write_json(out / MARKER, ident)
     except OSError as e:
-        raise OutputError(f"cannot write to export folder: {out} ({e.strerror or e}); "
-                          "choose another --out") from None
+        raise OutputError(
+            f"cannot write to export folder: {out} ({e.strerror or e}); choose another --out"
+        ) from None
 
 
 def run_export(

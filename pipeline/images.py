@@ -100,7 +100,9 @@ def _deep_to_8bit(img: Image.Image) -> Image.Image:
     """16/32-bit integer grayscale to 8-bit L by scaling (Pillow's convert would clip)."""
     a = np.asarray(img)
     top = 65535.0 if a.max(initial=0) > 255 or img.mode.startswith("I;16") else 255.0
-    return Image.fromarray(np.clip(np.rint(a.astype(np.float64) * (255.0 / top)), 0, 255).astype(np.uint8))
+    return Image.fromarray(
+        np.clip(np.rint(a.astype(np.float64) * (255.0 / top)), 0, 255).astype(np.uint8)
+    )
 
 
 def _normalise_mode(img: Image.Image, path: Path) -> Image.Image:

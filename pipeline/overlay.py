@@ -361,7 +361,9 @@ def load_inputs(
 ) -> Inputs:
     inputs = Inputs(np.zeros((0, 0, 0, 3), np.uint8), [], [], [], [], [])
     load_backgrounds(Path(backgrounds), size, skip_bad, inputs)
-    load_foregrounds([Path(f) for f in foregrounds], skip_bad, inputs, inputs.backgrounds.shape[1:3])
+    load_foregrounds(
+        [Path(f) for f in foregrounds], skip_bad, inputs, inputs.backgrounds.shape[1:3]
+    )
     return inputs
 
 
@@ -385,15 +387,23 @@ class OverlayReport:
 
 def _sources(inputs: Inputs) -> dict[str, Any]:
     return {
-        "backgrounds": [{"name": n, "sha256": s} for n, s in zip(inputs.bg_names, inputs.bg_sha, strict=True)],
-        "foregrounds": [{"name": n, "sha256": s} for n, s in zip(inputs.fg_names, inputs.fg_sha, strict=True)],
+        "backgrounds": [
+            {"name": n, "sha256": s} for n, s in zip(inputs.bg_names, inputs.bg_sha, strict=True)
+        ],
+        "foregrounds": [
+            {"name": n, "sha256": s} for n, s in zip(inputs.fg_names, inputs.fg_sha, strict=True)
+        ],
     }
 
 
 def _check_resume(root: Path, manifest: dict[str, Any], fresh: dict[str, Any]) -> None:
     old_cfg = manifest.get("stages", {}).get("overlay", {}).get("config")
     if old_cfg != fresh["stages"]["overlay"]["config"]:
-        diff = [k for k in fresh["stages"]["overlay"]["config"] if (old_cfg or {}).get(k) != fresh["stages"]["overlay"]["config"][k]]
+        diff = [
+            k
+            for k in fresh["stages"]["overlay"]["config"]
+            if (old_cfg or {}).get(k) != fresh["stages"]["overlay"]["config"][k]
+        ]
         raise OutputError(
             f"{root} holds a dataset made with other settings ({', '.join(diff) or 'config'} "
             "differ); use another --out, or the same settings to resume it"
@@ -422,8 +432,13 @@ def _finished_shards(root: Path, manifest: dict[str, Any], num_shards: int) -> d
                 batch = fmt.read_shard_file(path)
             except PipelineError:
                 continue
-            rec = {"file": name, "first": batch.first, "count": len(batch),
-                   "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+            rec = {
+                "file": name,
+                "first": batch.first,
+                "count": len(batch),
+                "bytes": path.stat().st_size,
+                "sha256": sha256_file(path),
+            }
         done[k] = rec
     return done
 
@@ -454,8 +469,14 @@ def run_overlay(
         existing = fmt.read_manifest(out)
     inputs = load_inputs(backgrounds, foregrounds, config.size, skip_bad)
     H, W = inputs.backgrounds.shape[1:3]
-    geom = Geometry(len(inputs.bg_names), len(inputs.fg_names), 2 if config.mirror else 1,
-                    config.positions, H, W)
+    geom = Geometry(
+        len(inputs.bg_names),
+        len(inputs.fg_names),
+        2 if config.mirror else 1,
+        config.positions,
+        H,
+        W,
+    )
     num_shards = -(-geom.num_samples // config.shard_size)
     manifest: dict[str, Any] = {
         "format": fmt.FORMAT,
@@ -464,8 +485,9 @@ def run_overlay(
         "num_samples": geom.num_samples,
         "num_shards": num_shards,
         "image_size": [H, W],
-        "stages": {"overlay": {"status": "running", "config": config.to_json(),
-                               "geometry": asdict(geom)}},
+        "stages": {
+            "overlay": {"status": "running", "config": config.to_json(), "geometry": asdict(geom)}
+        },
         "sources": _sources(inputs),
         "assets": None,
         "shards": [],
@@ -475,8 +497,14 @@ def run_overlay(
     fmt.prepare_output(out)
     fmt.remove_stale_temporaries(out)
     assets_path = out / fmt.ASSETS
-    if existing is None or not assets_path.is_file() or (existing.get("assets") or {}).get("sha256") != _sha_or_none(assets_path):
-        fmt.write_assets(assets_path, inputs.backgrounds, inputs.bg_names, inputs.foregrounds, inputs.fg_names)
+    if (
+        existing is None
+        or not assets_path.is_file()
+        or (existing.get("assets") or {}).get("sha256") != _sha_or_none(assets_path)
+    ):
+        fmt.write_assets(
+            assets_path, inputs.backgrounds, inputs.bg_names, inputs.foregrounds, inputs.fg_names
+        )
     manifest["assets"] = {"file": fmt.ASSETS, "sha256": sha256_file(assets_path)}
     done = _finished_shards(out, existing or {}, num_shards) if existing else {}
     manifest["shards"] = [done[k] for k in sorted(done)]

@@ -65,7 +65,10 @@ class ColorSums:
             return [0.0] * 3, [0.0] * 3
         mean = [s / n / 255 for s in self.total]
         # n*Q - S^2 is exact in integers, so the variance has no cancellation error.
-        std = [((n * q - s * s) ** 0.5) / n / 255 for s, q in zip(self.total, self.squares, strict=True)]
+        std = [
+            ((n * q - s * s) ** 0.5) / n / 255
+            for s, q in zip(self.total, self.squares, strict=True)
+        ]
         return mean, std
 
 
@@ -83,8 +86,13 @@ class MomentSums:
         v = values.astype(np.float64).ravel()
         if v.size == 0:
             return
-        other = MomentSums(v.size, float(v.mean()), float(((v - v.mean()) ** 2).sum()),
-                           float(v.min()), float(v.max()))
+        other = MomentSums(
+            v.size,
+            float(v.mean()),
+            float(((v - v.mean()) ** 2).sum()),
+            float(v.min()),
+            float(v.max()),
+        )
         self.merge(other)
 
     def merge(self, o: MomentSums) -> None:
@@ -158,7 +166,9 @@ def summarize(part: StatsPartial, bg: ColorSums, manifest: dict[str, Any]) -> di
             "empty_masks": part.empty_masks,
         },
         "depth": None,
-        "shards_sha256": [s["sha256"] for s in sorted(manifest["shards"], key=lambda s: s["first"])],
+        "shards_sha256": [
+            s["sha256"] for s in sorted(manifest["shards"], key=lambda s: s["first"])
+        ],
     }
     if part.depth.count:
         d = part.depth

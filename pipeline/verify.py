@@ -18,7 +18,9 @@ from .images import sha256_file
 from .runner import map_shards
 
 
-def check_shard(root: str, rec: dict[str, Any], geometry: dict[str, int]) -> tuple[str, int, list[str]]:
+def check_shard(
+    root: str, rec: dict[str, Any], geometry: dict[str, int]
+) -> tuple[str, int, list[str]]:
     """(file, samples checked, problems) for one shard record of the manifest."""
     path = Path(root) / rec["file"]
     if not path.is_file():
@@ -34,10 +36,14 @@ def check_shard(root: str, rec: dict[str, Any], geometry: dict[str, int]) -> tup
         return rec["file"], 0, [*problems, str(e)]
     n, H, W = len(batch), geometry["height"], geometry["width"]
     if batch.first != rec["first"] or n != rec["count"]:
-        problems.append(f"holds samples {batch.first}+{n}, manifest says {rec['first']}+{rec['count']}")
+        problems.append(
+            f"holds samples {batch.first}+{n}, manifest says {rec['first']}+{rec['count']}"
+        )
     if batch.masks_packed.shape != (n, H, (W + 7) // 8):
         problems.append(f"mask array has shape {batch.masks_packed.shape}")
-    if len(batch.meta) != n or not np.array_equal(batch.meta["index"], np.arange(batch.first, batch.first + n)):
+    if len(batch.meta) != n or not np.array_equal(
+        batch.meta["index"], np.arange(batch.first, batch.first + n)
+    ):
         problems.append("meta indices are not the shard's sample range")
     elif (
         (batch.meta["bg"] >= geometry["num_bg"]).any()

@@ -48,8 +48,16 @@ def draw_car(w: int, h: int, color: tuple[int, int, int]) -> Image.Image:
     d = ImageDraw.Draw(big)
     W, H = w * s, h * s
     d.polygon(
-        [(0.05 * W, 0.75 * H), (0.1 * W, 0.45 * H), (0.3 * W, 0.4 * H), (0.42 * W, 0.1 * H),
-         (0.75 * W, 0.1 * H), (0.9 * W, 0.42 * H), (0.97 * W, 0.5 * H), (0.95 * W, 0.75 * H)],
+        [
+            (0.05 * W, 0.75 * H),
+            (0.1 * W, 0.45 * H),
+            (0.3 * W, 0.4 * H),
+            (0.42 * W, 0.1 * H),
+            (0.75 * W, 0.1 * H),
+            (0.9 * W, 0.42 * H),
+            (0.97 * W, 0.5 * H),
+            (0.95 * W, 0.75 * H),
+        ],
         fill=(*color, 255),
     )
     for cx in (0.25, 0.75):

@@ -88,8 +88,11 @@ def test_damaged_files(tmp_path: Path) -> None:
     (tmp_path / "trunc.png").write_bytes(data[: len(data) // 2])
     (tmp_path / "empty.png").write_bytes(b"")
     (tmp_path / "text.jpg").write_text("not an image")
-    for name, reason in [("trunc.png", "cannot decode"), ("empty.png", "empty file"),
-                         ("text.jpg", "not an image")]:
+    for name, reason in [
+        ("trunc.png", "cannot decode"),
+        ("empty.png", "empty file"),
+        ("text.jpg", "not an image"),
+    ]:
         with pytest.raises(BadImageError, match=reason) as e:
             read_rgb(tmp_path / name)
         assert name in str(e.value) and "--skip-bad" in str(e.value)

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import draw_background, draw_car, tree_digest
 from PIL import Image
 
 from cli import cli
-from conftest import draw_background, draw_car, tree_digest
 from pipeline import overlay as ov
 from pipeline.dataset import open_dataset
 
@@ -88,8 +88,13 @@ def test_placements_inside_and_per_index() -> None:
 
 
 def test_config_validation() -> None:
-    for bad in (dict(positions=0), dict(shard_size=0), dict(quality=0), dict(format="gif"),
-                dict(seed=-1)):
+    for bad in (
+        dict(positions=0),
+        dict(shard_size=0),
+        dict(quality=0),
+        dict(format="gif"),
+        dict(seed=-1),
+    ):
         with pytest.raises(ov.PipelineError):
             ov.OverlayConfig(**bad)
 
@@ -100,8 +105,20 @@ def test_config_validation() -> None:
 def test_dataset_round_trip_rebuilds_every_sample(inputs, tmp_path: Path) -> None:
     bgs, fgs = inputs
     before = tree_digest(tmp_path)
-    res = make(bgs, fgs, tmp_path / "ds", "--positions", "4", "--mirror", "--format", "png",
-               "--shard-size", "7", "--workers", "1")
+    res = make(
+        bgs,
+        fgs,
+        tmp_path / "ds",
+        "--positions",
+        "4",
+        "--mirror",
+        "--format",
+        "png",
+        "--shard-size",
+        "7",
+        "--workers",
+        "1",
+    )
     assert res.exit_code == 0, res.output
     assert "48 samples" in res.output and "7 shards" in res.output
     assert tree_digest(bgs) == {k[4:]: v for k, v in before.items() if k.startswith("bgs/")}
@@ -146,8 +163,23 @@ def test_same_seed_same_bytes_whatever_the_workers(inputs, tmp_path: Path) -> No
     one, two = shard_bytes(tmp_path / "one"), shard_bytes(tmp_path / "two")
     assert len(one) == 8 and one == two
     assert (tmp_path / "one/assets.h5").read_bytes() == (tmp_path / "two/assets.h5").read_bytes()
-    assert make(bgs, fgs, tmp_path / "other", "--positions", "10", "--mirror", "--shard-size",
-                "16", "--seed", "6", "--workers", "1").exit_code == 0
+    assert (
+        make(
+            bgs,
+            fgs,
+            tmp_path / "other",
+            "--positions",
+            "10",
+            "--mirror",
+            "--shard-size",
+            "16",
+            "--seed",
+            "6",
+            "--workers",
+            "1",
+        ).exit_code
+        == 0
+    )
     assert shard_bytes(tmp_path / "other") != one
 
 
@@ -179,8 +211,19 @@ def test_killed_run_resumes_to_identical_result(tmp_path: Path) -> None:
     for i in range(3):
         draw_background(224, 160, i).save(bgs / f"{i}.png")
     draw_car(90, 50, (10, 200, 10)).save(fgs / "car.png")
-    args = ["-b", str(bgs), "-f", str(fgs), "--positions", "600", "--mirror",
-            "--shard-size", "100", "--workers", "1"]
+    args = [
+        "-b",
+        str(bgs),
+        "-f",
+        str(fgs),
+        "--positions",
+        "600",
+        "--mirror",
+        "--shard-size",
+        "100",
+        "--workers",
+        "1",
+    ]
     cmd = [sys.executable, str(ROOT / "cli.py"), "overlay", *args, "--out"]
     subprocess.run([*cmd, str(tmp_path / "ref")], check=True, capture_output=True)
 
@@ -263,7 +306,7 @@ def test_every_background_mode_is_usable(tmp_path: Path) -> None:
     base.convert("P").save(bgs / "palette.png")
     base.convert("LA").save(bgs / "la.png")
     base.convert("RGBA").save(bgs / "rgba.png")
-    Image.fromarray((np.asarray(base.convert("L")).astype(np.uint16) * 257)).save(bgs / "deep.png")
+    Image.fromarray(np.asarray(base.convert("L")).astype(np.uint16) * 257).save(bgs / "deep.png")
     draw_car(30, 18, (200, 30, 30)).convert("LA").save(fgs / "la_car.png")
     draw_car(30, 18, (200, 30, 30)).save(fgs / "car.png")
     res = make(bgs, fgs, tmp_path / "ds", "--positions", "1", "--workers", "1")
@@ -271,7 +314,10 @@ def test_every_background_mode_is_usable(tmp_path: Path) -> None:
     with open_dataset(tmp_path / "ds") as ds:
         assert ds.backgrounds.shape == (7, 60, 80, 3)
         names = ds.assets.bg_names
-        gray, deep = ds.backgrounds[names.index("gray.png")], ds.backgrounds[names.index("deep.png")]
+        gray, deep = (
+            ds.backgrounds[names.index("gray.png")],
+            ds.backgrounds[names.index("deep.png")],
+        )
         assert np.abs(gray.astype(int) - deep).max() <= 1  # 16-bit scaled, not clipped
 
 

@@ -38,8 +38,22 @@ def built(tmp_path_factory) -> Path:
         draw_background(96, 64, i).save(bgs / f"bg{i}.png")
     draw_car(30, 18, (200, 30, 30)).save(fgs / "red.png")
     draw_car(22, 20, (30, 60, 220)).save(fgs / "blue.png")
-    res = run("overlay", "-b", bgs, "-f", fgs, "--out", tmp / "ds", "--positions", "5",
-              "--mirror", "--shard-size", "13", "--workers", "1")
+    res = run(
+        "overlay",
+        "-b",
+        bgs,
+        "-f",
+        fgs,
+        "--out",
+        tmp / "ds",
+        "--positions",
+        "5",
+        "--mirror",
+        "--shard-size",
+        "13",
+        "--workers",
+        "1",
+    )
     assert res.exit_code == 0, res.output
     return tmp / "ds"
 
@@ -60,8 +74,14 @@ def add_depth(root: Path) -> np.ndarray:
         batch = fmt.read_shard_file(root / rec["file"])
         depth = rng.uniform(0.01, 1, (len(batch), H, W)).astype(np.float16)
         all_depth.append(depth)
-        shard = fmt.ShardArrays([e.tobytes() for e in batch.encoded], batch.masks_packed,
-                                batch.meta, batch.width, "jpeg", depth)
+        shard = fmt.ShardArrays(
+            [e.tobytes() for e in batch.encoded],
+            batch.masks_packed,
+            batch.meta,
+            batch.width,
+            "jpeg",
+            depth,
+        )
         rec["bytes"] = fmt.write_shard(root / rec["file"], shard, batch.first)
         from pipeline.images import sha256_file
 
@@ -240,7 +260,8 @@ def test_export_folders(built: Path, tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     ds = open_dataset(built)
     assert len(list((out / "fg_bg").iterdir())) == 60 and len(list((out / "bg").iterdir())) == 3
-    rows = list(csv.DictReader(open(out / "samples.csv")))
+    with open(out / "samples.csv") as f:
+        rows = list(csv.DictReader(f))
     assert [int(r["index"]) for r in rows] == list(range(60))
     r = rows[17]
     s = ds[17]
