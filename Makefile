@@ -16,13 +16,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
-# Every stage on the bundled sample assets, into $(OUT)/.
+# Every stage on the bundled sample assets, into $(OUT)/dataset.
 dataset: $(STAMP)
 	$(PY) cli.py overlay --backgrounds assets/backgrounds --foregrounds assets/cars \
-		--mirror --positions 20 --seed 0 --size 224x224 --workers $(WORKERS) --out $(OUT)
-	$(PY) cli.py stats $(OUT)
-	$(PY) cli.py preview $(OUT) --n 8
-	$(PY) cli.py verify $(OUT)
+		--mirror --positions 20 --seed 0 --size 224x224 --workers $(WORKERS) --out $(OUT)/dataset
+	$(PY) cli.py stats $(OUT)/dataset
+	$(PY) cli.py preview $(OUT)/dataset --n 8
+	$(PY) cli.py verify $(OUT)/dataset
 
 test: $(STAMP)
 	$(PY) -m pytest -q

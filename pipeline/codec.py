@@ -41,3 +41,15 @@ def decode(data: bytes | NDArray[np.uint8]) -> NDArray[np.uint8]:
     if bgr is None:
         raise DatasetError("a stored image cannot be decoded")
     return np.ascontiguousarray(bgr[..., ::-1])
+
+
+def decode_into(data: bytes | NDArray[np.uint8], out: NDArray[np.uint8]) -> None:
+    """Decode into a preallocated (H, W, 3) uint8 array (no copy for JPEG)."""
+    buf = np.frombuffer(data, np.uint8) if isinstance(data, bytes | bytearray) else data
+    if buf[:2].tobytes() == b"\xff\xd8":
+        try:
+            simplejpeg.decode_jpeg(buf, colorspace="RGB", buffer=out)
+            return
+        except ValueError as e:
+            raise DatasetError(f"a stored JPEG cannot be decoded ({e})") from None
+    out[...] = decode(buf)

@@ -21,6 +21,7 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
+from . import codec
 from . import dataset as fmt
 from .errors import DatasetError
 from .runner import map_shards
@@ -141,7 +142,7 @@ def shard_partial(root: str, file: str) -> StatsPartial:
         for start in range(0, len(batch), BATCH):
             chunk = batch.encoded[start : start + BATCH]
             for i, data in enumerate(chunk):
-                buf[i] = fmt.decode_image(data)
+                codec.decode_into(data, buf[i])
             part.color.add_images(buf[: len(chunk)])
     part.mask_on, part.mask_pixels, part.empty_masks = mask_counts(batch.masks_packed, batch.width)
     if batch.depth is not None:
