@@ -1,0 +1,376 @@
+"""dedupe: clusters of near-duplicate backgrounds, one keeper each, resized for overlay.
+
+Input: a folder SRC of images (any readable format and mode). Output in --out: one RGB PNG per
+cluster (its keeper: the largest resolution, ties broken by file name), resized keeping the
+aspect ratio and centre-cropped to --size; and `report.json` listing every cluster with its
+members' names, the pairs that joined them and their Hamming distances, plus a summary, the
+skipped and the ignored files.
+
+How duplicates are found: every image gets 11 perceptual hashes (imagehash's 64-bit pHash) of
+a 128-pixel thumbnail: the whole picture, nine 90% windows on a 3x3 grid and the middle band
+(rows 15%-85%). Two images are the same photo when, within the threshold, their whole-picture
+hashes agree (resized, re-encoded, squeezed), or one's whole picture matches one of the other's
+windows (cropped up to ~10%), or their middle bands agree (a watermark strip along the top or
+bottom). Pairs are found by vectorised XOR + popcount over blocks of the hash matrix (no Python
+loop over pairs), in parallel over row blocks; clusters are the connected components of the
+pairs (union-find), so A~B and B~C put A, B, C together.
+
+Invariants: SRC is never written; outputs are atomic; a rerun overwrites this stage's outputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import imagehash
+import numpy as np
+from numpy.typing import NDArray
+from PIL import Image
+
+from .dataset import atomic_write_bytes
+from .errors import BadImageError, InputFolderError, PipelineError
+from .foregrounds import (
+    StageReport,
+    encode_png,
+    output_names,
+    prepare_out,
+    process_jobs,
+    write_report,
+)
+from .images import fit_crop, list_images, read_rgb
+from .runner import map_shards
+
+log = logging.getLogger(__name__)
+
+THUMB = 128  # hashes are taken on a thumbnail this long: decoding size does not matter
+WINDOW = 0.9  # side of the crop windows, as a fraction of the image's
+GRID = (0.0, 0.5, 1.0)  # window offsets: left/top, centre, right/bottom
+BAND = (0.15, 0.85)  # rows of the middle band
+KINDS = ("full", "window", "band")
+NUM_HASHES = 1 + len(GRID) ** 2 + 1
+# Chosen on the labelled set of bench/bench_dedupe.py. pHash distances are even (32 of the 64
+# bits are set), so 10 admits 0..10. A window match is stricter: nine windows are nine chances
+# for two different roads to look alike (two of the sample roads meet at 10).
+DEFAULT_THRESHOLD = 10
+DEFAULT_CROP_THRESHOLD = 8
+
+
+@dataclass(frozen=True)
+class DedupeConfig:
+    """How duplicates are found and keepers written; recorded in report.json."""
+
+    threshold: int = DEFAULT_THRESHOLD  # max Hamming distance (of 64) of whole pictures, bands
+    crop_threshold: int = DEFAULT_CROP_THRESHOLD  # the same for a picture against a window
+    size: tuple[int, int] = (224, 224)  # (height, width) of the written keepers
+
+    @property
+    def limits(self) -> tuple[int, int, int]:
+        """Largest distance of each kind of match: (full, window, band)."""
+        return self.threshold, self.crop_threshold, self.threshold
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.threshold <= 32:
+            raise PipelineError(f"--threshold must be in 0..32, got {self.threshold}")
+        if not 0 <= self.crop_threshold <= 32:
+            raise PipelineError(f"--crop-threshold must be in 0..32, got {self.crop_threshold}")
+        if min(self.size) < 1:
+            raise PipelineError(f"--size must be positive, got {self.size}")
+
+
+# ------------------------------------------------------------------------ hashing (pure)
+
+
+def _phash64(gray: NDArray[np.uint8]) -> np.uint64:
+    bits = imagehash.phash(Image.fromarray(gray)).hash.ravel()
+    return np.packbits(bits).view(">u8")[0].astype(np.uint64)
+
+
+def _windows(gray: NDArray[np.uint8]) -> list[NDArray[np.uint8]]:
+    h, w = gray.shape
+    wh, ww = max(1, round(h * WINDOW)), max(1, round(w * WINDOW))
+    return [
+        gray[round((h - wh) * gy) :][:wh, round((w - ww) * gx) :][:, :ww]
+        for gy in GRID
+        for gx in GRID
+    ]
+
+
+def image_hashes(rgb: NDArray[np.uint8]) -> NDArray[np.uint64]:
+    """(NUM_HASHES,) uint64 pHashes of an (H, W, 3) uint8 image: full, 9 windows, middle band."""
+    gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    h, w = gray.shape
+    scale = THUMB / max(h, w)
+    if scale < 1:
+        size = (max(8, round(w * scale)), max(8, round(h * scale)))
+        gray = cv2.resize(gray, size, interpolation=cv2.INTER_AREA)
+    h = gray.shape[0]
+    band = gray[round(h * BAND[0]) : max(round(h * BAND[1]), round(h * BAND[0]) + 1)]
+    parts = [gray, *_windows(gray), band]
+    return np.array([_phash64(p) for p in parts], dtype=np.uint64)
+
+
+def hamming(a: NDArray[np.uint64], b: NDArray[np.uint64]) -> NDArray[np.uint8]:
+    """Bitwise Hamming distances of 64-bit hashes (broadcasting)."""
+    return np.bitwise_count(np.bitwise_xor(a, b))
+
+
+# ------------------------------------------------------------------- pairs and clusters (pure)
+
+
+def _block_distances(
+    hashes: NDArray[np.uint64], rows: slice, cols: slice, limits: tuple[int, int, int]
+) -> tuple[NDArray[np.int16], NDArray[np.int16], NDArray[np.uint8]]:
+    """For every (row, col) of a block: the smallest margin (distance minus the limit of its
+    kind; <= 0 means duplicates), that distance, and its kind (index into KINDS)."""
+    full = hashes[rows, 0][:, None]
+    dist = hamming(full, hashes[None, cols, 0]).astype(np.int16)
+    kind = np.zeros(dist.shape, np.uint8)
+    for k in range(1, NUM_HASHES - 1):
+        dist = np.minimum(dist, hamming(full, hashes[None, cols, k]) + np.int16(1000))
+    # Windows were folded in with +1000 so that one array holds both; split them out again.
+    win = dist >= 1000
+    kind[win] = 1
+    dist[win] -= 1000
+    band = hamming(hashes[rows, -1][:, None], hashes[None, cols, -1]).astype(np.int16)
+    lim = np.where(win, np.int16(limits[1]), np.int16(limits[0]))
+    margin = dist - lim
+    band_margin = band - np.int16(limits[2])
+    better = band_margin < margin
+    kind[better] = 2
+    return np.where(better, band_margin, margin), np.where(better, band, dist), kind
+
+
+def find_pairs(
+    hashes: NDArray[np.uint64],
+    limits: tuple[int, int, int],
+    first: int = 0,
+    last: int | None = None,
+    block: tuple[int, int] = (128, 4096),
+) -> NDArray[np.int64]:
+    """Pairs (i, j, distance, kind) with i < j that are duplicates, for rows first..last.
+
+    hashes: (N, NUM_HASHES) uint64; limits: the largest distance of each kind (full, window,
+    band). Window matches are not symmetric, so each row is compared with every column; a
+    pair found from both sides keeps its smaller distance.
+    """
+    n = len(hashes)
+    last = n if last is None else last
+    found = []
+    for r0 in range(first, last, block[0]):
+        rows = slice(r0, min(r0 + block[0], last))
+        for c0 in range(0, n, block[1]):
+            cols = slice(c0, min(c0 + block[1], n))
+            margin, dist, kind = _block_distances(hashes, rows, cols, limits)
+            r, c = np.nonzero(margin <= 0)
+            keep = r + rows.start != c + cols.start
+            r, c = r[keep], c[keep]
+            found.append(np.stack([r + rows.start, c + cols.start, dist[r, c], kind[r, c]], 1))
+    return _canonical(np.concatenate(found) if found else np.zeros((0, 4), np.int64))
+
+
+def _canonical(pairs: NDArray[np.int64]) -> NDArray[np.int64]:
+    """Order each pair as i < j and keep the smallest distance of each pair."""
+    pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 4)
+    if len(pairs) == 0:
+        return pairs
+    i, j = np.minimum(pairs[:, 0], pairs[:, 1]), np.maximum(pairs[:, 0], pairs[:, 1])
+    pairs = np.stack([i, j, pairs[:, 2], pairs[:, 3]], axis=1)
+    pairs = pairs[np.lexsort((pairs[:, 2], pairs[:, 1], pairs[:, 0]))]
+    first = np.ones(len(pairs), bool)
+    first[1:] = (pairs[1:, 0] != pairs[:-1, 0]) | (pairs[1:, 1] != pairs[:-1, 1])
+    return pairs[first]
+
+
+def cluster_labels(n: int, pairs: NDArray[np.int64]) -> NDArray[np.int64]:
+    """Union-find over pairs: label[i] = smallest index of i's cluster."""
+    parent = np.arange(n)
+
+    def root(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]  # path halving keeps the trees flat
+            x = parent[x]
+        return x
+
+    for i, j in pairs[:, :2]:
+        a, b = root(int(i)), root(int(j))
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+    return np.array([root(i) for i in range(n)], dtype=np.int64)
+
+
+def pick_keeper(
+    members: Sequence[int], sizes: Sequence[tuple[int, int]], names: Sequence[str]
+) -> int:
+    """The member with the most pixels; ties go to the first file name."""
+    return min(members, key=lambda m: (-sizes[m][0] * sizes[m][1], names[m]))
+
+
+# ------------------------------------------------------------------------ the stage (I/O)
+
+
+def _hash_chunk(jobs: Sequence[tuple[int, str]]) -> list[dict[str, Any]]:
+    results: list[dict[str, Any]] = []
+    for index, path in jobs:
+        try:
+            rgb = read_rgb(path)
+        except BadImageError as e:
+            results.append({"error": [e.path, e.reason, str(e)]})
+            continue
+        h, w = rgb.shape[:2]
+        results.append(
+            {"file": Path(path).name, "index": index, "size": [w, h], "hashes": image_hashes(rgb)}
+        )
+    return results
+
+
+def _pairs_task(hashes: NDArray[np.uint64], limits: tuple, first: int, last: int) -> list:
+    return [find_pairs(hashes, limits, first, last)]
+
+
+def find_pairs_parallel(
+    hashes: NDArray[np.uint64],
+    limits: tuple[int, int, int],
+    workers: int,
+    rows_per_task: int = 2048,
+) -> NDArray[np.int64]:
+    """find_pairs over row ranges with map_shards; the same pairs whatever the worker count."""
+    n = len(hashes)
+    tasks = [(hashes, limits, a, min(a + rows_per_task, n)) for a in range(0, n, rows_per_task)]
+    parts = [p for res in map_shards(_pairs_task, tasks, workers) for p in res]
+    return _canonical(np.concatenate(parts) if parts else np.zeros((0, 4), np.int64))
+
+
+def _write_chunk(jobs: Sequence[tuple[str, str]], size: tuple[int, int], out: str) -> list:
+    results: list[dict[str, Any]] = []
+    for path, name in jobs:
+        try:
+            rgb = fit_crop(read_rgb(path), *size)
+        except BadImageError as e:
+            results.append({"error": [e.path, e.reason, str(e)]})
+            continue
+        atomic_write_bytes(Path(out) / name, encode_png(rgb))
+        results.append({"file": Path(path).name, "out": name})
+    return results
+
+
+@dataclass
+class Hashed:
+    paths: list[Path]
+    sizes: list[tuple[int, int]]  # (width, height)
+    hashes: NDArray[np.uint64]
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+
+def hash_folder(
+    paths: Sequence[Path],
+    workers: int,
+    skip_bad: bool,
+    progress: Callable[[int], None] | None = None,
+    on_start: Callable[[int, int], None] | None = None,
+) -> Hashed:
+    """Hash every image, in parallel over chunks of files; results in file-name order."""
+    jobs = [(i, str(p)) for i, p in enumerate(paths)]
+    done, skipped = process_jobs(
+        _hash_chunk, jobs, (), workers, skip_bad, progress, on_start, chunk=64
+    )
+    done.sort(key=lambda r: r["index"])
+    hashes = np.stack([r["hashes"] for r in done]) if done else np.zeros((0, NUM_HASHES), np.uint64)
+    return Hashed(
+        [paths[r["index"]] for r in done], [tuple(r["size"]) for r in done], hashes, skipped
+    )
+
+
+def _clusters(hashed: Hashed, pairs: NDArray[np.int64]) -> list[dict[str, Any]]:
+    names = [p.name for p in hashed.paths]
+    labels = cluster_labels(len(names), pairs)
+    groups: dict[int, list[int]] = {}
+    for i, lab in enumerate(labels):
+        groups.setdefault(int(lab), []).append(i)
+    by_label: dict[int, list[list[Any]]] = {}
+    for i, j, d, k in pairs:
+        by_label.setdefault(int(labels[i]), []).append([names[i], names[j], int(d), KINDS[k]])
+    clusters = []
+    for lab, members in sorted(groups.items()):
+        keeper = pick_keeper(members, hashed.sizes, names)
+        clusters.append(
+            {
+                "keeper": names[keeper],
+                "keeper_index": keeper,
+                "members": [names[m] for m in members],
+                "sizes": [list(hashed.sizes[m]) for m in members],
+                "pairs": by_label.get(lab, []),
+            }
+        )
+    return clusters
+
+
+def _summary(clusters: list[dict[str, Any]], n_images: int, threshold: int) -> list[str]:
+    dups = [c for c in clusters if len(c["members"]) > 1]
+    lines = [
+        f"{n_images} images, {len(clusters)} unique, {len(dups)} clusters of near-duplicates "
+        f"({sum(len(c['members']) - 1 for c in dups)} images dropped), threshold {threshold}"
+    ]
+    for c in dups:
+        others = [m for m in c["members"] if m != c["keeper"]]
+        lines.append(f"keep {c['keeper']}, drop {', '.join(others)}")
+    return lines
+
+
+def run_dedupe(
+    src: Path,
+    out: Path,
+    config: DedupeConfig | None = None,
+    workers: int = 1,
+    skip_bad: bool = False,
+    progress: Callable[[int], None] | None = None,
+    on_start: Callable[[int, int], None] | None = None,
+) -> StageReport:
+    """Cluster the near-duplicates of src and write one resized keeper per cluster to out."""
+    t0 = time.perf_counter()
+    config = config or DedupeConfig()
+    src, out = Path(src), Path(out)
+    prepare_out(out, [src])
+    listing = list_images(src, "backgrounds")
+    hashed = hash_folder(listing.images, workers, skip_bad, progress, on_start)
+    if not hashed.paths:
+        raise InputFolderError(f"no usable backgrounds in {src} (all were skipped as bad)")
+    t_hash = time.perf_counter() - t0
+    pairs = find_pairs_parallel(hashed.hashes, config.limits, workers)
+    clusters = _clusters(hashed, pairs)
+    t_cluster = time.perf_counter() - t0 - t_hash
+    keepers = [hashed.paths[c["keeper_index"]] for c in clusters]
+    names = output_names(keepers)
+    jobs = [(str(p), names[p]) for p in keepers]
+    outputs, bad = process_jobs(
+        _write_chunk, jobs, (config.size, str(out)), workers, skip_bad, None, None
+    )
+    for c in clusters:
+        del c["keeper_index"]
+    summary = _summary(clusters, len(hashed.paths), config.threshold)
+    ignored = [str(p) for p in listing.ignored]
+    skipped = hashed.skipped + bad
+    report = {
+        "stage": "dedupe",
+        "config": {
+            "threshold": config.threshold,
+            "crop_threshold": config.crop_threshold,
+            "size": [config.size[1], config.size[0]],
+        },
+        "source": str(src),
+        "summary": summary,
+        "clusters": [c for c in clusters if len(c["members"]) > 1],
+        "unique": [c["members"][0] for c in clusters if len(c["members"]) == 1],
+        "outputs": outputs,
+        "skipped": skipped,
+        "ignored": ignored,
+        "seconds": {"hash": round(t_hash, 3), "cluster": round(t_cluster, 3)},
+    }
+    write_report(out, report)
+    extra = {"summary": summary, "clusters": report["clusters"], "images": len(hashed.paths)}
+    return StageReport(out, outputs, skipped, ignored, time.perf_counter() - t0, extra)
