@@ -18,8 +18,18 @@ $(STAMP): pyproject.toml
 
 # Every stage on the bundled sample assets, into $(OUT)/dataset.
 dataset: $(STAMP)
-	$(PY) cli.py overlay --backgrounds assets/backgrounds --foregrounds assets/cars \
-		--mirror --positions 20 --seed 0 --size 224x224 --workers $(WORKERS) --out $(OUT)/dataset
+	$(PY) cli.py dedupe assets/backgrounds --size 224x224 --workers $(WORKERS) \
+		--out $(OUT)/prep/backgrounds
+	$(PY) cli.py foregrounds assets/cars --size 100 --workers $(WORKERS) --out $(OUT)/prep/cars
+	$(PY) cli.py foregrounds assets/car_photos --masks assets/car_masks --size 100 \
+		--workers $(WORKERS) --out $(OUT)/prep/photo_cars
+	$(PY) cli.py flip $(OUT)/prep/cars --workers $(WORKERS) --out $(OUT)/prep/cars_flipped
+	$(PY) cli.py flip $(OUT)/prep/photo_cars --workers $(WORKERS) \
+		--out $(OUT)/prep/photo_cars_flipped
+	$(PY) cli.py overlay --backgrounds $(OUT)/prep/backgrounds \
+		--foregrounds $(OUT)/prep/cars --foregrounds $(OUT)/prep/cars_flipped \
+		--foregrounds $(OUT)/prep/photo_cars --foregrounds $(OUT)/prep/photo_cars_flipped \
+		--positions 20 --seed 0 --size 224x224 --workers $(WORKERS) --out $(OUT)/dataset
 	$(PY) cli.py stats $(OUT)/dataset
 	$(PY) cli.py preview $(OUT)/dataset --n 8
 	$(PY) cli.py verify $(OUT)/dataset

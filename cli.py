@@ -375,6 +375,97 @@ def export(dataset: Path, out: Path, workers: int) -> None:
     click.echo(f"export: {made:,} samples written (the rest were done earlier) -> {out}")
 
 
+@cli.command()
+@click.argument("src", type=click.Path(path_type=Path))
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path),
+              help="Folder for the kept backgrounds and report.json (SRC is never changed).")
+@click.option("--threshold", default=10, show_default=True, type=int,
+              help="Largest pHash Hamming distance (of 64 bits) between duplicates.")
+@click.option("--crop-threshold", default=8, show_default=True, type=int,
+              help="Largest distance between a picture and a 90% crop window of another.")
+@click.option("--size", default="224", show_default=True, metavar="N|WxH",
+              help="Resize (keeping aspect) and centre-crop the kept backgrounds to this size.")
+@click.option("--skip-bad", is_flag=True, help="Skip unreadable or unusable inputs and list them.")
+@workers_option
+@handle_errors
+def dedupe(src: Path, out: Path, threshold: int, crop_threshold: int, size: str, skip_bad: bool,
+           workers: int) -> None:
+    """Find clusters of near-duplicate images in SRC (perceptual hashes) and write one keeper
+    per cluster (the largest), resized to --size, plus report.json listing every cluster."""
+    from pipeline.dedupe import DedupeConfig, run_dedupe
+
+    config = DedupeConfig(threshold=threshold, crop_threshold=crop_threshold,
+                          size=_size_option(size))
+    bar = _Bar("dedupe")
+    try:
+        rep = run_dedupe(src, out, config, workers=workers, skip_bad=skip_bad,
+                         progress=bar.update, on_start=bar.start)
+    finally:
+        bar.close()
+    lines = rep.extra["summary"]
+    click.echo(f"dedupe: {lines[0]}; {rep.seconds:.1f} s -> {rep.out}")
+    for line in lines[1:11]:
+        click.echo(f"  {line}")
+    if len(lines) > 11:
+        click.echo(f"  ... and {len(lines) - 11} more clusters in {rep.out / 'report.json'}")
+    _echo_skipped(rep.skipped, rep.ignored)
+
+
+@cli.command()
+@click.argument("src", type=click.Path(path_type=Path))
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path),
+              help="Folder for the RGBA cutouts and report.json (SRC is never changed).")
+@click.option("--masks", "-m", type=click.Path(path_type=Path), default=None,
+              help="Folder of masks (white car on black) matched to SRC's photos by file stem.")
+@click.option("--size", default=100, show_default=True, type=click.IntRange(min=1),
+              help="Longest side of the cutouts, in pixels (aspect ratio kept).")
+@click.option("--upscale/--no-upscale", default=False, show_default=True,
+              help="Also enlarge cutouts smaller than --size.")
+@click.option("--skip-bad", is_flag=True, help="Skip unreadable or unusable inputs and list them.")
+@workers_option
+@handle_errors
+def foregrounds(src: Path, out: Path, masks: Path | None, size: int, upscale: bool,
+                skip_bad: bool, workers: int) -> None:
+    """Clean RGBA cutouts from transparent PNGs, or from RGB photos plus --masks: cropped to
+    the car and fitted into --size keeping the aspect ratio."""
+    from pipeline.foregrounds import ForegroundConfig, run_foregrounds
+
+    bar = _Bar("foregrounds")
+    try:
+        rep = run_foregrounds(src, out, masks, ForegroundConfig(size=size, upscale=upscale),
+                              workers=workers, skip_bad=skip_bad, progress=bar.update,
+                              on_start=bar.start)
+    finally:
+        bar.close()
+    from_masks = sum(1 for r in rep.outputs if r["mask"])
+    click.echo(f"foregrounds: {len(rep.outputs)} cutouts ({from_masks} from photo + mask, "
+               f"{len(rep.outputs) - from_masks} from transparency) in {rep.seconds:.1f} s "
+               f"-> {rep.out}")
+    _echo_skipped(rep.skipped, rep.ignored)
+
+
+@cli.command()
+@click.argument("src", type=click.Path(path_type=Path))
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path),
+              help="Folder for the mirrored cutouts (<stem>_flip.png) and report.json.")
+@click.option("--skip-bad", is_flag=True, help="Skip unreadable or unusable inputs and list them.")
+@workers_option
+@handle_errors
+def flip(src: Path, out: Path, skip_bad: bool, workers: int) -> None:
+    """The left-right mirror of every RGBA cutout in SRC, alpha included; give overlay both
+    folders to double the foregrounds."""
+    from pipeline.flip import run_flip
+
+    bar = _Bar("flip")
+    try:
+        rep = run_flip(src, out, workers=workers, skip_bad=skip_bad, progress=bar.update,
+                       on_start=bar.start)
+    finally:
+        bar.close()
+    click.echo(f"flip: {len(rep.outputs)} mirrored cutouts in {rep.seconds:.1f} s -> {rep.out}")
+    _echo_skipped(rep.skipped, rep.ignored)
+
+
 def main() -> None:
     cli(prog_name="synthcar")
 

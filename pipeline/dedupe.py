@@ -36,6 +36,7 @@ from PIL import Image
 from .dataset import atomic_write_bytes
 from .errors import BadImageError, InputFolderError, PipelineError
 from .foregrounds import (
+    REPORT,
     StageReport,
     encode_png,
     output_names,
@@ -353,7 +354,7 @@ def run_dedupe(
     for c in clusters:
         del c["keeper_index"]
     summary = _summary(clusters, len(hashed.paths), config.threshold)
-    ignored = [str(p) for p in listing.ignored]
+    ignored = [str(p) for p in listing.ignored if p.name != REPORT]
     skipped = hashed.skipped + bad
     report = {
         "stage": "dedupe",

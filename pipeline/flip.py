@@ -23,6 +23,7 @@ from numpy.typing import NDArray
 from .dataset import atomic_write_bytes
 from .errors import BadImageError, InputFolderError
 from .foregrounds import (
+    REPORT,
     StageReport,
     encode_png,
     output_names,
@@ -74,7 +75,7 @@ def run_flip(
     )
     if not outputs:
         raise InputFolderError(f"no usable cutouts in {src} (all were skipped as bad)")
-    ignored = [str(p) for p in listing.ignored]
+    ignored = [str(p) for p in listing.ignored if p.name != REPORT]
     report = {
         "stage": "flip",
         "source": str(src),

@@ -268,7 +268,7 @@ def pair_inputs(src: Path, masks: Path | None, skip_bad: bool) -> Pairing:
     """Match every image of src with its mask; refuse masks that match no image."""
     listing = list_images(src, "foregrounds")
     skipped: list[dict[str, str]] = []
-    ignored = [str(p) for p in listing.ignored]
+    ignored = [str(p) for p in listing.ignored if p.name != REPORT]
     mask_groups: dict[str, list[Path]] = {}
     if masks is not None:
         mlist = list_images(masks, "masks")
