@@ -70,6 +70,35 @@ workers_option = click.option(
 )
 
 
+def cluster_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--backend and --scheduler for the shard stages; hands the command a runner Backend as
+    its `workers` argument."""
+    from pipeline.runner import Backend
+
+    @click.option(
+        "--backend",
+        type=click.Choice(["local", "dask"]),
+        default="local",
+        show_default=True,
+        help="local: worker processes here; dask: a Dask cluster (see --scheduler).",
+    )
+    @click.option(
+        "--scheduler",
+        envvar="DASK_SCHEDULER_ADDRESS",
+        default=None,
+        metavar="ADDRESS",
+        help="Dask scheduler (default $DASK_SCHEDULER_ADDRESS; with neither, --backend dask "
+        "starts a local cluster of --workers processes). The dataset folder must be at the "
+        "same path on every worker.",
+    )
+    @functools.wraps(fn)
+    def wrapper(*args: Any, backend: str, scheduler: str | None, workers: int, **kw: Any) -> Any:
+        runner = Backend(backend, workers, scheduler if backend == "dask" else None)
+        return fn(*args, workers=runner, **kw)
+
+    return wrapper
+
+
 class _Bar:
     """A tqdm bar over samples whose total is known only once a stage has started."""
 
@@ -174,6 +203,7 @@ def cli(debug: bool, verbose: bool) -> None:
 )
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable or unusable inputs and list them.")
 @workers_option
+@cluster_options
 @handle_errors
 def overlay(
     backgrounds: Path,
@@ -254,6 +284,7 @@ dataset_arg = click.argument("dataset", type=click.Path(path_type=Path))
 @cli.command()
 @dataset_arg
 @workers_option
+@cluster_options
 @handle_errors
 def stats(dataset: Path, workers: int) -> None:
     """Per-channel mean/std of fg_bg and bg, mask coverage (and depth): DATASET/stats.json."""
@@ -328,6 +359,7 @@ def _dataset_len(dataset: Path) -> int:
 @cli.command()
 @dataset_arg
 @workers_option
+@cluster_options
 @handle_errors
 def verify(dataset: Path, workers: int) -> None:
     """Check every shard's checksum and decode every sample; exit 1 listing bad shards."""
@@ -362,6 +394,7 @@ def verify(dataset: Path, workers: int) -> None:
     help="Folder to write fg_bg/, mask/, depth/, bg/ and samples.csv into.",
 )
 @workers_option
+@cluster_options
 @handle_errors
 def export(dataset: Path, out: Path, workers: int) -> None:
     """Write the dataset as plain image folders plus samples.csv."""

@@ -133,6 +133,17 @@ def _dataset(f: h5py.File, name: str, data: NDArray[Any], **kw: Any) -> None:
     f.create_dataset(name, data=data, track_times=False, **kw)
 
 
+def create_h5(path: Path) -> h5py.File:
+    """A new HDF5 file whose bytes depend only on what is written to it: no object timestamps
+    (h5py's File() stamps the root group with the creation time) and a fixed format version."""
+    fcpl = h5py.h5p.create(h5py.h5p.FILE_CREATE)
+    fcpl.set_obj_track_times(False)
+    fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
+    fapl.set_libver_bounds(h5py.h5f.LIBVER_V110, h5py.h5f.LIBVER_V110)
+    fid = h5py.h5f.create(str(path).encode(), h5py.h5f.ACC_TRUNC, fcpl=fcpl, fapl=fapl)
+    return h5py.File(fid)
+
+
 def write_shard(path: Path, shard: ShardArrays, first: int) -> int:
     """Write a shard atomically; returns its size in bytes."""
     n = len(shard.images)
@@ -141,7 +152,7 @@ def write_shard(path: Path, shard: ShardArrays, first: int) -> int:
     np.cumsum(lengths, out=offsets[1:])
     blob = np.frombuffer(b"".join(shard.images), dtype=np.uint8)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    with h5py.File(tmp, "w", libver="v110") as f:
+    with create_h5(tmp) as f:
         f.attrs["format"] = FORMAT
         f.attrs["format_version"] = FORMAT_VERSION
         f.attrs["first"] = first
@@ -262,7 +273,7 @@ def write_assets(
     flat = np.concatenate([fg.reshape(-1) for fg in foregrounds]) if foregrounds else np.zeros(0)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     strings = h5py.string_dtype()
-    with h5py.File(tmp, "w", libver="v110") as f:
+    with create_h5(tmp) as f:
         f.attrs["format"] = FORMAT
         f.attrs["format_version"] = FORMAT_VERSION
         _dataset(f, "backgrounds", backgrounds, compression="gzip", compression_opts=1)

@@ -21,6 +21,7 @@ import numpy as np
 
 from . import dataset as fmt
 from .errors import OutputError
+from .runner import Backend, map_shards
 
 DONE_DIR = ".done"
 MARKER = "export.json"
@@ -120,13 +121,11 @@ def _prepare(out: Path, root: Path, manifest: dict[str, Any]) -> None:
 def run_export(
     root: str | Path,
     out: str | Path,
-    workers: int = 1,
+    workers: int | Backend = 1,
     progress: Callable[[int], None] | None = None,
     on_start: Callable[[int, int], None] | None = None,
 ) -> int:
     """Export every sample; returns the number of samples exported by this run."""
-    from .runner import map_shards
-
     ds = fmt.open_dataset(root)
     out = Path(out)
     _prepare(out, ds.root, ds.manifest)
@@ -140,9 +139,10 @@ def run_export(
     done = {k for k in range(len(ds.shards)) if (out / DONE_DIR / f"{k:05d}.csv").exists()}
     if on_start:
         on_start(len(ds), sum(ds.shards[k]["count"] for k in done))
-    todo = [(str(ds.root), k, str(out), with_depth) for k in range(len(ds.shards)) if k not in done]
+    root_abs, out_abs = str(ds.root.resolve()), str(out.resolve())
+    todo = [(root_abs, k, out_abs, with_depth) for k in range(len(ds.shards)) if k not in done]
     made = 0
-    for n, _ in map_shards(export_shard, todo, workers):
+    for n, _ in map_shards(export_shard, todo, workers, shared_path=out_abs):
         made += n
         if progress:
             progress(n)

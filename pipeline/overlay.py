@@ -31,7 +31,7 @@ from . import codec
 from . import dataset as fmt
 from .errors import BadImageError, InputFolderError, OutputError, PipelineError
 from .images import fit_crop, list_images, read_rgb, read_rgba, sha256_file
-from .runner import map_shards
+from .runner import Backend, map_shards
 
 log = logging.getLogger(__name__)
 
@@ -462,7 +462,7 @@ def run_overlay(
     foregrounds: Sequence[Path],
     out: Path,
     config: OverlayConfig,
-    workers: int = 1,
+    workers: int | Backend = 1,
     skip_bad: bool = False,
     progress: Callable[[int], None] | None = None,
     on_start: Callable[[int, int], None] | None = None,
@@ -529,10 +529,10 @@ def run_overlay(
     already = sum(r["count"] for r in done.values())
     if on_start:
         on_start(geom.num_samples, already)
-    job = ShardJob(str(out), config, geom, manifest["assets"]["sha256"])
+    job = ShardJob(str(out.resolve()), config, geom, manifest["assets"]["sha256"])
     todo = [(job, k) for k in range(num_shards) if k not in done]
     records = dict(done)
-    for rec in map_shards(make_shard, todo, workers):
+    for rec in map_shards(make_shard, todo, workers, shared_path=job.root):
         records[rec["first"] // config.shard_size] = rec
         manifest["shards"] = [records[k] for k in sorted(records)]
         fmt.write_manifest(out, manifest)

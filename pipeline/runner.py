@@ -1,18 +1,31 @@
-"""The one runner every shard stage uses: map a per-shard function over worker processes.
+"""The one runner every shard stage uses: map a per-shard function over workers.
 
-joblib does the work (loky processes on one machine). Results come back as they finish, in any
-order; callers must not depend on the order (each shard's bytes depend only on its index).
+joblib does the work: loky processes on one machine (`Backend("local", workers=N)`), or a Dask
+cluster through joblib's Dask backend (`Backend("dask", scheduler="tcp://host:8786")`; without
+an address, a local Dask cluster of N worker processes is started for the run). Results come
+back as they finish, in any order; callers must not depend on the order (each shard's bytes
+depend only on its index). A task whose worker dies is rerun by Dask on another worker; since
+shards are written under a temporary name and renamed, a dead worker leaves no half shard.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import uuid
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
-from joblib import Parallel, delayed
+from joblib import Parallel, delayed, parallel_config
+
+from .errors import PipelineError
 
 T = TypeVar("T")
+BACKENDS = ("local", "dask")
+CONNECT_TIMEOUT = "15s"
 
 
 def default_workers() -> int:
@@ -22,16 +35,133 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+@dataclass(frozen=True)
+class Backend:
+    """Where shard tasks run. workers: processes for local (and for a Dask cluster started on
+    this machine when no scheduler is given)."""
+
+    kind: str = "local"
+    workers: int = 1
+    scheduler: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in BACKENDS:
+            raise PipelineError(f"backend must be one of {', '.join(BACKENDS)}, got {self.kind}")
+
+
+class ClusterError(PipelineError):
+    """The Dask cluster cannot be reached, cannot see the dataset folder, or lost a task."""
+
+
+def _probe_path(path: str, token: str, write: bool) -> str | None:
+    """On a worker: None if `path` is a folder this worker can use, else the reason."""
+    p = Path(path)
+    if not p.is_dir():
+        return "folder not found"
+    if not write:
+        return None
+    probe = p / f".worker-probe-{token}-{os.getpid()}.tmp"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        return f"cannot write ({e.strerror or e})"
+    return None
+
+
+def check_workers_see(client: Any, path: str, write: bool = True) -> None:
+    """Every worker must reach the dataset folder: shards are read and written there."""
+    answers = client.run(_probe_path, str(Path(path).resolve()), uuid.uuid4().hex, write)
+    bad = {w: why for w, why in answers.items() if why}
+    if bad:
+        listed = "; ".join(f"{w}: {why}" for w, why in sorted(bad.items()))
+        raise ClusterError(
+            f"{len(bad)} Dask worker(s) cannot use the dataset folder {Path(path).resolve()} "
+            f"({listed}); put it on storage every worker mounts at the same path"
+        )
+
+
+@contextmanager
+def _dask_client(backend: Backend) -> Iterator[Any]:
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError:
+        raise ClusterError("the dask backend needs `pip install 'dask[distributed]'`") from None
+    cluster = None
+    try:
+        if backend.scheduler:
+            client = Client(backend.scheduler, timeout=CONNECT_TIMEOUT)
+        else:
+            cluster = LocalCluster(
+                n_workers=backend.workers,
+                threads_per_worker=1,
+                processes=True,
+                host="127.0.0.1",
+                dashboard_address=None,
+                silence_logs=logging.ERROR,
+            )
+            client = Client(cluster)
+    except (OSError, TimeoutError) as e:
+        raise ClusterError(
+            f"cannot reach the Dask scheduler at {backend.scheduler} ({e}); start one with "
+            "`dask scheduler` and workers with `dask worker ADDRESS`, or check the address"
+        ) from None
+    try:
+        yield client
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
 def map_shards(
-    fn: Callable[..., T], args: Iterable[tuple[Any, ...]], workers: int = 1
+    fn: Callable[..., T],
+    args: Iterable[tuple[Any, ...]],
+    workers: int | Backend = 1,
+    shared_path: str | Path | None = None,
+    writes: bool = True,
 ) -> Iterator[T]:
-    """Yield fn(*a) for every a in args, with `workers` processes (1: in this process)."""
+    """Yield fn(*a) for every a in args. workers: a process count (local) or a Backend.
+
+    shared_path: the (absolute) folder the tasks use; on a cluster every worker must reach it,
+    and be able to write there when `writes`.
+    """
+    backend = workers if isinstance(workers, Backend) else Backend("local", int(workers))
     args = list(args)
-    if workers <= 1 or len(args) <= 1:
+    if not args:
+        return
+    if backend.kind == "dask":
+        yield from _map_dask(fn, args, backend, shared_path, writes)
+        return
+    if backend.workers <= 1 or len(args) <= 1:
         for a in args:
             yield fn(*a)
         return
     parallel = Parallel(
-        n_jobs=min(workers, len(args)), backend="loky", return_as="generator_unordered"
+        n_jobs=min(backend.workers, len(args)), backend="loky", return_as="generator_unordered"
     )
     yield from parallel(delayed(fn)(*a) for a in args)
+
+
+def _map_dask(
+    fn: Callable[..., T],
+    args: list[tuple[Any, ...]],
+    backend: Backend,
+    shared_path: Any,
+    writes: bool,
+) -> Iterator[T]:
+    from distributed.scheduler import KilledWorker
+
+    with _dask_client(backend) as client:
+        if shared_path is not None:
+            check_workers_see(client, str(shared_path), writes)
+        try:
+            with parallel_config(backend="dask"):
+                # batch_size=1: one task per shard, so a lost worker costs one shard, not a batch
+                parallel = Parallel(n_jobs=-1, batch_size=1, return_as="generator_unordered")
+                yield from parallel(delayed(fn)(*a) for a in args)
+        except KilledWorker as e:
+            raise ClusterError(
+                f"Dask workers kept dying on one task ({e}); check the workers' memory and logs, "
+                "then run the same command again to resume"
+            ) from None

@@ -24,7 +24,7 @@ from numpy.typing import NDArray
 from . import codec
 from . import dataset as fmt
 from .errors import DatasetError
-from .runner import map_shards
+from .runner import Backend, map_shards
 
 STATS = "stats.json"
 BATCH = 64
@@ -186,7 +186,7 @@ class StatsReport:
 
 def run_stats(
     root: str | Path,
-    workers: int = 1,
+    workers: int | Backend = 1,
     progress: Callable[[int], None] | None = None,
     on_start: Callable[[int, int], None] | None = None,
 ) -> StatsReport:
@@ -196,8 +196,9 @@ def run_stats(
     if on_start:
         on_start(len(ds), 0)
     total = StatsPartial()
-    jobs = [(str(ds.root), s["file"]) for s in ds.shards]
-    for part in map_shards(shard_partial, jobs, workers):
+    root = str(ds.root.resolve())
+    jobs = [(root, s["file"]) for s in ds.shards]
+    for part in map_shards(shard_partial, jobs, workers, shared_path=root, writes=False):
         total.merge(part)
         if progress:
             progress(part.samples)

@@ -15,7 +15,7 @@ import numpy as np
 from . import dataset as fmt
 from .errors import PipelineError
 from .images import sha256_file
-from .runner import map_shards
+from .runner import Backend, map_shards
 
 
 def check_shard(
@@ -82,7 +82,7 @@ class VerifyReport:
 
 def run_verify(
     root: str | Path,
-    workers: int = 1,
+    workers: int | Backend = 1,
     progress: Callable[[int], None] | None = None,
     on_start: Callable[[int, int], None] | None = None,
 ) -> VerifyReport:
@@ -113,8 +113,9 @@ def run_verify(
     if on_start:
         on_start(sum(r["count"] for r in shards), 0)
     geometry = overlay.get("geometry", {})
-    jobs = [(str(root), rec, geometry) for rec in shards]
-    for file, n, problems in map_shards(check_shard, jobs, workers):
+    jobs = [(str(root.resolve()), rec, geometry) for rec in shards]
+    checks = map_shards(check_shard, jobs, workers, shared_path=root.resolve(), writes=False)
+    for file, n, problems in checks:
         report.shards += 1
         report.samples += n
         if problems:

@@ -6,6 +6,7 @@ import csv
 import json
 import pickle
 import shutil
+import time
 from pathlib import Path
 
 import cv2
@@ -132,6 +133,15 @@ def test_open_dataset_errors(built: Path, tmp_path: Path) -> None:
     (tmp_path / "future/manifest.json").write_text(json.dumps(m))
     with pytest.raises(DatasetError, match="version 99"):
         open_dataset(tmp_path / "future")
+
+
+def test_shard_bytes_do_not_depend_on_the_time(tmp_path: Path) -> None:
+    meta = np.zeros(1, fmt.META_DTYPE)
+    shard = fmt.ShardArrays([b"\xff\xd8x"], np.zeros((1, 2, 1), np.uint8), meta, 8, "jpeg")
+    fmt.write_shard(tmp_path / "a.h5", shard, 0)
+    time.sleep(1.1)  # HDF5 object timestamps have one-second resolution
+    fmt.write_shard(tmp_path / "b.h5", shard, 0)
+    assert (tmp_path / "a.h5").read_bytes() == (tmp_path / "b.h5").read_bytes()
 
 
 def test_shard_round_trip(tmp_path: Path) -> None:
