@@ -131,20 +131,19 @@ def _block_distances(
     kind; <= 0 means duplicates), that distance, and its kind (index into KINDS)."""
     full = hashes[rows, 0][:, None]
     dist = hamming(full, hashes[None, cols, 0]).astype(np.int16)
-    kind = np.zeros(dist.shape, np.uint8)
-    for k in range(1, NUM_HASHES - 1):
-        dist = np.minimum(dist, hamming(full, hashes[None, cols, k]) + np.int16(1000))
-    # Windows were folded in with +1000 so that one array holds both; split them out again.
-    win = dist >= 1000
-    kind[win] = 1
-    dist[win] -= 1000
+    win = hamming(full, hashes[None, cols, 1])
+    for k in range(2, NUM_HASHES - 1):
+        np.minimum(win, hamming(full, hashes[None, cols, k]), out=win)
     band = hamming(hashes[rows, -1][:, None], hashes[None, cols, -1]).astype(np.int16)
-    lim = np.where(win, np.int16(limits[1]), np.int16(limits[0]))
-    margin = dist - lim
-    band_margin = band - np.int16(limits[2])
-    better = band_margin < margin
-    kind[better] = 2
-    return np.where(better, band_margin, margin), np.where(better, band, dist), kind
+    margin = dist - np.int16(limits[0])
+    kind = np.zeros(dist.shape, np.uint8)
+    for k, d in ((1, win.astype(np.int16)), (2, band)):
+        m = d - np.int16(limits[k])
+        better = m < margin
+        margin = np.where(better, m, margin)
+        dist = np.where(better, d, dist)
+        kind[better] = k
+    return margin, dist, kind
 
 
 def find_pairs(
