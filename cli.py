@@ -17,7 +17,7 @@ import click
 from tqdm import tqdm
 
 from pipeline.errors import PipelineError
-from pipeline.runner import default_workers
+from pipeline.runner import Backend, default_workers
 
 log = logging.getLogger("synthcar")
 
@@ -73,7 +73,6 @@ workers_option = click.option(
 def cluster_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """--backend and --scheduler for the shard stages; hands the command a runner Backend as
     its `workers` argument."""
-    from pipeline.runner import Backend
 
     @click.option(
         "--backend",
@@ -218,7 +217,7 @@ def overlay(
     mirror: bool,
     size: str | None,
     skip_bad: bool,
-    workers: int,
+    workers: Backend,
 ) -> None:
     """Paste every foreground on every background at random positions: B x F x P samples
     (x2 with --mirror), each with its exact mask, written as HDF5 shards."""
@@ -248,10 +247,7 @@ def overlay(
         )
     finally:
         bar.close()
-    made = rep.num_samples if rep.reused == 0 else None
-    rate = (
-        f"{(made or rep.num_samples) / rep.seconds:,.0f} samples/s" if rep.made else "nothing to do"
-    )
+    rate = f"{rep.samples_made / rep.seconds:,.0f} samples/s" if rep.made else "nothing to do"
     click.echo(
         f"overlay: {rep.num_samples:,} samples ({rep.num_bg} backgrounds x {rep.num_fg} "
         f"foregrounds{' x 2 mirrored' if mirror else ''} x {positions} positions) "
@@ -286,7 +282,7 @@ dataset_arg = click.argument("dataset", type=click.Path(path_type=Path))
 @workers_option
 @cluster_options
 @handle_errors
-def stats(dataset: Path, workers: int) -> None:
+def stats(dataset: Path, workers: Backend) -> None:
     """Per-channel mean/std of fg_bg and bg, mask coverage (and depth): DATASET/stats.json."""
     from pipeline.stats import run_stats
 
@@ -361,7 +357,7 @@ def _dataset_len(dataset: Path) -> int:
 @workers_option
 @cluster_options
 @handle_errors
-def verify(dataset: Path, workers: int) -> None:
+def verify(dataset: Path, workers: Backend) -> None:
     """Check every shard's checksum and decode every sample; exit 1 listing bad shards."""
     from pipeline.verify import run_verify
 
@@ -396,7 +392,7 @@ def verify(dataset: Path, workers: int) -> None:
 @workers_option
 @cluster_options
 @handle_errors
-def export(dataset: Path, out: Path, workers: int) -> None:
+def export(dataset: Path, out: Path, workers: Backend) -> None:
     """Write the dataset as plain image folders plus samples.csv."""
     from pipeline.export import run_export
 

@@ -391,6 +391,7 @@ class OverlayReport:
     num_shards: int
     made: int  # shards made by this run
     reused: int  # shards already complete from an earlier run
+    samples_made: int
     bytes: int
     seconds: float
     num_bg: int
@@ -546,6 +547,7 @@ def run_overlay(
         num_shards=num_shards,
         made=len(todo),
         reused=len(done),
+        samples_made=geom.num_samples - already,
         bytes=sum(r["bytes"] for r in records.values()) + assets_path.stat().st_size,
         seconds=time.perf_counter() - t0,
         num_bg=geom.num_bg,
