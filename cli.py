@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import sys
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -267,11 +268,10 @@ def _echo_skipped(skipped: list[dict[str, str]], ignored: list[str]) -> None:
         for s in skipped:
             click.echo(f"    {s['file']}: {s['reason']}")
     if ignored:
-        click.echo(
-            f"  ignored {len(ignored)} non-image file(s): "
-            + ", ".join(Path(p).name for p in ignored[:5])
-            + (" ..." if len(ignored) > 5 else "")
-        )
+        counts = Counter(Path(p).name for p in ignored)
+        names = [f"{n} (x{c})" if c > 1 else n for n, c in counts.most_common(5)]
+        more = " ..." if len(counts) > 5 else ""
+        click.echo(f"  ignored {len(ignored)} non-image file(s): {', '.join(names)}{more}")
 
 
 dataset_arg = click.argument("dataset", type=click.Path(path_type=Path))
