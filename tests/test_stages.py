@@ -298,3 +298,15 @@ def test_export_depth_and_refusals(ds_copy: Path, tmp_path: Path) -> None:
     res = run("export", ds_copy, "--out", mine)
     assert res.exit_code == 1 and "Error: export folder is not empty" in res.output
     assert (mine / "thesis.pdf").read_text() == "do not touch"
+
+
+def test_commands_on_missing_or_foreign_folders(built: Path, tmp_path: Path) -> None:
+    for cmd in (["verify"], ["preview"], ["stats"], ["export", "--out", str(tmp_path / "x")]):
+        res = run(cmd[0], tmp_path / "nowhere", *cmd[1:])
+        assert res.exit_code == 1 and "Error: dataset folder does not exist" in res.output
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    res = run("export", built, "--out", a_file)
+    assert res.exit_code == 1 and "Error: export path is a file" in res.output
+    res = run("export", built, "--out", a_file / "sub")
+    assert res.exit_code == 1 and "Error: cannot write to export folder" in res.output
