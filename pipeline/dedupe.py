@@ -28,10 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import cv2
-import imagehash
 import numpy as np
 from numpy.typing import NDArray
-from PIL import Image
 
 from .dataset import atomic_write_bytes
 from .errors import BadImageError, InputFolderError, PipelineError
@@ -87,9 +85,23 @@ class DedupeConfig:
 # ------------------------------------------------------------------------ hashing (pure)
 
 
-def _phash64(gray: NDArray[np.uint8]) -> np.uint64:
-    bits = imagehash.phash(Image.fromarray(gray)).hash.ravel()
-    return np.packbits(bits).view(">u8")[0].astype(np.uint64)
+# imagehash.phash's algorithm, batched: 32x32 grey, 2-D DCT-II, the 8x8 lowest frequencies
+# against their median. The DCT is a matrix product (only its first 8 rows are needed) and the
+# 32x32 step is OpenCV's area average rather than Pillow's Lanczos (150 us per call, most of
+# the hashing time): the eleven hashes of an image cost ~0.3 ms instead of ~7 ms. The bits
+# differ from imagehash.phash's by a few at most (tests check it); thresholds were measured
+# with these hashes.
+_N = np.arange(32)
+_DCT8 = np.cos(np.pi * (2 * _N[None, :] + 1) * np.arange(8)[:, None] / 64)  # (8, 32)
+
+
+def phash_batch(grays: Sequence[NDArray[np.uint8]]) -> NDArray[np.uint64]:
+    """64-bit pHashes (imagehash's algorithm) of grey images (h, w) uint8 of any sizes."""
+    pix = np.stack([cv2.resize(g, (32, 32), interpolation=cv2.INTER_AREA) for g in grays])
+    pix = pix.astype(np.float64)
+    low = (_DCT8 @ pix @ _DCT8.T).reshape(len(grays), 64)
+    bits = low > np.median(low, axis=1, keepdims=True)
+    return np.packbits(bits, axis=1).view(">u8")[:, 0].astype(np.uint64)
 
 
 def _windows(gray: NDArray[np.uint8]) -> list[NDArray[np.uint8]]:
@@ -113,7 +125,7 @@ def image_hashes(rgb: NDArray[np.uint8]) -> NDArray[np.uint64]:
     h = gray.shape[0]
     band = gray[round(h * BAND[0]) : max(round(h * BAND[1]), round(h * BAND[0]) + 1)]
     parts = [gray, *_windows(gray), band]
-    return np.array([_phash64(p) for p in parts], dtype=np.uint64)
+    return phash_batch(parts)
 
 
 def hamming(a: NDArray[np.uint64], b: NDArray[np.uint64]) -> NDArray[np.uint8]:
@@ -124,26 +136,37 @@ def hamming(a: NDArray[np.uint64], b: NDArray[np.uint64]) -> NDArray[np.uint8]:
 # ------------------------------------------------------------------- pairs and clusters (pure)
 
 
-def _block_distances(
+def _block_matches(
     hashes: NDArray[np.uint64], rows: slice, cols: slice, limits: tuple[int, int, int]
-) -> tuple[NDArray[np.int16], NDArray[np.int16], NDArray[np.uint8]]:
-    """For every (row, col) of a block: the smallest margin (distance minus the limit of its
-    kind; <= 0 means duplicates), that distance, and its kind (index into KINDS)."""
+) -> tuple[NDArray[np.intp], NDArray[np.intp]]:
+    """(row, col) offsets in a block of the pairs that match in any kind. Only booleans are kept
+    per block (duplicates are rare), into reused buffers: this is the hot loop."""
     full = hashes[rows, 0][:, None]
-    dist = hamming(full, hashes[None, cols, 0]).astype(np.int16)
-    win = hamming(full, hashes[None, cols, 1])
-    for k in range(2, NUM_HASHES - 1):
-        np.minimum(win, hamming(full, hashes[None, cols, k]), out=win)
-    band = hamming(hashes[rows, -1][:, None], hashes[None, cols, -1]).astype(np.int16)
-    margin = dist - np.int16(limits[0])
-    kind = np.zeros(dist.shape, np.uint8)
-    for k, d in ((1, win.astype(np.int16)), (2, band)):
-        m = d - np.int16(limits[k])
-        better = m < margin
-        margin = np.where(better, m, margin)
-        dist = np.where(better, d, dist)
-        kind[better] = k
-    return margin, dist, kind
+    shape = (rows.stop - rows.start, cols.stop - cols.start)
+    xor, cnt = np.empty(shape, np.uint64), np.empty(shape, np.uint8)
+    hit, tmp = np.empty(shape, bool), np.empty(shape, bool)
+    jobs = [(full, 0, limits[0]), (hashes[rows, -1][:, None], NUM_HASHES - 1, limits[2])]
+    jobs += [(full, k, limits[1]) for k in range(1, NUM_HASHES - 1)]
+    for n, (left, k, limit) in enumerate(jobs):
+        np.bitwise_xor(left, hashes[None, cols, k], out=xor)
+        np.bitwise_count(xor, out=cnt)
+        np.less_equal(cnt, limit, out=hit if n == 0 else tmp)
+        if n:
+            hit |= tmp
+    return np.nonzero(hit)
+
+
+def pair_distance(
+    a: NDArray[np.uint64], b: NDArray[np.uint64], limits: tuple[int, int, int]
+) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """Distance and kind (index into KINDS) of the best match of each pair of hash rows a, b
+    (M, NUM_HASHES): the kind with the smallest margin below its limit."""
+    full = hamming(a[:, :1], b[:, :1])[:, 0].astype(np.int64)
+    win = hamming(a[:, :1], b[:, 1:-1]).min(axis=1).astype(np.int64)
+    band = hamming(a[:, -1:], b[:, -1:])[:, 0].astype(np.int64)
+    dist = np.stack([full, win, band], axis=1)
+    kind = np.argmin(dist - np.array(limits), axis=1)
+    return dist[np.arange(len(dist)), kind], kind
 
 
 def find_pairs(
@@ -166,11 +189,12 @@ def find_pairs(
         rows = slice(r0, min(r0 + block[0], last))
         for c0 in range(0, n, block[1]):
             cols = slice(c0, min(c0 + block[1], n))
-            margin, dist, kind = _block_distances(hashes, rows, cols, limits)
-            r, c = np.nonzero(margin <= 0)
-            keep = r + rows.start != c + cols.start
+            r, c = _block_matches(hashes, rows, cols, limits)
+            r, c = r + rows.start, c + cols.start
+            keep = r != c
             r, c = r[keep], c[keep]
-            found.append(np.stack([r + rows.start, c + cols.start, dist[r, c], kind[r, c]], 1))
+            dist, kind = pair_distance(hashes[r], hashes[c], limits)
+            found.append(np.stack([r, c, dist, kind], axis=1))
     return _canonical(np.concatenate(found) if found else np.zeros((0, 4), np.int64))
 
 

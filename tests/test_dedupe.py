@@ -21,6 +21,7 @@ from pipeline.dedupe import (
     find_pairs_parallel,
     hamming,
     image_hashes,
+    phash_batch,
     pick_keeper,
 )
 
@@ -248,3 +249,13 @@ def test_real_backgrounds_six_known_pairs_and_nothing_else(tmp_path, shared_data
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert {frozenset(c["members"]) for c in report["clusters"]} == KNOWN_PAIRS
     assert len(list((tmp_path / "out").glob("*.png"))) == 94
+
+
+def test_batched_phash_agrees_with_imagehash():
+    import imagehash
+
+    grays = [np.asarray(photo(s).convert("L")) for s in range(8)]
+    ours = phash_batch(grays)
+    for g, h in zip(grays, ours, strict=True):
+        ref = np.packbits(imagehash.phash(Image.fromarray(g)).hash.ravel()).view(">u8")[0]
+        assert hamming(np.uint64(ref), h) <= 6
