@@ -495,6 +495,209 @@ def flip(src: Path, out: Path, skip_bad: bool, workers: int) -> None:
     _echo_skipped(rep.skipped, rep.ignored)
 
 
+class _DownloadBar:
+    """A tqdm bar in bytes for a checkpoint download (opened on the first bytes)."""
+
+    def __init__(self) -> None:
+        self.bar: tqdm | None = None
+
+    def update(self, done: int, total: int | None) -> None:
+        if self.bar is None:
+            self.bar = tqdm(
+                total=total,
+                initial=0,
+                desc="download",
+                unit="B",
+                unit_scale=True,
+                dynamic_ncols=True,
+                file=sys.stderr,
+            )
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+weights_option = click.option(
+    "--weights",
+    "-w",
+    "weights_spec",
+    default=None,
+    metavar="nyu|kitti|PATH",
+    help="DenseDepth checkpoint: a published name (downloaded into the cache when missing) or "
+    "a .h5/.keras file. Default: $DENSEDEPTH_WEIGHTS, else nyu.",
+)
+input_scale_option = click.option(
+    "--input-scale",
+    type=click.Choice(["1", "2"]),
+    default="2",
+    show_default=True,
+    help="2: feed the image enlarged 2x, so the model's half-resolution output has the image's "
+    "size; 1: feed it as it is and enlarge the output 2x (4x faster, coarser).",
+)
+precision_option = click.option(
+    "--precision",
+    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+    default="auto",
+    show_default=True,
+    help="Arithmetic of the model. auto: float32 on a CPU; float16 on a GPU, checked against "
+    "float32 on the first batch.",
+)
+
+
+@cli.command()
+@dataset_arg
+@weights_option
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Composites per model call (default 8 on a CPU, 64 on a GPU); lower it if memory runs "
+    "out.",
+)
+@input_scale_option
+@precision_option
+@click.option("--xla/--no-xla", default=None, help="XLA-compile the model (default: on a GPU).")
+@handle_errors
+def depth(
+    dataset: Path,
+    weights_spec: str | None,
+    batch_size: int | None,
+    input_scale: str,
+    precision: str,
+    xla: bool | None,
+) -> None:
+    """Add a DenseDepth depth map to every composite of DATASET (in its shards, pixel-aligned,
+    resumable). Stats and preview include it once they are run again."""
+    from pipeline.depth import DepthConfig, run_depth
+
+    config = DepthConfig(
+        weights=weights_spec,
+        batch_size=batch_size or 0,
+        input_scale=int(input_scale),
+        precision=precision,
+        xla=xla,
+    )
+    bar, download = _Bar("depth"), _DownloadBar()
+    try:
+        rep = run_depth(
+            dataset, config, progress=bar.update, on_start=bar.start, on_download=download.update
+        )
+    finally:
+        download.close()
+        bar.close()
+    s = rep.settings
+    click.echo(f"depth: {rep.samples:,} samples in {rep.shards} shards -> {rep.root}")
+    if not rep.made:
+        click.echo(f"  nothing to do: every shard already has depth from {rep.checkpoint}")
+        return
+    click.echo(
+        f"  shards made {rep.made}, already done {rep.reused}; {rep.seconds:.1f} s "
+        f"(model {rep.model_seconds:.1f} s; {rep.steady_rate:.2f} samples/s after the first batch)"
+    )
+    click.echo(
+        f"  {s['model']}, {Path(s['checkpoint']).name} (sha256 {s['checkpoint_sha256'][:12]}), "
+        f"input scale {s['input_scale']}, {s['precision']}{' + XLA' if s['xla'] else ''}, "
+        f"batch {s['batch_size']}"
+    )
+    if s.get("precision_check"):
+        c = s["precision_check"]
+        click.echo(
+            f"  {s['precision']} vs float32 on the first batch: mean |depth diff| "
+            f"{c['mean_abs_diff']:.2e}, max {c['max_abs_diff']:.2e}"
+        )
+    click.echo(f"  next: `cli.py stats {rep.root}` and `cli.py preview {rep.root}` include depth")
+
+
+@cli.command("depth-image")
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--out",
+    "-o",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Folder for <name>.depth.png (16-bit, depth x 65535), <name>.depth_color.png and "
+    "montage.png.",
+)
+@weights_option
+@input_scale_option
+@click.option(
+    "--precision",
+    type=click.Choice(["float32", "bfloat16", "float16"]),
+    default="float32",
+    show_default=True,
+    help="Arithmetic of the model.",
+)
+@click.option(
+    "--max-side",
+    type=click.IntRange(min=32),
+    default=1280,
+    show_default=True,
+    help="Largest side of the model's input: larger images are shrunk for the model and the "
+    "depth enlarged back.",
+)
+@click.option("--skip-bad", is_flag=True, help="Skip unreadable images and list them.")
+@handle_errors
+def depth_image(
+    images: tuple[Path, ...],
+    out: Path,
+    weights_spec: str | None,
+    input_scale: str,
+    precision: str,
+    max_side: int,
+    skip_bad: bool,
+) -> None:
+    """DenseDepth depth for ordinary image files of any size (edge-padded to multiples of 32
+    for the model, then cropped and resized back to each image's size)."""
+    from pipeline.depth import DepthConfig, run_depth_images
+
+    config = DepthConfig(weights=weights_spec, input_scale=int(input_scale), precision=precision)
+    bar, download = _Bar("depth-image"), _DownloadBar()
+    bar.start(len(images), 0)
+    try:
+        rep = run_depth_images(
+            list(images),
+            out,
+            config,
+            max_side=max_side,
+            skip_bad=skip_bad,
+            progress=bar.update,
+            on_download=download.update,
+        )
+    finally:
+        download.close()
+        bar.close()
+    click.echo(
+        f"depth-image: {len(rep.written)} depth maps in {rep.seconds:.1f} s -> {out} "
+        f"(montage: {rep.montage.name if rep.montage else 'none'})"
+    )
+    _echo_skipped(rep.skipped, [])
+
+
+@cli.group()
+def weights() -> None:
+    """The published DenseDepth checkpoints (nyu, kitti): cache and download."""
+
+
+@weights.command("fetch")
+@click.argument("name", required=False, type=click.Choice(["nyu", "kitti"]))
+@handle_errors
+def weights_fetch(name: str | None) -> None:
+    """Download checkpoint NAME into the cache (default: $DENSEDEPTH_WEIGHTS if set, else nyu);
+    a finished download is kept, a partial one resumed. Prints the file's path."""
+    from densedepth.checkpoint import sha256_of
+    from densedepth.weights import resolve_weights
+
+    download = _DownloadBar()
+    try:
+        path = resolve_weights(name, download=True, progress=download.update)
+    finally:
+        download.close()
+    size = path.stat().st_size
+    click.echo(f"weights: {path} ({_human_bytes(size)}, sha256 {sha256_of(path)})")
+
+
 def main() -> None:
     cli(prog_name="synthcar")
 
