@@ -120,18 +120,20 @@ def map_shards(
     workers: int | Backend = 1,
     shared_path: str | Path | None = None,
     writes: bool = True,
+    resources: dict[str, float] | None = None,
 ) -> Iterator[T]:
     """Yield fn(*a) for every a in args. workers: a process count (local) or a Backend.
 
     shared_path: the (absolute) folder the tasks use; on a cluster every worker must reach it,
-    and be able to write there when `writes`.
+    and be able to write there when `writes`. resources: Dask worker resources each task needs
+    (e.g. {"GPU": 1}: one task at a time per GPU worker); ignored by the local backend.
     """
     backend = workers if isinstance(workers, Backend) else Backend("local", int(workers))
     args = list(args)
     if not args:
         return
     if backend.kind == "dask":
-        yield from _map_dask(fn, args, backend, shared_path, writes)
+        yield from _map_dask(fn, args, backend, shared_path, writes, resources)
         return
     if backend.workers <= 1 or len(args) <= 1:
         for a in args:
@@ -149,6 +151,7 @@ def _map_dask(
     backend: Backend,
     shared_path: Any,
     writes: bool,
+    resources: dict[str, float] | None,
 ) -> Iterator[T]:
     from distributed.scheduler import KilledWorker
 
@@ -156,7 +159,8 @@ def _map_dask(
         if shared_path is not None:
             check_workers_see(client, str(shared_path), writes)
         try:
-            with parallel_config(backend="dask"):
+            extra = {"resources": resources} if resources else {}
+            with parallel_config(backend="dask", **extra):
                 # batch_size=1: one task per shard, so a lost worker costs one shard, not a batch
                 parallel = Parallel(n_jobs=-1, batch_size=1, return_as="generator_unordered")
                 yield from parallel(delayed(fn)(*a) for a in args)

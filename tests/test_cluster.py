@@ -127,3 +127,44 @@ def test_unreachable_scheduler(inputs, tmp_path: Path, monkeypatch) -> None:
     )
     assert res.exit_code == 1
     assert "Error: cannot reach the Dask scheduler at tcp://127.0.0.1:9" in res.output
+
+
+def _whoami(i: int) -> tuple[int, int]:
+    return i, os.getpid()
+
+
+def test_tasks_needing_a_resource_run_only_where_it_is(cluster) -> None:
+    """A `dask worker --resources GPU=1` joins the cluster; GPU tasks all run on it."""
+    import subprocess
+    import sys
+
+    with distributed.Client(cluster.scheduler_address) as client:
+        plain = set(client.run(os.getpid).values())
+        worker = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "distributed.cli.dask_worker",
+                cluster.scheduler_address,
+                "--resources",
+                "GPU=1",
+                "--nthreads",
+                "1",
+                "--no-nanny",
+                "--no-dashboard",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            client.wait_for_workers(3, timeout=60)
+            backend = Backend("dask", 2, cluster.scheduler_address)
+            done = list(
+                runner.map_shards(_whoami, [(i,) for i in range(6)], backend, resources={"GPU": 1})
+            )
+            assert sorted(i for i, _ in done) == list(range(6))
+            assert {pid for _, pid in done} == {worker.pid}
+            assert not plain & {pid for _, pid in done}
+        finally:
+            worker.terminate()
+            worker.wait(timeout=30)
