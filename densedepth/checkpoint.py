@@ -143,7 +143,8 @@ def _short(name: str) -> str:
 
 
 def assign_weights(model: Any, weights: CheckpointWeights) -> None:
-    """Set every weighted layer of `model` from the checkpoint, by name, checking shapes."""
+    """Set every weighted layer of `model` from the checkpoint, by name, after checking that
+    the layers and every shape match (nothing is changed when they do not)."""
     wanted = {layer.name: layer for layer in model.layers if layer.weights}
     missing = [n for n in wanted if n not in weights.layers]
     extra = [n for n in weights.layers if n not in wanted]
@@ -178,7 +179,9 @@ def assign_weights(model: Any, weights: CheckpointWeights) -> None:
                     f"checkpoint {weights.path}: layer {name!r} weight {var.name!r} has shape "
                     f"{tuple(arr.shape)}, the model expects {tuple(var.shape)}"
                 )
-        layer.set_weights([a for _, a in arrays])
+    # Only once every layer checked out: a bad file never leaves a half-loaded model.
+    for name, layer in wanted.items():
+        layer.set_weights([a for _, a in weights.layers[name]])
 
 
 def load_checkpoint(path: str | Path, precision: str = "float32") -> Any:
@@ -274,16 +277,17 @@ def write_keras2_checkpoint(model: Any, path: str | Path, order: list[str] | Non
     by_name = {layer.name: layer for layer in model.layers}
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     with h5py.File(tmp, "w") as f:
-        f.attrs["keras_version"] = b"2.2.4"
-        f.attrs["backend"] = b"tensorflow"
+        f.attrs["keras_version"] = np.bytes_(b"2.2.4")
+        f.attrs["backend"] = np.bytes_(b"tensorflow")
+        # A variable-length string: the JSON is larger than a fixed-length attribute may be.
         f.attrs["model_config"] = json.dumps(_keras2_config(model)).encode("utf8")
         f.attrs["training_config"] = json.dumps(
             {"loss": "depth_loss_function", "optimizer_config": {"class_name": "Adam"}}
         ).encode("utf8")
         g = f.create_group("model_weights")
         g.attrs["layer_names"] = np.array([keras2_name(n).encode("utf8") for n in order or names])
-        g.attrs["backend"] = b"tensorflow"
-        g.attrs["keras_version"] = b"2.2.4"
+        g.attrs["backend"] = np.bytes_(b"tensorflow")
+        g.attrs["keras_version"] = np.bytes_(b"2.2.4")
         for name in order or names:
             k2 = keras2_name(name)
             group = g.create_group(k2)
