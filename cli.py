@@ -654,7 +654,6 @@ def depth_image(
 
     config = DepthConfig(weights=weights_spec, input_scale=int(input_scale), precision=precision)
     bar, download = _Bar("depth-image"), _DownloadBar()
-    bar.start(len(images), 0)
     try:
         rep = run_depth_images(
             list(images),
@@ -664,6 +663,7 @@ def depth_image(
             skip_bad=skip_bad,
             progress=bar.update,
             on_download=download.update,
+            on_start=bar.start,
         )
     finally:
         download.close()

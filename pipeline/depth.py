@@ -100,14 +100,17 @@ def pad_to_multiple(img: NDArray[Any], multiple: int = 32) -> NDArray[Any]:
     return np.pad(img, pad, mode="edge")
 
 
-def image_input(rgb: NDArray[np.uint8], input_scale: int, max_side: int) -> NDArray[np.uint8]:
-    """An image of any size -> the model's input: enlarged by input_scale (shrunk instead when
-    its longer side would exceed max_side), then edge-padded to multiples of 32."""
+def image_input(
+    rgb: NDArray[np.uint8], input_scale: int, max_side: int
+) -> tuple[NDArray[np.uint8], tuple[int, int]]:
+    """An image of any size -> (the model's input, the scaled image's (h, w) inside it):
+    enlarged by input_scale (shrunk instead when its longer side would exceed max_side), then
+    edge-padded at the bottom and right to multiples of 32."""
     h, w = rgb.shape[:2]
     s = min(float(input_scale), max_side / max(h, w))
     size = (max(1, round(w * s)), max(1, round(h * s)))
     scaled = rgb if size == (w, h) else cv2.resize(rgb, size, interpolation=cv2.INTER_LINEAR)
-    return pad_to_multiple(scaled)
+    return pad_to_multiple(scaled), (size[1], size[0])
 
 
 def depth_back(
@@ -399,8 +402,6 @@ def run_depth(
             todo.append(rec)
     manifest["shards"] = recs
     total = sum(r["count"] for r in recs)
-    if on_start:
-        on_start(total, total - sum(r["count"] for r in todo))
     stage = manifest["stages"].setdefault("depth", {})
     if not todo:
         stage["status"] = "complete"
@@ -417,7 +418,9 @@ def run_depth(
             weights,
             stage.get("config", {}),
         )
-    return _run(root, manifest, recs, todo, reused, config, weights, sha, (H, W), progress, t0)
+    return _run(
+        root, manifest, recs, todo, reused, config, weights, sha, (H, W), progress, on_start, t0
+    )
 
 
 def _run(
@@ -431,6 +434,7 @@ def _run(
     sha: str,
     hw: tuple[int, int],
     progress: Callable[[int], None] | None,
+    on_start: Callable[[int, int], None] | None,
     t0: float,
 ) -> DepthReport:
     from densedepth.inference import DepthEngine, EngineSettings, gpu_available
@@ -441,6 +445,9 @@ def _run(
     batch_size = config.batch_size or (64 if gpu else 8)
     settings = EngineSettings(config.input_scale, precision, xla)
     arch = architecture_of(model32)
+    if on_start:  # once the model has loaded: a bad checkpoint fails before any bar shows
+        total = sum(r["count"] for r in recs)
+        on_start(total, total - sum(r["count"] for r in todo))
     batches = _producer(_read_batches(root, todo, hw, batch_size, pad=xla))
     first = next(batches)
     check, fallback = _check_precision(
@@ -553,6 +560,7 @@ def run_depth_images(
     skip_bad: bool = False,
     progress: Callable[[int], None] | None = None,
     on_download: Callable[[int, int | None], None] | None = None,
+    on_start: Callable[[int, int], None] | None = None,
 ) -> ImageDepthReport:
     """Depth for ordinary image files: OUT/<stem>.depth.png (16-bit, depth * 65535) and
     OUT/<stem>.depth_color.png, plus OUT/montage.png."""
@@ -571,26 +579,27 @@ def run_depth_images(
         raise PipelineError(
             f"cannot make the output folder {out} ({e}); choose another --out"
         ) from None
+    # Read every image before loading the model, so a bad file fails in a second, not ten.
+    readable, skipped = [], []
+    for path, stem in zip(images, _unique_stems(images), strict=True):
+        try:
+            readable.append((stem, read_rgb(path)))
+        except BadImageError as e:
+            if not skip_bad:
+                raise
+            skipped.append({"file": e.path, "reason": e.reason})
     weights = resolve_weights(config.weights, download=True, progress=on_download)
     model = load_checkpoint(weights)
     precision = "float32" if config.precision == "auto" else config.precision
     if precision != "float32":
         model = rebuild(model, precision)
     engine = DepthEngine(model, EngineSettings(1, precision, False))
-    written, skipped, rows = [], [], []
-    for path, stem in zip(images, _unique_stems(images), strict=True):
-        try:
-            rgb = read_rgb(path)
-        except BadImageError as e:
-            if not skip_bad:
-                raise
-            skipped.append({"file": e.path, "reason": e.reason})
-            continue
-        x = image_input(rgb, config.input_scale, max_side)
-        h, w = rgb.shape[:2]
-        s = min(float(config.input_scale), max_side / max(h, w))
-        scaled_hw = (max(1, round(h * s)), max(1, round(w * s)))
-        depth = depth_back(engine(x[None])[0], scaled_hw, (h, w))
+    if on_start:
+        on_start(len(readable), 0)
+    written, rows = [], []
+    for stem, rgb in readable:
+        x, scaled_hw = image_input(rgb, config.input_scale, max_side)
+        depth = depth_back(engine(x[None])[0], scaled_hw, rgb.shape[:2])
         colour = depth_colormap(depth)
         for name, img in (
             (f"{stem}.depth.png", depth_png16(depth)),

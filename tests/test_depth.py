@@ -1,0 +1,268 @@
+"""The depth stage: values, pixel alignment, storage, resume, manifest, bad input, and
+depth-image. The checkpoint is the half-width model with seeded weights in the published
+Keras 2.2.4 layout (test_densedepth_fixtures); images are 96x64 so the model runs fast."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from test_densedepth_fixtures import half_checkpoint, half_model
+
+from cli import cli
+from densedepth.checkpoint import sha256_of
+from densedepth.inference import depth_from_output
+from pipeline import dataset as fmt
+from pipeline.dataset import open_dataset
+from pipeline.depth import DepthConfig, image_input, pad_to_multiple, run_depth
+from pipeline.verify import run_verify
+
+pytest.importorskip("tensorflow")
+
+
+def run(*args: object):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory) -> Path:
+    """12 samples of 96x64 in 3 shards (5, 5, 2), no depth yet."""
+    from conftest import draw_background, draw_car
+
+    from pipeline.overlay import OverlayConfig, run_overlay
+
+    tmp = tmp_path_factory.mktemp("plain")
+    bgs, fgs = tmp / "bgs", tmp / "fgs"
+    bgs.mkdir()
+    fgs.mkdir()
+    for i in range(3):
+        draw_background(96, 64, i).save(bgs / f"bg{i}.png")
+    draw_car(30, 18, (200, 30, 30)).save(fgs / "red.png")
+    draw_car(22, 20, (30, 60, 220)).save(fgs / "blue.png")
+    run_overlay(bgs, [fgs], tmp / "ds", OverlayConfig(positions=2, shard_size=5))
+    return tmp / "ds"
+
+
+@pytest.fixture(scope="module")
+def with_depth(plain: Path, tmp_path_factory) -> tuple[Path, str]:
+    root = tmp_path_factory.mktemp("depth") / "ds"
+    shutil.copytree(plain, root)
+    res = run(
+        "depth", root, "--weights", half_checkpoint(), "--input-scale", "1", "--batch-size", "4"
+    )
+    assert res.exit_code == 0, res.output
+    return root, res.output
+
+
+@pytest.fixture
+def copy_of(tmp_path: Path):
+    def make(src: Path) -> Path:
+        dst = tmp_path / "copy"
+        shutil.copytree(src, dst)
+        return dst
+
+    return make
+
+
+def reference(fg_bg: np.ndarray, input_scale: int) -> np.ndarray:
+    """Upstream's predict on composites (N, H, W, 3), brought to the composites' grid
+    (half-pixel bilinear: the alignment of a 2x-strided network's output)."""
+    import tensorflow as tf
+
+    x = fg_bg.astype(np.float32) / 255
+    h, w = fg_bg.shape[1:3]
+    if input_scale == 2:
+        x = tf.image.resize(x, (2 * h, 2 * w), method="bilinear").numpy()
+    d = depth_from_output(np.asarray(half_model()(x)))
+    if input_scale == 1:
+        d = tf.image.resize(d, (h, w), method="bilinear").numpy()
+    return d[..., 0]
+
+
+# ---------------------------------------------------------------------- values, alignment
+
+
+def test_depth_is_upstreams_predict_at_the_composites_resolution(with_depth) -> None:
+    root, output = with_depth
+    assert "shards made 3, already done 0" in output and "F=832" in output
+    with open_dataset(root) as ds:
+        assert ds.has_depth
+        samples = [ds[i] for i in range(len(ds))]
+    depth = np.stack([s.depth for s in samples])
+    assert depth.shape == (12, 64, 96) and depth.dtype == np.float32
+    ref = reference(np.stack([s.fg_bg for s in samples]), 1)
+    np.testing.assert_allclose(depth, ref, atol=1e-3, rtol=0)
+    assert np.abs(depth - ref).max() <= 2.5e-4 + 1e-5  # float16 storage
+    assert np.ptp(ref, axis=(1, 2)).min() > 0.01  # a misplaced map would not pass
+
+
+def test_manifest_shard_attributes_and_other_stages(with_depth, tmp_path: Path) -> None:
+    root, _ = with_depth
+    manifest = json.loads((root / "manifest.json").read_text())
+    stage = manifest["stages"]["depth"]
+    assert stage["status"] == "complete"
+    cfg = stage["config"]
+    assert cfg["checkpoint_sha256"] == sha256_of(half_checkpoint())
+    assert (cfg["input_scale"], cfg["precision"], cfg["batch_size"]) == (1, "float32", 4)
+    assert cfg["model"] == "DenseDepth densenet169 F=832"
+    with h5py.File(root / "shards/00001.h5") as f:
+        d = f["depth"]
+        assert d.dtype == np.float16 and d.shape == (5, 64, 96) and d.chunks == (1, 64, 96)
+        assert d.compression == "gzip" and d.shuffle
+        assert d.attrs["checkpoint_sha256"] == cfg["checkpoint_sha256"]
+        assert set(f) == {"fg_bg", "fg_bg_offsets", "mask", "meta", "depth"}
+    assert run_verify(root).ok  # shard records (bytes, sha256) follow the rewritten shards
+    res = run("stats", root, "--workers", "1")
+    assert res.exit_code == 0 and "depth    mean" in res.output
+    d = json.loads((root / "stats.json").read_text())["depth"]
+    assert 0.01 <= d["min"] <= d["mean"] <= d["max"] <= 1
+    assert run("preview", root, "--n", "2", "--out", tmp_path / "p.png").exit_code == 0
+    assert cv2.imread(str(tmp_path / "p.png")).shape[1] > 3 * 96  # a depth tile per sample
+
+
+def test_default_feeds_the_composite_at_twice_its_size(with_depth, copy_of) -> None:
+    """--input-scale 2 (the default): the half-resolution output is the composite's size.
+    Other settings than the stored ones mean every shard is made again."""
+    root = copy_of(with_depth[0])
+    res = run("depth", root, "--weights", half_checkpoint(), "--batch-size", "5")
+    assert res.exit_code == 0, res.output
+    assert "shards made 3, already done 0" in res.output
+    with open_dataset(root) as ds:
+        samples = [ds[i] for i in (0, 6, 11)]
+    ref = reference(np.stack([s.fg_bg for s in samples]), 2)
+    np.testing.assert_allclose(np.stack([s.depth for s in samples]), ref, atol=1e-3)
+    assert (
+        json.loads((root / "manifest.json").read_text())["stages"]["depth"]["config"]["input_scale"]
+        == 2
+    )
+
+
+# ---------------------------------------------------------------------------------- resume
+
+
+def test_rerun_resumes_and_repairs(with_depth, copy_of) -> None:
+    root = copy_of(with_depth[0])
+    res = run("depth", root, "--weights", half_checkpoint(), "--input-scale", "1")
+    assert res.exit_code == 0 and "nothing to do" in res.output
+    before = open_dataset(root)[7].depth
+    # As if killed: shard 1 lost its depth, shard 2 was renamed into place with depth but the
+    # manifest never heard of it.
+    manifest = fmt.read_manifest(root)
+    batch = fmt.read_shard_file(root / "shards/00001.h5")
+    shard = fmt.ShardArrays(
+        [e.tobytes() for e in batch.encoded], batch.masks_packed, batch.meta, batch.width, "jpeg"
+    )
+    manifest["shards"][1]["bytes"] = fmt.write_shard(root / "shards/00001.h5", shard, 5)
+    manifest["shards"][2]["bytes"] = 1
+    manifest["stages"]["depth"]["status"] = "running"
+    fmt.write_manifest(root, manifest)
+    assert not run_verify(root).ok
+    rep = run_depth(root, DepthConfig(weights=str(half_checkpoint()), batch_size=3, input_scale=1))
+    assert (rep.made, rep.reused) == (1, 2)
+    assert run_verify(root).ok
+    with open_dataset(root) as ds:
+        assert ds.has_depth
+        np.testing.assert_allclose(ds[7].depth, before, atol=1e-3)
+
+
+# -------------------------------------------------------------------------------- bad input
+
+
+def test_bad_input_is_one_clear_error(plain: Path, tmp_path: Path, monkeypatch) -> None:
+    ckpt = half_checkpoint()
+    res = run("depth", tmp_path / "nope", "--weights", ckpt)
+    assert res.exit_code == 1 and "Error: dataset folder does not exist" in res.output
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(plain, unfinished)
+    manifest = fmt.read_manifest(unfinished)
+    manifest["stages"]["overlay"]["status"] = "running"
+    fmt.write_manifest(unfinished, manifest)
+    res = run("depth", unfinished, "--weights", ckpt)
+    assert res.exit_code == 1 and "Error: unfinished dataset" in res.output
+    res = run("depth", plain, "--weights", tmp_path / "missing.h5")
+    assert res.exit_code == 1 and "Error: weights file not found" in res.output
+    monkeypatch.setenv("DENSEDEPTH_URL_BASE", "http://127.0.0.1:9")
+    monkeypatch.setenv("SYNTHCAR_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("DENSEDEPTH_WEIGHTS", raising=False)
+    res = run("depth", plain)
+    assert res.exit_code == 1 and "Error: cannot download nyu.h5" in res.output
+    assert f"save it as {tmp_path / 'cache' / 'densedepth' / 'nyu.h5'}" in res.output
+    truncated = tmp_path / "truncated.h5"
+    truncated.write_bytes(ckpt.read_bytes()[:2_000_000])
+    res = run("depth", plain, "--weights", truncated)
+    assert res.exit_code == 1 and res.output.startswith("Error: ")
+    assert "truncated" in res.output or "damaged" in res.output
+    assert "Traceback" not in res.output
+
+
+def test_wrong_shaped_layer_names_the_layer(plain: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.h5"
+    shutil.copy(half_checkpoint(), bad)
+    with h5py.File(bad, "r+") as f:
+        name = "model_weights/up4_convB/up4_convB/bias:0"
+        del f[name]
+        f.create_dataset(name, data=np.zeros(7, np.float32))
+    res = run("depth", plain, "--weights", bad)
+    assert res.exit_code == 1
+    assert "layer 'up4_convB' weight 'bias' has shape (7,), the model expects (52,)" in res.output
+    assert not fmt.read_manifest(plain)["stages"].get("depth")  # nothing was written
+
+
+def test_out_of_memory_suggests_a_smaller_batch() -> None:
+    import tensorflow as tf
+
+    from densedepth.inference import _translate
+
+    err = _translate(tf.errors.ResourceExhaustedError(None, None, "OOM when allocating"), 64)
+    assert "out of memory" in str(err) and "--batch-size" in str(err) and "32" in str(err)
+
+
+# ------------------------------------------------------------------------------ depth-image
+
+
+def test_image_input_pads_and_scales() -> None:
+    img = np.zeros((37, 50, 3), np.uint8)
+    assert pad_to_multiple(img).shape == (64, 64, 3)
+    x, hw = image_input(img, 2, 1280)
+    assert x.shape == (96, 128, 3) and hw == (74, 100)
+    x, hw = image_input(np.zeros((3000, 4000, 3), np.uint8), 2, 640)
+    assert hw == (480, 640) and x.shape == (480, 640, 3)
+
+
+def test_depth_image_writes_16bit_maps_and_a_montage(tmp_path: Path) -> None:
+    from conftest import draw_background
+
+    a, b, bad = tmp_path / "a.png", tmp_path / "b.jpg", tmp_path / "bad.jpg"
+    draw_background(50, 37, 0).save(a)
+    draw_background(70, 45, 1).convert("RGB").save(b)
+    bad.write_bytes(b"\xff\xd8 not really a jpeg")
+    out = tmp_path / "out"
+    res = run("depth-image", a, bad, "--out", out, "--weights", half_checkpoint())
+    assert res.exit_code == 1 and res.output.startswith("Error: ") and "bad.jpg" in res.output
+    res = run(
+        "depth-image",
+        a,
+        b,
+        bad,
+        "--out",
+        out,
+        "--weights",
+        half_checkpoint(),
+        "--input-scale",
+        "1",
+        "--skip-bad",
+    )
+    assert res.exit_code == 0, res.output
+    assert "2 depth maps" in res.output and "bad.jpg" in res.output
+    for stem, (w, h) in (("a", (50, 37)), ("b", (70, 45))):
+        d16 = cv2.imread(str(out / f"{stem}.depth.png"), cv2.IMREAD_UNCHANGED)
+        assert d16.dtype == np.uint16 and d16.shape == (h, w)
+        assert 0.01 * 65535 - 1 <= d16.min() <= d16.max() <= 65535
+        assert cv2.imread(str(out / f"{stem}.depth_color.png")).shape == (h, w, 3)
+    assert cv2.imread(str(out / "montage.png")) is not None
