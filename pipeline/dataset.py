@@ -136,6 +136,10 @@ class ShardArrays:
 
 def _dataset(f: h5py.File, name: str, data: NDArray[Any], **kw: Any) -> None:
     f.create_dataset(name, data=data, track_times=False, **kw)
+    # Chunked data sits in HDF5's chunk cache until the dataset is closed, and h5py may close
+    # it later in a multi-threaded process (a Dask worker): flush now, so file space is
+    # allocated in the same order every time and the bytes do not depend on the process.
+    f.flush()
 
 
 def create_h5(path: Path) -> h5py.File:
