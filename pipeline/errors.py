@@ -14,10 +14,15 @@ class BadImageError(PipelineError):
     def __init__(self, path: object, reason: str, fix: str = "") -> None:
         self.path = str(path)
         self.reason = reason
+        self.fix = fix
         msg = f"{reason}: {path}"
         if fix:
             msg += f" ({fix})"
         super().__init__(msg)
+
+    def __reduce__(self) -> tuple[type, tuple[str, str, str]]:
+        # rebuilt from its parts when it crosses to another process (worker -> main)
+        return type(self), (self.path, self.reason, self.fix)
 
 
 class InputFolderError(PipelineError):
@@ -30,3 +35,11 @@ class OutputError(PipelineError):
 
 class DatasetError(PipelineError):
     """A dataset folder is missing, unfinished, damaged or of another format."""
+
+
+class ConfigError(PipelineError):
+    """A training config file is missing, not JSON, or has a wrong key, type or value."""
+
+
+class RunError(PipelineError):
+    """A training run folder is missing, incomplete, or has no checkpoint to resume from."""

@@ -131,3 +131,14 @@ def test_parse_size_and_fit_crop() -> None:
     assert out.shape == (50, 50, 3)
     cols = np.nonzero(out[25, :, 0] > 127)[0]
     assert 8 <= len(cols) <= 12 and abs(cols.mean() - 24.5) < 1.5
+
+
+def test_bad_image_error_crosses_processes() -> None:
+    import pickle
+
+    e = pickle.loads(pickle.dumps(BadImageError("cars/a.png", "cannot decode", "replace it")))
+    assert (e.path, e.reason, str(e)) == (
+        "cars/a.png",
+        "cannot decode",
+        "cannot decode: cars/a.png (replace it)",
+    )
