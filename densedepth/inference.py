@@ -150,13 +150,18 @@ class DepthEngine:
 
 
 def compare_precisions(
-    model32: Any, model_lp: Any, images: NDArray[np.uint8], settings: EngineSettings
+    model32: Any,
+    model_lp: Any,
+    images: NDArray[np.uint8],
+    settings: EngineSettings,
+    engine: DepthEngine | None = None,
 ) -> dict[str, float]:
-    """Mean and max |depth difference| of a low-precision engine against float32 on a batch."""
+    """Mean and max |depth difference| of a low-precision engine (`engine`, else one made for
+    model_lp) against float32 on a batch."""
     import dataclasses
 
     ref = DepthEngine(model32, dataclasses.replace(settings, precision="float32", xla=False))
-    low = DepthEngine(model_lp, settings)(images)
+    low = (engine or DepthEngine(model_lp, settings))(images)
     ref = ref(images)
     diff = np.abs(low.astype(np.float64) - ref)
     finite = bool(np.isfinite(low).all())

@@ -282,7 +282,8 @@ def _producer(gen: Iterator[_Batch], maxsize: int = 3) -> Iterator[_Batch]:
 
 
 class _ShardWriter:
-    """Collects depth per shard; writes each shard (and its manifest record) once complete."""
+    """Collects depth per shard; once a shard is complete, rewrites it (and its manifest
+    record) in a small pool, so that on a fast GPU several shards are written at once."""
 
     def __init__(
         self,
@@ -292,12 +293,15 @@ class _ShardWriter:
         hw: tuple[int, int],
         attrs: dict[str, Any],
         on_shard: Callable[[], None],
+        writers: int = 2,
     ):
         self.root, self.manifest, self.recs, self.attrs = root, manifest, recs, attrs
         self.hw, self.on_shard = hw, on_shard
         self.pending: dict[int, NDArray[np.float16]] = {}
         self.filled: dict[int, int] = {}
         self.lock = threading.Lock()
+        self.pool = ThreadPoolExecutor(writers)
+        self.futures: list[Any] = []
 
     def __call__(self, item: tuple[NDArray[np.float16], list[tuple[int, int, int, int]]]) -> None:
         depth, parts = item
@@ -309,11 +313,23 @@ class _ShardWriter:
             self.pending[pos][start : start + count] = depth[at : at + count]
             self.filled[pos] += count
             if self.filled[pos] == rec["count"]:
-                self._write(pos)
+                self._raise_failed()
+                self.futures.append(self.pool.submit(self._write, pos, self.pending.pop(pos)))
 
-    def _write(self, pos: int) -> None:
+    def _raise_failed(self) -> None:
+        for f in self.futures:
+            if f.done() and f.exception() is not None:
+                raise f.exception()
+        self.futures = [f for f in self.futures if not f.done()]
+
+    def close(self) -> None:
+        """Wait for the shards in flight (finished work is kept); raise the first failure."""
+        self.pool.shutdown(wait=True)
+        self._raise_failed()
+
+    def _write(self, pos: int, depth: NDArray[np.float16]) -> None:
         rec = self.recs[pos]
-        rewrite_shard(self.root / rec["file"], self.pending.pop(pos), self.attrs)
+        rewrite_shard(self.root / rec["file"], depth, self.attrs)
         fresh = _record(self.root, rec)
         with self.lock:
             shards = self.manifest["shards"]
@@ -346,14 +362,16 @@ def _load_engine(path: Path, config: DepthConfig, gpu: bool) -> tuple[Any, Any, 
 
 
 def _check_precision(
-    model32: Any, model: Any, images: NDArray[np.uint8], settings: Any, auto: bool
+    model32: Any, engine: Any, images: NDArray[np.uint8], auto: bool
 ) -> tuple[dict[str, float] | None, bool]:
-    """Compare against float32 on one batch; (differences, fall back to float32?)."""
+    """Compare the engine (as stored: float16) against float32 on one batch; (differences,
+    fall back to float32?)."""
     from densedepth.inference import compare_precisions
 
+    settings = engine.settings
     if settings.precision == "float32":
         return None, False
-    diff = compare_precisions(model32, model, images, settings)
+    diff = compare_precisions(model32, engine.model, images, settings, engine=engine)
     bad = not np.isfinite(diff["mean_abs_diff"]) or diff["mean_abs_diff"] > PRECISION_TOLERANCE
     if bad and not auto:
         if not np.isfinite(diff["mean_abs_diff"]):
@@ -450,13 +468,15 @@ def _run(
         on_start(total, total - sum(r["count"] for r in todo))
     batches = _producer(_read_batches(root, todo, hw, batch_size, pad=xla))
     first = next(batches)
+    engine = DepthEngine(model, settings, dtype="float16")
     check, fallback = _check_precision(
-        model32, model, first.images[: first.n], settings, config.precision == "auto"
+        model32, engine, first.images[: first.n], config.precision == "auto"
     )
     if fallback:
         log.warning("%s strays from float32 (%s); using float32", precision, check)
         precision, model = "float32", model32
         settings = dataclasses.replace(settings, precision="float32")
+        engine = DepthEngine(model, settings, dtype="float16")
     del model32
     attrs = {
         "model": f"DenseDepth {arch.encoder} F={arch.filters}",
@@ -471,10 +491,10 @@ def _run(
         "precision_check": check,
     }
     fmt.write_manifest(root, manifest)
-    engine = DepthEngine(model, settings, dtype="float16")
-    writer = _Worker(
-        _ShardWriter(root, manifest, todo, hw, attrs, on_shard=lambda: None), maxsize=4
+    sink = _ShardWriter(
+        root, manifest, todo, hw, attrs, on_shard=lambda: None, writers=4 if gpu else 1
     )
+    writer = _Worker(sink, maxsize=4)
     writer.start()
     done, model_s, t_first = 0, 0.0, None
     try:
@@ -489,7 +509,10 @@ def _run(
             if progress:
                 progress(batch.n)
     finally:
-        writer.finish()
+        try:
+            writer.finish()
+        finally:
+            sink.close()
     end = time.perf_counter()
     manifest["stages"]["depth"]["status"] = "complete"
     fmt.write_manifest(root, manifest)

@@ -256,6 +256,8 @@ def test_depth_image_writes_16bit_maps_and_a_montage(tmp_path: Path) -> None:
         half_checkpoint(),
         "--input-scale",
         "1",
+        "--precision",
+        "bfloat16",
         "--skip-bad",
     )
     assert res.exit_code == 0, res.output
@@ -266,3 +268,28 @@ def test_depth_image_writes_16bit_maps_and_a_montage(tmp_path: Path) -> None:
         assert 0.01 * 65535 - 1 <= d16.min() <= d16.max() <= 65535
         assert cv2.imread(str(out / f"{stem}.depth_color.png")).shape == (h, w, 3)
     assert cv2.imread(str(out / "montage.png")) is not None
+
+
+def test_reduced_precision_is_checked_against_float32(monkeypatch) -> None:
+    """The first batch is compared with float32: automatic precision falls back when it
+    strays; an explicit one that overflows is an error, one that merely strays a warning."""
+    import densedepth.inference as inference
+    from pipeline.depth import _check_precision
+    from pipeline.errors import PipelineError
+
+    class Engine:
+        settings = inference.EngineSettings(1, "float16")
+        model = None
+
+    def diff(value):
+        monkeypatch.setattr(inference, "compare_precisions", lambda *a, **k: value)
+
+    small = {"mean_abs_diff": 1e-4, "max_abs_diff": 1e-3}
+    diff(small)
+    assert _check_precision(None, Engine(), None, auto=True) == (small, False)
+    diff({"mean_abs_diff": 0.05, "max_abs_diff": 0.5})
+    assert _check_precision(None, Engine(), None, auto=True)[1] is True
+    assert _check_precision(None, Engine(), None, auto=False)[1] is False
+    diff({"mean_abs_diff": float("inf"), "max_abs_diff": float("inf")})
+    with pytest.raises(PipelineError, match="overflows in float16"):
+        _check_precision(None, Engine(), None, auto=False)

@@ -1,0 +1,210 @@
+"""Depth-stage benchmark on the CPU: the stage against the model alone, in one run.
+
+The published checkpoints cannot be downloaded here, so the model is the full-width DenseDepth
+(DenseNet-169, F = 1664, 42.8M parameters: the published architecture and compute) with
+seeded random weights, saved in the published Keras 2.2.4 layout by densedepth's own writer and
+loaded like nyu.h5. Composites: a small dataset made by `cli.py overlay` from
+../shared/data/s15a (BENCH_DEPTH_BG backgrounds x BENCH_DEPTH_FG cars, one position).
+
+Measured, at 224x224 model input (`--input-scale 1`, the input size of upstream's figures):
+  1. upstream's predict: `densedepth.predict` = Keras `model.predict` at batch size 2;
+  2. the model alone in a `tf.function`, at the stage's batch size (steady state);
+  3. the depth stage (`run_depth`) on the dataset: steady rate (after the first batch) and
+     overall (with model loading and tracing);
+  4. 2 and 3 again in bfloat16, and the stage's bfloat16 depth against its float32 depth.
+Writes bench/out/depth/results.json and prints a markdown table.
+
+Environment: BENCH_DEPTH_BG, BENCH_DEPTH_FG (default 8 and 8: 64 composites),
+BENCH_DEPTH_BATCH (default 16), BENCH_DEPTH_PRECISIONS (default "float32 bfloat16"),
+BENCH_OUT (default bench/out).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SHARED = ROOT.parent / "shared" / "data" / "s15a"
+OUT = Path(os.environ.get("BENCH_OUT", ROOT / "bench" / "out")) / "depth"
+N_BG = int(os.environ.get("BENCH_DEPTH_BG", "8"))
+N_FG = int(os.environ.get("BENCH_DEPTH_FG", "8"))
+BATCH = int(os.environ.get("BENCH_DEPTH_BATCH", "16"))
+PRECISIONS = os.environ.get("BENCH_DEPTH_PRECISIONS", "float32 bfloat16").split()
+
+
+def full_width_checkpoint(folder: Path) -> Path:
+    """The full-width model with seeded weights, in the published layout (made once)."""
+    path = folder / "full_random_keras224.h5"
+    if path.is_file():
+        return path
+    import keras
+
+    from densedepth.checkpoint import write_keras2_checkpoint
+    from densedepth.model import build_model
+
+    keras.utils.set_random_seed(0)
+    model = build_model("densenet169", "full")
+    folder.mkdir(parents=True, exist_ok=True)
+    return write_keras2_checkpoint(model, path)
+
+
+def make_dataset(folder: Path, n_bg: int, n_fg: int, size: str = "224x224") -> Path:
+    """A one-position overlay dataset from the first n_bg backgrounds and n_fg cars."""
+    src = folder / "inputs"
+    if src.exists():
+        shutil.rmtree(src)
+    for kind, n in (("backgrounds", n_bg), ("foregrounds", n_fg)):
+        (src / kind).mkdir(parents=True)
+        for p in sorted((SHARED / kind).iterdir())[:n]:
+            shutil.copy(p, src / kind / p.name)
+    ds = folder / "dataset"
+    if ds.exists():
+        shutil.rmtree(ds)
+    cmd = [
+        sys.executable,
+        str(ROOT / "cli.py"),
+        "overlay",
+        "-b",
+        str(src / "backgrounds"),
+        "-f",
+        str(src / "foregrounds"),
+        "--positions",
+        "1",
+        "--shard-size",
+        "16",
+        "--size",
+        size,
+        "--workers",
+        "1",
+        "--out",
+        str(ds),
+    ]
+    subprocess.run(cmd, check=True, capture_output=True)
+    return ds
+
+
+def composites(ds: Path) -> np.ndarray:
+    from pipeline.dataset import open_dataset
+
+    with open_dataset(ds) as d:
+        return np.stack([d[i].fg_bg for i in range(len(d))])
+
+
+def model_alone(model: Any, images: np.ndarray, batch: int, repeats: int = 2) -> float:
+    """Composites/s of the model in a tf.function at `batch` (steady state, after warm-up)."""
+    import tensorflow as tf
+
+    fn = tf.function(lambda x: model(tf.cast(x, model.compute_dtype), training=False))
+    x = tf.constant(images[:batch].astype(np.float32) / 255)
+    fn(x).numpy()  # trace + warm-up
+    t = time.perf_counter()
+    for _ in range(repeats):
+        fn(x).numpy()
+    return repeats * batch / (time.perf_counter() - t)
+
+
+def upstream_predict(model: Any, images: np.ndarray, n: int = 16) -> float:
+    import densedepth
+
+    x = images[:n].astype(np.float32) / 255
+    densedepth.predict(model, x[:2], batch_size=2)  # trace + warm-up
+    t = time.perf_counter()
+    densedepth.predict(model, x, batch_size=2)
+    return n / (time.perf_counter() - t)
+
+
+def stage(ds: Path, ckpt: Path, precision: str, batch: int, input_scale: int = 1) -> dict:
+    from pipeline.depth import DepthConfig, run_depth
+
+    config = DepthConfig(str(ckpt), batch, input_scale, precision)
+    t = time.perf_counter()
+    rep = run_depth(ds, config)
+    wall = time.perf_counter() - t
+    return {
+        "samples": rep.samples,
+        "steady_rate": rep.steady_rate,
+        "overall_rate": rep.samples / wall,
+        "model_seconds": rep.model_seconds,
+        "seconds": wall,
+        "precision_check": rep.settings.get("precision_check"),
+    }
+
+
+def stored_depth(ds: Path) -> np.ndarray:
+    from pipeline.dataset import open_dataset
+
+    with open_dataset(ds) as d:
+        return np.stack([d[i].depth for i in range(len(d))])
+
+
+def main() -> None:
+    from densedepth.checkpoint import load_checkpoint
+    from densedepth.model import rebuild
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    ckpt = full_width_checkpoint(OUT)
+    base = make_dataset(OUT / "f32", N_BG, N_FG)
+    images = composites(base)
+    model32 = load_checkpoint(ckpt)
+    results: dict[str, Any] = {
+        "composites": len(images),
+        "batch": BATCH,
+        "input": "224x224",
+        "cpus": os.cpu_count(),
+    }
+    results["upstream_predict_b2"] = upstream_predict(model32, images)
+    print(f"upstream predict (batch 2): {results['upstream_predict_b2']:.2f}/s", flush=True)
+    depth = {}
+    for precision in PRECISIONS:
+        model = model32 if precision == "float32" else rebuild(model32, precision)
+        alone = model_alone(model, images, BATCH)
+        print(f"{precision} model alone (batch {BATCH}): {alone:.2f}/s", flush=True)
+        ds = base if precision == "float32" else make_dataset(OUT / precision, N_BG, N_FG)
+        st = stage(ds, ckpt, precision, BATCH)
+        st["model_alone"] = alone
+        st["stage_over_model"] = st["steady_rate"] / alone
+        st["stage_over_upstream"] = st["steady_rate"] / results["upstream_predict_b2"]
+        print(
+            f"{precision} stage: {st['steady_rate']:.2f}/s steady, {st['overall_rate']:.2f}/s "
+            f"overall ({st['stage_over_model']:.0%} of the model alone)",
+            flush=True,
+        )
+        results[precision] = st
+        depth[precision] = stored_depth(ds)
+    for precision in PRECISIONS:
+        if precision != "float32" and "float32" in depth:
+            diff = np.abs(depth[precision].astype(np.float64) - depth["float32"])
+            results[precision]["vs_float32"] = {
+                "mean_abs": float(diff.mean()),
+                "max_abs": float(diff.max()),
+            }
+    (OUT / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    print()
+    print(
+        "| precision | upstream predict b2 | model alone | stage steady | stage overall | "
+        "stage / model | stage / upstream | mean, max abs diff vs float32 |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for precision in PRECISIONS:
+        r = results[precision]
+        d = r.get("vs_float32")
+        diff = f"{d['mean_abs']:.1e}, {d['max_abs']:.1e}" if d else "-"
+        print(
+            f"| {precision} | {results['upstream_predict_b2']:.2f}/s | {r['model_alone']:.2f}/s "
+            f"| {r['steady_rate']:.2f}/s | {r['overall_rate']:.2f}/s | "
+            f"{r['stage_over_model']:.0%} | {r['stage_over_upstream']:.2f}x | {diff} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

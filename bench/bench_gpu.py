@@ -1,0 +1,239 @@
+"""`make bench-gpu`: DenseDepth on one GPU: composites/s and GPU utilisation at 224 and 448
+model input, for the model alone and for the depth stage end to end.
+
+Prepared for the device machine (one H200-class GPU); the goal is 2,000 composites/s at 448
+input. Everything it needs is in the repository: the model is the full-width DenseDepth
+(the published architecture and compute) with seeded random weights written in the published
+Keras 2.2.4 layout, and the composites are made by `cli.py overlay` from the bundled assets/.
+GPU utilisation is sampled with nvidia-smi every 200 ms while each measurement runs.
+
+Prints one line per measurement as it goes (so a run cut short still reports) and writes
+bench/out/gpu/results.json. Environment: BENCH_GPU_SAMPLES (default 12800 composites for the
+stage), BENCH_GPU_BATCH_224 / BENCH_GPU_BATCH_448 (default 256 / 64), BENCH_GPU_PRECISIONS
+(model alone; default "float16 bfloat16 float32"), BENCH_GPU_SECONDS (per model-alone
+measurement, default 10). `--allow-cpu --quick` runs a tiny version anywhere (to check the
+script itself).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+OUT = Path(os.environ.get("BENCH_OUT", ROOT / "bench" / "out")) / "gpu"
+QUICK = "--quick" in sys.argv
+SAMPLES = int(os.environ.get("BENCH_GPU_SAMPLES", "160" if QUICK else "12800"))
+BATCH = {
+    1: int(os.environ.get("BENCH_GPU_BATCH_224", "4" if QUICK else "256")),
+    2: int(os.environ.get("BENCH_GPU_BATCH_448", "4" if QUICK else "64")),
+}
+PRECISIONS = os.environ.get(
+    "BENCH_GPU_PRECISIONS", "float16" if QUICK else "float16 bfloat16 float32"
+).split()
+SECONDS = float(os.environ.get("BENCH_GPU_SECONDS", "2" if QUICK else "10"))
+
+
+class GpuSampler:
+    """Mean GPU utilisation (%) and peak memory (MiB) from nvidia-smi while active."""
+
+    def __init__(self) -> None:
+        self.samples: list[tuple[float, float]] = []
+        self.proc: subprocess.Popen | None = None
+        self.thread: threading.Thread | None = None
+
+    def __enter__(self) -> GpuSampler:
+        if shutil.which("nvidia-smi") is None:
+            return self
+        self.proc = subprocess.Popen(
+            [
+                "nvidia-smi",
+                "--query-gpu=utilization.gpu,memory.used",
+                "--format=csv,noheader,nounits",
+                "-lms",
+                "200",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+        return self
+
+    def _read(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in self.proc.stdout:
+            try:
+                util, mem = (float(v) for v in line.strip().split(",")[:2])
+            except ValueError:
+                continue
+            self.samples.append((util, mem))
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=5)
+
+    @property
+    def util(self) -> float | None:
+        return float(np.mean([u for u, _ in self.samples])) if self.samples else None
+
+    @property
+    def peak_mib(self) -> float | None:
+        return max((m for _, m in self.samples), default=None)
+
+
+def model_alone(engine: Any, images: np.ndarray, seconds: float) -> tuple[float, float]:
+    """(composites/s in steady state, compile seconds) of a DepthEngine on one batch."""
+    t = time.perf_counter()
+    engine(images)
+    compile_s = time.perf_counter() - t
+    n, t = 0, time.perf_counter()
+    while time.perf_counter() - t < seconds or n < 3:
+        engine(images)
+        n += 1
+    return n * len(images) / (time.perf_counter() - t), compile_s
+
+
+def make_assets_dataset(folder: Path, samples: int) -> Path:
+    """Composites of the bundled road backgrounds and car cutouts, enough positions to make
+    `samples` (10 backgrounds x 8 cars per position), 224x224, 1000 per shard."""
+    ds = folder / "dataset"
+    if ds.exists():
+        shutil.rmtree(ds)
+    positions = max(1, math.ceil(samples / 80))
+    cmd = [
+        sys.executable,
+        str(ROOT / "cli.py"),
+        "overlay",
+        "-b",
+        str(ROOT / "assets" / "backgrounds"),
+        "-f",
+        str(ROOT / "assets" / "cars"),
+        "--positions",
+        str(positions),
+        "--size",
+        "224x224",
+        "--workers",
+        str(os.cpu_count() or 1),
+        "--out",
+        str(ds),
+    ]
+    subprocess.run(cmd, check=True, capture_output=True)
+    return ds
+
+
+def emit(results: list[dict[str, Any]], row: dict[str, Any]) -> None:
+    results.append(row)
+    print(json.dumps(row), flush=True)
+    (OUT / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+
+
+def main() -> None:
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if not gpus and "--allow-cpu" not in sys.argv:
+        print(
+            "bench-gpu: TensorFlow sees no GPU here; run it on the device machine "
+            "(or pass --allow-cpu --quick to check the script)."
+        )
+        sys.exit(2)
+    for g in gpus:
+        tf.config.experimental.set_memory_growth(g, True)
+    from bench_depth import full_width_checkpoint
+
+    from densedepth.checkpoint import load_checkpoint
+    from densedepth.inference import DepthEngine, EngineSettings
+    from densedepth.model import rebuild
+    from pipeline.depth import DepthConfig, run_depth
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    results: list[dict[str, Any]] = []
+    name = tf.config.experimental.get_device_details(gpus[0]).get("device_name") if gpus else "cpu"
+    t = time.perf_counter()
+    ckpt = full_width_checkpoint(OUT)
+    ds = make_assets_dataset(OUT, SAMPLES)
+    emit(results, {"what": "setup", "device": name, "seconds": time.perf_counter() - t})
+    model32 = load_checkpoint(ckpt)
+    rng = np.random.default_rng(0)
+    xla = bool(gpus)
+    for scale in (1, 2):
+        images = rng.integers(0, 256, (BATCH[scale], 224, 224, 3), dtype=np.uint8)
+        ref = None
+        for precision in PRECISIONS:
+            model = model32 if precision == "float32" else rebuild(model32, precision)
+            engine = DepthEngine(model, EngineSettings(scale, precision, xla), dtype="float16")
+            try:
+                with GpuSampler() as gpu:
+                    rate, compile_s = model_alone(engine, images, SECONDS)
+            except Exception as e:  # noqa: BLE001 - report and go on (e.g. out of memory)
+                emit(
+                    results,
+                    {
+                        "what": "model",
+                        "input": 224 * scale,
+                        "precision": precision,
+                        "error": str(e)[:300],
+                    },
+                )
+                continue
+            out = engine(images).astype(np.float64)
+            if precision == "float32":
+                ref = out
+            row = {
+                "what": "model",
+                "input": 224 * scale,
+                "precision": precision,
+                "xla": xla,
+                "batch": len(images),
+                "composites_per_s": rate,
+                "gpu_util": gpu.util,
+                "gpu_peak_mib": gpu.peak_mib,
+                "compile_s": compile_s,
+            }
+            if ref is not None and precision != "float32":
+                row["vs_float32_mean_abs"] = float(np.abs(out - ref).mean())
+            emit(results, row)
+        for precision in ("auto",):
+            config = DepthConfig(str(ckpt), BATCH[scale], scale, precision)
+            with GpuSampler() as gpu:
+                t = time.perf_counter()
+                rep = run_depth(ds, config)
+                wall = time.perf_counter() - t
+            emit(
+                results,
+                {
+                    "what": "stage",
+                    "input": 224 * scale,
+                    "precision": rep.settings.get("precision"),
+                    "xla": rep.settings.get("xla"),
+                    "batch": BATCH[scale],
+                    "samples": rep.samples,
+                    "steady_per_s": rep.steady_rate,
+                    "overall_per_s": rep.samples / wall,
+                    "model_seconds": rep.model_seconds,
+                    "wall_seconds": wall,
+                    "gpu_util": gpu.util,
+                    "gpu_peak_mib": gpu.peak_mib,
+                    "precision_check": rep.settings.get("precision_check"),
+                },
+            )
+    print(f"results: {OUT / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()
