@@ -11,8 +11,8 @@ Prints one line per measurement as it goes (so a run cut short still reports) an
 bench/out/gpu/results.json. Environment: BENCH_GPU_SAMPLES (default 12800 composites for the
 stage), BENCH_GPU_BATCH_224 / BENCH_GPU_BATCH_448 (default 256 / 64), BENCH_GPU_PRECISIONS
 (model alone; default "float16 bfloat16 float32"), BENCH_GPU_SECONDS (per model-alone
-measurement, default 10). `--allow-cpu --quick` runs a tiny version anywhere (to check the
-script itself).
+measurement, default 10), BENCH_GPU_SCALES (input scales, default "1 2": 224 and 448).
+`--allow-cpu --quick` runs a tiny version anywhere (to check the script itself).
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ PRECISIONS = os.environ.get(
     "BENCH_GPU_PRECISIONS", "float16" if QUICK else "float16 bfloat16 float32"
 ).split()
 SECONDS = float(os.environ.get("BENCH_GPU_SECONDS", "2" if QUICK else "10"))
+SCALES = [int(v) for v in os.environ.get("BENCH_GPU_SCALES", "1" if QUICK else "1 2").split()]
 
 
 class GpuSampler:
@@ -171,7 +172,7 @@ def main() -> None:
     model32 = load_checkpoint(ckpt)
     rng = np.random.default_rng(0)
     xla = bool(gpus)
-    for scale in (1, 2):
+    for scale in SCALES:
         images = rng.integers(0, 256, (BATCH[scale], 224, 224, 3), dtype=np.uint8)
         ref = None
         for precision in PRECISIONS:
