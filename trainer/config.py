@@ -1,0 +1,256 @@
+"""The training config: a JSON file validated against trainer/schema.json, then frozen
+dataclasses with every default filled in.
+
+Contract: `load_config(path)` returns a `TrainConfig` or raises `ConfigError` naming the key that
+is wrong (unknown key, wrong type, value out of range, option that does not belong to the chosen
+optimizer or scheduler). `TrainConfig.to_dict()` is what a run folder records; `from_dict` reads
+it back (`load_config` and `from_dict` accept the same keys). No TensorFlow here.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import ConfigError
+
+OPTIMIZER_PARAMS = {
+    "adam": {"beta_1", "beta_2", "epsilon", "weight_decay", "clipnorm"},
+    "adamw": {"beta_1", "beta_2", "epsilon", "weight_decay", "clipnorm"},
+    "sgd": {"momentum", "nesterov", "weight_decay", "clipnorm"},
+}
+SCHEDULER_PARAMS = {
+    "constant": set(),
+    "reduce_on_plateau": {"factor", "patience", "min_lr"},
+    "step": {"step_epochs", "gamma"},
+    "one_cycle": {"max_lr", "pct_start", "div_factor", "final_div_factor"},
+}
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    # A number below 1 is a fraction of the backgrounds, 1 or more a count; held out by seed.
+    backgrounds: float = 0.1
+    max_samples: int | None = None
+    batch_size: int | None = None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "unet"
+    base_filters: int = 64
+    alpha: float = 0.35
+    encoder_weights: str | None = None
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    mask: str = "bce+dice"
+    depth: str = "densedepth"
+    mask_pos_weight: float | str | None = None
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    mask: float = 1.0
+    depth: float = 1.0
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    name: str = "adam"
+    beta_1: float = 0.9
+    beta_2: float = 0.999
+    epsilon: float = 1e-7
+    weight_decay: float | None = None
+    momentum: float = 0.9
+    nesterov: bool = False
+    clipnorm: float | None = None
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    name: str = "reduce_on_plateau"
+    factor: float = 0.5
+    patience: int = 2
+    min_lr: float = 1e-6
+    step_epochs: int = 10
+    gamma: float = 0.1
+    max_lr: float | None = None  # one_cycle; default: 10 x lr
+    pct_start: float = 0.3
+    div_factor: float = 25.0
+    final_div_factor: float = 1e4
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Colour changes apply to fg_bg only (bg is the clean reference); hflip to everything."""
+
+    hflip: float = 0.5
+    brightness: float = 0.0
+    contrast: float = 0.0
+    saturation: float = 0.0
+    hue: float = 0.0
+    noise: float = 0.0
+
+    @property
+    def colour(self) -> bool:
+        return any((self.brightness, self.contrast, self.saturation, self.hue, self.noise))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 0
+    epochs: int = 10
+    steps_per_epoch: int | None = None  # None: one pass over the training samples
+    batch_size: int = 16
+    lr: float = 1e-3
+    shuffle: bool = True
+    shuffle_shards: int = 4  # shards read and mixed together at a time
+    image_size: tuple[int, int] | None = None  # (height, width); None: the dataset's size
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    loss_weights: LossWeights = field(default_factory=LossWeights)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig | None = field(default_factory=SchedulerConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    log_dir: str | None = None  # None: RUN_DIR/logs
+    tensorboard_images: int = 4
+    best_metric: str = "val_mask_iou"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if self.image_size is not None:
+            d["image_size"] = list(self.image_size)
+        return d
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> TrainConfig:
+        validate(raw, source)
+        return _build(raw)
+
+    def with_overrides(self, **kw: Any) -> TrainConfig:
+        return replace(self, **kw)
+
+
+_SECTIONS: dict[str, type] = {
+    "validation": ValidationConfig,
+    "model": ModelConfig,
+    "loss": LossConfig,
+    "loss_weights": LossWeights,
+    "optimizer": OptimizerConfig,
+    "scheduler": SchedulerConfig,
+    "augment": AugmentConfig,
+}
+
+
+def _build(raw: dict[str, Any]) -> TrainConfig:
+    kw: dict[str, Any] = {}
+    for f in fields(TrainConfig):
+        if f.name not in raw:
+            continue
+        value = raw[f.name]
+        if f.name in _SECTIONS and value is not None:
+            value = _SECTIONS[f.name](**value)
+        elif f.name == "image_size" and value is not None:
+            value = (int(value[0]), int(value[1]))
+        kw[f.name] = value
+    return TrainConfig(**kw)
+
+
+@cache
+def schema() -> dict[str, Any]:
+    return json.loads(resources.files("trainer").joinpath("schema.json").read_text())
+
+
+def _key(path: Any) -> str:
+    return ".".join(str(p) for p in path) or "(top level)"
+
+
+def _describe(error: Any) -> str:
+    """One jsonschema error as a sentence that names the key."""
+    where = _key(error.absolute_path)
+    v = error.validator
+    if v == "additionalProperties":
+        known = set(error.schema.get("properties", {}))
+        extra = sorted(set(error.instance) - known)
+        prefix = f"{where}." if error.absolute_path else ""
+        keys = ", ".join(f"'{prefix}{k}'" for k in extra)
+        return f"unknown key {keys}; allowed here: {', '.join(sorted(known - {'$schema'}))}"
+    got = f"{json.dumps(error.instance)} ({type(error.instance).__name__})"
+    if v == "type":
+        want = error.validator_value
+        want = " or ".join(want) if isinstance(want, list) else want
+        return f"'{where}' must be {want}, got {got}"
+    if v == "enum":
+        opts = " | ".join(json.dumps(o) for o in error.validator_value)
+        return f"'{where}' must be one of {opts}, got {got}"
+    return f"'{where}': {error.message}"
+
+
+def validate(raw: Any, source: str = "config") -> None:
+    """Check raw JSON against the schema and the cross-key rules; ConfigError on the first
+    problem (the shallowest, so that a wrong section is reported before its contents)."""
+    import jsonschema
+
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: a training config is a JSON object, got {type(raw).__name__}")
+    validator = jsonschema.Draft202012Validator(schema())
+    errors = sorted(validator.iter_errors(raw), key=lambda e: (len(e.absolute_path), e.path))
+    if errors:
+        raise ConfigError(f"{source}: {_describe(errors[0])}")
+    _check_cross_keys(raw, source)
+
+
+def _check_cross_keys(raw: dict[str, Any], source: str) -> None:
+    opt = raw.get("optimizer") or {}
+    name = opt.get("name", OptimizerConfig.name)
+    for k in sorted(set(opt) - {"name"} - OPTIMIZER_PARAMS[name]):
+        raise ConfigError(
+            f"{source}: 'optimizer.{k}' does not apply to optimizer {name!r} "
+            f"(its options: {', '.join(sorted(OPTIMIZER_PARAMS[name]))})"
+        )
+    sch = raw.get("scheduler") or {}
+    name = sch.get("name", SchedulerConfig.name)
+    for k in sorted(set(sch) - {"name"} - SCHEDULER_PARAMS[name]):
+        allowed = ", ".join(sorted(SCHEDULER_PARAMS[name])) or "none"
+        raise ConfigError(
+            f"{source}: 'scheduler.{k}' does not apply to scheduler {name!r} (its options: "
+            f"{allowed})"
+        )
+    n = (raw.get("validation") or {}).get("backgrounds")
+    if n is not None and n >= 1 and n != int(n):
+        raise ConfigError(
+            f"{source}: 'validation.backgrounds' must be a fraction below 1 or a whole count, "
+            f"got {n}"
+        )
+    if (raw.get("model") or {}).get("name") == "mobilenet_unet" and raw.get("image_size"):
+        h, w = raw["image_size"]
+        if h % 32 or w % 32:
+            raise ConfigError(
+                f"{source}: 'image_size' must be multiples of 32 for model 'mobilenet_unet', "
+                f"got {h}x{w}"
+            )
+
+
+def load_config(path: str | Path | None) -> TrainConfig:
+    """Read and validate a config file; None gives the defaults."""
+    if path is None:
+        return TrainConfig()
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file does not exist: {path}") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file: {path} ({e.strerror or e})") from None
+    try:
+        raw = json.loads(text)
+    except ValueError as e:
+        raise ConfigError(f"config {path} is not valid JSON ({e})") from None
+    return TrainConfig.from_dict(raw, source=f"config {path}")

@@ -1,0 +1,458 @@
+"""The input pipeline: tf.data straight from the HDF5 shards, through the reading API.
+
+Contract:
+- A sample is `({"bg": (H,W,3) uint8, "fg_bg": (H,W,3) uint8}, {"mask": (H,W,1) uint8 in {0,1},
+  "depth": (H,W,1) float16 in [0,1]})`; `depth` only when the dataset has it. `bg` is the
+  sample's own background (`meta["bg"]` indexes `ds.backgrounds`, held in memory once).
+- Validation is held out by background: `split_backgrounds` picks the held-out ids from the
+  seed alone, so a run and its resume (and `evaluate --split val`) agree.
+- The training stream is endless and a pure function of (seed, position): pass p visits the
+  shards in the order drawn from (seed, p), `shuffle_shards` shards at a time, and shuffles the
+  samples of those shards together with (seed, p, group). Epoch e is the slice of the stream
+  starting at e x steps x batch, so a resumed run sees exactly the batches it would have seen.
+  Augmentations draw from stateless RNGs seeded by (seed, position): also resumable.
+- Reading whole shards (`ds.read_shard`) happens in a Python generator (cheap: no decoding);
+  JPEG decoding, mask unpacking and augmentation run in parallel tf.data maps, then batches are
+  prefetched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from multiprocessing.pool import ThreadPool
+from typing import Any
+
+import cv2
+import numpy as np
+from numpy.typing import NDArray
+
+from pipeline import codec
+from pipeline.dataset import Dataset
+from pipeline.errors import DatasetError
+
+from .config import AugmentConfig, TrainConfig
+from .model import Normalisation
+
+log = logging.getLogger(__name__)
+STATS = "stats.json"
+
+
+@dataclass(frozen=True)
+class Split:
+    """Which backgrounds train and which validate, and how many samples each side has."""
+
+    train_bgs: tuple[int, ...]
+    val_bgs: tuple[int, ...]
+    n_train: int
+    n_val: int
+
+
+def split_backgrounds(num_bg: int, holdout: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train ids, validation ids), sorted. holdout < 1 is a fraction, >= 1 a count; at least
+    one background stays on each side when there are two or more."""
+    if num_bg < 2:
+        raise DatasetError(
+            f"validation is held out by background, and the dataset has {num_bg}; "
+            "make it from two or more backgrounds"
+        )
+    k = round(num_bg * holdout) if holdout < 1 else int(holdout)
+    k = min(max(k, 1), num_bg - 1)
+    perm = np.random.default_rng([seed, 0x5A17]).permutation(num_bg)
+    return sorted(int(i) for i in perm[k:]), sorted(int(i) for i in perm[:k])
+
+
+def samples_per_background(ds: Dataset) -> NDArray[np.int64]:
+    """(num_bg,) sample counts. Overlay makes every background appear equally often (its
+    geometry says how often); any other dataset is counted from the shards' meta."""
+    num_bg = len(ds.backgrounds)
+    geo = ds.manifest.get("stages", {}).get("overlay", {}).get("geometry") or {}
+    try:
+        per_bg = int(geo["num_fg"]) * int(geo["mirrors"]) * int(geo["positions"])
+        if int(geo["num_bg"]) == num_bg and per_bg * num_bg == len(ds):
+            return np.full(num_bg, per_bg, np.int64)
+    except (KeyError, TypeError, ValueError):
+        pass
+    counts = np.zeros(num_bg, np.int64)
+    for k in range(len(ds.shards)):
+        counts += np.bincount(ds.read_shard(k).meta["bg"], minlength=num_bg)
+    return counts
+
+
+def make_split(ds: Dataset, cfg: TrainConfig) -> Split:
+    counts = samples_per_background(ds)
+    train, val = split_backgrounds(len(counts), cfg.validation.backgrounds, cfg.seed)
+    return Split(tuple(train), tuple(val), int(counts[train].sum()), int(counts[val].sum()))
+
+
+def load_normalisation(ds: Dataset, with_depth: bool) -> Normalisation:
+    """The model's input (and depth) normalisation from DATASET/stats.json, refusing one that is
+    missing or older than the shards."""
+    path = ds.root / STATS
+    hint = f"run `cli.py stats {ds.root}`"
+    if not path.is_file():
+        raise DatasetError(f"no {STATS} in {ds.root}: the trainer normalises with it; {hint}")
+    try:
+        stats = json.loads(path.read_text())
+        shas = [s["sha256"] for s in ds.shards]
+        if stats.get("shards_sha256") != shas:
+            raise DatasetError(
+                f"{path} is out of date (the shards changed since it was written, e.g. depth "
+                f"was added); {hint} again"
+            )
+        if with_depth and not stats.get("depth"):
+            raise DatasetError(f"{path} has no depth statistics; {hint} again")
+        d = stats.get("depth") if with_depth else None
+        return Normalisation(
+            fg_bg_mean=tuple(stats["fg_bg"]["mean"]),
+            fg_bg_std=tuple(stats["fg_bg"]["std"]),
+            bg_mean=tuple(stats["bg"]["mean"]),
+            bg_std=tuple(stats["bg"]["std"]),
+            depth_mean=float(d["mean"]) if d else 0.0,
+            depth_std=float(d["std"]) if d else 1.0,
+        )
+    except (ValueError, KeyError, TypeError) as e:
+        raise DatasetError(f"damaged {path} ({e!r}); {hint} again") from None
+
+
+def pos_weight_from_stats(ds: Dataset) -> float:
+    stats = json.loads((ds.root / STATS).read_text())
+    pw = stats["mask"]["pos_weight"]
+    return float(pw) if pw else 1.0
+
+
+# ------------------------------------------------------------------------ Python block reader
+
+Block = tuple[Any, ...]
+
+
+class ShardBlocks:
+    """Blocks of samples (encoded images, packed masks, bg ids, positions[, depth]) from the
+    shards, restricted to the given backgrounds."""
+
+    def __init__(
+        self,
+        ds: Dataset,
+        bg_ids: tuple[int, ...] | None,
+        with_depth: bool,
+        seed: int = 0,
+        shuffle: bool = False,
+        shuffle_shards: int = 4,
+    ) -> None:
+        self.ds = ds
+        self.keep: NDArray[np.bool_] | None = None
+        if bg_ids is not None:
+            self.keep = np.zeros(len(ds.backgrounds), bool)
+            self.keep[list(bg_ids)] = True
+        self.with_depth = with_depth
+        self.seed = seed
+        self.shuffle = shuffle
+        self.group = shuffle_shards if shuffle else 1
+
+    def _read_group(self, shards: list[int]) -> list[Any]:
+        enc: list[Any] = []
+        masks, bgs, depth = [], [], []
+        for k in shards:
+            b = self.ds.read_shard(k)
+            if b.depth is None and self.with_depth:
+                raise DatasetError(f"shard {self.ds.shards[k]['file']} has no depth")
+            keep = self.keep
+            rows = np.arange(len(b)) if keep is None else np.flatnonzero(keep[b.meta["bg"]])
+            enc += [b.encoded[i] for i in rows]
+            masks.append(b.masks_packed[rows])
+            bgs.append(b.meta["bg"][rows].astype(np.int32))
+            if self.with_depth:
+                depth.append(b.depth[rows])
+        encoded = np.empty(len(enc), object)  # (not np.array: equal lengths would make 2-D)
+        for i, e in enumerate(enc):
+            encoded[i] = e
+        out = [encoded, np.concatenate(masks), np.concatenate(bgs)]
+        if self.with_depth:
+            out.append(np.concatenate(depth))
+        return out
+
+    def one_pass(self, p: int) -> Iterator[list[Any]]:
+        n = len(self.ds.shards)
+        order = np.random.default_rng([self.seed, p]).permutation(n) if self.shuffle else range(n)
+        order = list(order)
+        for g, start in enumerate(range(0, n, self.group)):
+            arrays = self._read_group([int(k) for k in order[start : start + self.group]])
+            if self.shuffle:
+                perm = np.random.default_rng([self.seed, p, g]).permutation(len(arrays[0]))
+                arrays = [a[perm] for a in arrays]
+            if len(arrays[0]):
+                yield arrays
+
+    def stream(self, start: int = 0, per_pass: int | None = None) -> Iterator[Block]:
+        """Endless blocks from stream position `start`; each block carries its positions."""
+        p, skip = (start // per_pass, start % per_pass) if per_pass else (0, 0)
+        pos = start
+        while True:
+            for arrays in self.one_pass(p):
+                if skip >= len(arrays[0]):
+                    skip -= len(arrays[0])
+                    continue
+                arrays = [a[skip:] for a in arrays]
+                skip = 0
+                n = len(arrays[0])
+                yield (*arrays[:3], np.arange(pos, pos + n, dtype=np.int64), *arrays[3:])
+                pos += n
+            p += 1
+
+    def single_pass(self, limit: int | None = None) -> Iterator[Block]:
+        pos = 0
+        for arrays in self.one_pass(0):
+            if limit is not None:
+                arrays = [a[: limit - pos] for a in arrays]
+            n = len(arrays[0])
+            if n == 0:
+                return
+            yield (*arrays[:3], np.arange(pos, pos + n, dtype=np.int64), *arrays[3:])
+            pos += n
+
+
+# --------------------------------------------------------------------------- batch assembly
+
+
+class BatchMaker:
+    """Numpy batches from blocks: JPEG/PNG decoding in a thread pool (simplejpeg releases the
+    GIL). Only the decoded composites, the bit-packed masks and the background ids cross into
+    TensorFlow (each byte copied from Python costs); backgrounds are gathered and masks unpacked
+    on the TensorFlow side. Measured faster here than decoding in per-sample tf.data maps, whose
+    per-element overhead cost more than the decoding itself (bench/trainer_results.md)."""
+
+    def __init__(
+        self,
+        ds: Dataset,
+        with_depth: bool,
+        hflip: float = 0.0,
+        seed: int = 0,
+        threads: int | None = None,
+    ) -> None:
+        self.height, self.width = (int(v) for v in ds.manifest["image_size"])
+        self.num_bg = len(ds.backgrounds)
+        self.with_depth = with_depth
+        self.hflip = hflip
+        self.seed = seed
+        self.threads = threads or min(4, os.cpu_count() or 1)
+
+    def batches(
+        self, blocks: Iterator[Block], batch_size: int, drop_remainder: bool
+    ) -> Iterator[tuple[Any, ...]]:
+        # Daemon threads (multiprocessing's ThreadPool): an endless generator that is never
+        # closed must not keep the interpreter from exiting.
+        pool = ThreadPool(self.threads) if self.threads > 1 else None
+        try:
+            for chunk in _rebatch(blocks, batch_size, drop_remainder):
+                yield self._decode(chunk, pool)
+        finally:
+            if pool is not None:
+                pool.terminate()
+
+    def _decode(self, chunk: Block, pool: ThreadPool | None) -> tuple[Any, ...]:
+        enc, pos = chunk[0], chunk[3]
+        n = len(enc)
+        fg_bg = np.empty((n, self.height, self.width, 3), np.uint8)
+        flip = np.zeros(n, bool)
+        if self.hflip > 0:
+            draw = np.random.default_rng([self.seed, 0xF11B, int(pos[0])]).random(n)
+            flip = draw < self.hflip
+
+        def decode(i: int) -> None:
+            if flip[i]:  # cv2.flip in the worker thread: fast, and it releases the GIL
+                cv2.flip(codec.decode(enc[i]), 1, dst=fg_bg[i])
+            else:
+                codec.decode_into(enc[i], fg_bg[i])
+
+        if pool is None:
+            for i in range(n):
+                decode(i)
+        else:
+            pool.map(decode, range(n), chunksize=max(1, -(-n // self.threads)))
+        out = [fg_bg, *chunk[1:]]
+        if flip.any():
+            out = self._flip_rest(out, np.flatnonzero(flip))
+        return tuple(out)
+
+    def _flip_rest(self, out: list[Any], flip: NDArray[np.intp]) -> list[Any]:
+        """Mirror the masks and depth of the flipped samples (their composites were mirrored
+        as they were decoded); the background by pointing at its mirrored copy (id + num_bg)
+        in the TensorFlow-side table, which costs nothing per sample."""
+        packed, bg_ids = out[1:3]
+        bits = np.unpackbits(packed[flip], axis=-1, count=self.width)[..., ::-1]
+        packed = packed.copy()
+        packed[flip] = np.packbits(bits, axis=-1)
+        bg_ids = bg_ids.copy()
+        bg_ids[flip] += self.num_bg
+        out[1:3] = [packed, bg_ids]
+        if self.with_depth:
+            depth = out[4].copy()
+            depth[flip] = depth[flip, :, ::-1]
+            out[4] = depth
+        return out
+
+
+def _rebatch(blocks: Iterator[Block], size: int, drop_remainder: bool) -> Iterator[Block]:
+    """Blocks of any length to chunks of exactly `size` (the last one shorter unless dropped)."""
+    carry: Block | None = None
+    for block in blocks:
+        if carry is not None:
+            block = tuple(np.concatenate([a, b]) for a, b in zip(carry, block, strict=True))
+            carry = None
+        n = len(block[0])
+        full = n - n % size
+        for s in range(0, full, size):
+            yield tuple(a[s : s + size] for a in block)
+        if full < n:
+            carry = tuple(a[full:] for a in block)
+    if carry is not None and not drop_remainder:
+        yield carry
+
+
+# ------------------------------------------------------------------------------- tf.data side
+
+
+def _signature(tf: Any, height: int, width: int, with_depth: bool) -> tuple[Any, ...]:
+    sig = (
+        tf.TensorSpec((None, height, width, 3), tf.uint8),
+        tf.TensorSpec((None, height, (width + 7) // 8), tf.uint8),
+        tf.TensorSpec((None,), tf.int32),
+        tf.TensorSpec((None,), tf.int64),
+    )
+    if with_depth:
+        sig += (tf.TensorSpec((None, height, width), tf.float16),)
+    return sig
+
+
+def _augment(tf: Any, aug: AugmentConfig, seed: int, pos: Any, x: dict, y: dict) -> tuple:
+    """Colour changes of fg_bg, per sample, vectorised over the batch, drawn from stateless RNGs
+    seeded by (seed, the batch's first stream position): a resumed run repeats them. (The flip
+    is done while batching, in numpy: on uint8 batches it is far cheaper there.)"""
+    n = tf.shape(x["fg_bg"])[0]
+    seeds = tf.random.experimental.stateless_split(tf.stack([tf.cast(seed, tf.int64), pos[0]]), 7)
+
+    def draw(i: int, lo: float, hi: float) -> Any:
+        return tf.random.stateless_uniform((n, 1, 1, 1), seeds[i], lo, hi)
+
+    if aug.colour:
+        img = tf.cast(x["fg_bg"], tf.float32) / 255.0
+        if aug.brightness:
+            img += draw(1, -aug.brightness, aug.brightness)
+        if aug.contrast:
+            mean = tf.reduce_mean(img, axis=[1, 2, 3], keepdims=True)
+            img = (img - mean) * draw(2, 1 - aug.contrast, 1 + aug.contrast) + mean
+        if aug.saturation:
+            grey = tf.reduce_mean(img, axis=-1, keepdims=True)
+            img = (img - grey) * draw(3, 1 - aug.saturation, 1 + aug.saturation) + grey
+        if aug.hue:
+            img = _rotate_hue(tf, img, draw(4, -aug.hue, aug.hue) * (2 * np.pi))
+        if aug.noise:
+            img += tf.random.stateless_normal(tf.shape(img), seeds[5], stddev=aug.noise)
+        x = {**x, "fg_bg": tf.cast(tf.round(tf.clip_by_value(img, 0, 1) * 255), tf.uint8)}
+    return x, y
+
+
+_RGB2YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+
+
+def _rotate_hue(tf: Any, img: Any, angle: Any) -> Any:
+    """Hue shift as a rotation of the chroma plane in YIQ: linear, so cheap on a batch."""
+    yiq = tf.einsum("bhwc,dc->bhwd", img, tf.constant(_RGB2YIQ, tf.float32))
+    c, s = tf.cos(angle[..., 0]), tf.sin(angle[..., 0])
+    i = yiq[..., 1:2] * c - yiq[..., 2:3] * s
+    q = yiq[..., 1:2] * s + yiq[..., 2:3] * c
+    back = tf.constant(np.linalg.inv(_RGB2YIQ), tf.float32)
+    return tf.einsum("bhwc,dc->bhwd", tf.concat([yiq[..., :1], i, q], -1), back)
+
+
+def make_tf_dataset(
+    batches: Any,
+    ds: Dataset,
+    with_depth: bool,
+    image_size: tuple[int, int] | None = None,
+    augment: AugmentConfig | None = None,
+    seed: int = 0,
+) -> Any:
+    """(inputs, targets) batches from a callable returning an iterator of numpy batches."""
+    import tensorflow as tf
+
+    height, width = (int(v) for v in ds.manifest["image_size"])
+    out_size = tuple(image_size) if image_size else (height, width)
+
+    table = ds.backgrounds
+    if augment is not None and augment.hflip > 0:
+        table = np.concatenate([table, table[:, :, ::-1]])  # ids >= num_bg: mirrored
+    backgrounds = tf.constant(table)
+    shifts = tf.constant([7, 6, 5, 4, 3, 2, 1, 0], tf.uint8)
+
+    def structure(fg_bg: Any, packed: Any, bg_ids: Any, pos: Any, *depth: Any) -> tuple:
+        bits = tf.bitwise.bitwise_and(tf.bitwise.right_shift(packed[..., None], shifts), 1)
+        mask = tf.reshape(bits, (-1, height, packed.shape[-1] * 8))[:, :, :width, None]
+        x = {"bg": tf.gather(backgrounds, bg_ids), "fg_bg": fg_bg}
+        y = {"mask": mask}
+        if with_depth:
+            y["depth"] = depth[0][..., None]
+        if out_size != (height, width):
+            x = {k: _resize(tf, v, out_size, "bilinear", tf.uint8) for k, v in x.items()}
+            y["mask"] = _resize(tf, y["mask"], out_size, "nearest", tf.uint8)
+            if with_depth:
+                y["depth"] = _resize(tf, y["depth"], out_size, "bilinear", tf.float16)
+        if augment is not None and augment.colour:
+            x, y = _augment(tf, augment, seed, pos, x, y)
+        return x, y
+
+    options = tf.data.Options()
+    options.deterministic = True
+    return (
+        tf.data.Dataset.from_generator(
+            batches, output_signature=_signature(tf, height, width, with_depth)
+        )
+        .map(structure, num_parallel_calls=tf.data.AUTOTUNE)
+        .prefetch(tf.data.AUTOTUNE)
+        .with_options(options)
+    )
+
+
+def _resize(tf: Any, t: Any, size: tuple[int, ...], method: str, dtype: Any) -> Any:
+    r = tf.image.resize(tf.cast(t, tf.float32), size, method=method)
+    if dtype == tf.uint8:
+        r = tf.clip_by_value(tf.round(r), 0, 255)
+    return tf.cast(r, dtype)
+
+
+def train_dataset(
+    ds: Dataset, cfg: TrainConfig, split: Split, with_depth: bool, start: int = 0
+) -> Any:
+    """Endless training batches from stream position `start` (a multiple of the batch size)."""
+    reader = ShardBlocks(ds, split.train_bgs, with_depth, cfg.seed, cfg.shuffle, cfg.shuffle_shards)
+    maker = BatchMaker(ds, with_depth, cfg.augment.hflip, cfg.seed)
+    return make_tf_dataset(
+        lambda: maker.batches(reader.stream(start, split.n_train), cfg.batch_size, True),
+        ds,
+        with_depth,
+        cfg.image_size,
+        cfg.augment,
+        cfg.seed,
+    )
+
+
+def eval_dataset(
+    ds: Dataset,
+    bg_ids: tuple[int, ...] | None,
+    with_depth: bool,
+    batch_size: int,
+    image_size: tuple[int, int] | None,
+    max_samples: int | None = None,
+) -> Any:
+    """One deterministic pass over the samples of the given backgrounds (None: all)."""
+    reader = ShardBlocks(ds, bg_ids, with_depth)
+    maker = BatchMaker(ds, with_depth)
+    return make_tf_dataset(
+        lambda: maker.batches(reader.single_pass(max_samples), batch_size, False),
+        ds,
+        with_depth,
+        image_size,
+    )

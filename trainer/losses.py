@@ -1,0 +1,157 @@
+"""Losses and metrics for the two heads.
+
+Contract: mask losses take `y_true` (B,H,W,1) in {0,1} (any dtype) and logits; depth losses take
+depth in the dataset's units ([0,1], DenseDepth's depth / maxDepth) for both. Metrics accumulate
+over a whole pass, so validation figures are dataset-level, not means of batch means:
+- mask IoU and Dice of the car class: sum of intersections over sum of unions (resp. 2I/(P+T))
+  over every pixel of every validation image, prediction = logit > 0 (probability > 0.5);
+- depth RMSE, and delta < 1.25: the fraction of pixels with max(pred/true, true/pred) < 1.25.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import keras
+import tensorflow as tf
+from keras import ops
+
+EPS = 1e-6
+DEPTH_FLOOR = 1e-3  # depth ratios need positive values; DenseDepth's minDepth/maxDepth is 0.01
+
+
+def _f32(t: Any) -> Any:
+    return ops.cast(t, "float32")
+
+
+def bce(pos_weight: float = 1.0) -> Callable[[Any, Any], Any]:
+    def mask_bce(y_true: Any, logits: Any) -> Any:
+        y = _f32(y_true)
+        loss = tf.nn.weighted_cross_entropy_with_logits(y, _f32(logits), pos_weight)
+        return ops.mean(loss, axis=[1, 2, 3])
+
+    return mask_bce
+
+
+def dice_loss(y_true: Any, logits: Any) -> Any:
+    """1 - soft Dice per image (smoothed by 1 so that empty masks give 0 when predicted empty)."""
+    y, p = _f32(y_true), ops.sigmoid(_f32(logits))
+    inter = ops.sum(y * p, axis=[1, 2, 3])
+    total = ops.sum(y, axis=[1, 2, 3]) + ops.sum(p, axis=[1, 2, 3])
+    return 1.0 - (2.0 * inter + 1.0) / (total + 1.0)
+
+
+def mask_loss(name: str, pos_weight: float = 1.0) -> Callable[[Any, Any], Any]:
+    if name == "bce":
+        return bce(pos_weight)
+    if name == "dice":
+        return dice_loss
+    b = bce(pos_weight)
+
+    def mask_bce_dice(y_true: Any, logits: Any) -> Any:
+        return b(y_true, logits) + dice_loss(y_true, logits)
+
+    return mask_bce_dice
+
+
+def depth_l1(y_true: Any, y_pred: Any) -> Any:
+    return ops.mean(ops.abs(_f32(y_pred) - _f32(y_true)), axis=[1, 2, 3])
+
+
+def depth_mse(y_true: Any, y_pred: Any) -> Any:
+    return ops.mean(ops.square(_f32(y_pred) - _f32(y_true)), axis=[1, 2, 3])
+
+
+def depth_ssim(y_true: Any, y_pred: Any) -> Any:
+    """Upstream's SSIM term: clip((1 - SSIM) / 2, 0, 1), depth range 1."""
+    s = tf.image.ssim(_f32(y_true), _f32(y_pred), max_val=1.0)
+    return ops.clip((1.0 - s) * 0.5, 0.0, 1.0)
+
+
+def depth_gradient(y_true: Any, y_pred: Any) -> Any:
+    dy_t, dx_t = tf.image.image_gradients(_f32(y_true))
+    dy_p, dx_p = tf.image.image_gradients(_f32(y_pred))
+    return ops.mean(ops.abs(dy_p - dy_t) + ops.abs(dx_p - dx_t), axis=[1, 2, 3])
+
+
+def densedepth(y_true: Any, y_pred: Any) -> Any:
+    """DenseDepth's loss: 1.0 x SSIM term + 1.0 x mean gradient difference + 0.1 x mean L1."""
+    return (
+        depth_ssim(y_true, y_pred) + depth_gradient(y_true, y_pred) + 0.1 * depth_l1(y_true, y_pred)
+    )
+
+
+DEPTH_LOSSES = {"mse": depth_mse, "l1": depth_l1, "ssim": depth_ssim, "densedepth": densedepth}
+
+
+# ------------------------------------------------------------------------------------ metrics
+
+
+class MaskIoU(keras.metrics.Metric):
+    """Car-class IoU (or Dice, with dice=True) over every pixel seen since the last reset."""
+
+    def __init__(self, name: str = "iou", dice: bool = False, **kw: Any) -> None:
+        super().__init__(name=name, **kw)
+        self.dice = dice
+        self.inter = self.add_variable((), "zeros", name="inter", dtype="float64")
+        self.pred = self.add_variable((), "zeros", name="pred", dtype="float64")
+        self.true = self.add_variable((), "zeros", name="true", dtype="float64")
+
+    def update_state(self, y_true: Any, logits: Any, sample_weight: Any = None) -> None:
+        y = ops.cast(y_true, "float64")
+        p = ops.cast(_f32(logits) > 0, "float64")
+        self.inter.assign_add(ops.sum(y * p))
+        self.pred.assign_add(ops.sum(p))
+        self.true.assign_add(ops.sum(y))
+
+    def result(self) -> Any:
+        i, p, t = self.inter, self.pred, self.true
+        value = 2 * i / ops.maximum(p + t, EPS) if self.dice else i / ops.maximum(p + t - i, EPS)
+        # No car anywhere, none predicted: a perfect score, not 0/0.
+        return ops.cast(ops.where(p + t > 0, value, 1.0), "float32")
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "dice": self.dice}
+
+
+class DepthRMSE(keras.metrics.Metric):
+    def __init__(self, name: str = "rmse", **kw: Any) -> None:
+        super().__init__(name=name, **kw)
+        self.sq = self.add_variable((), "zeros", name="sq", dtype="float64")
+        self.n = self.add_variable((), "zeros", name="n", dtype="float64")
+
+    def update_state(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> None:
+        d = ops.cast(y_pred, "float64") - ops.cast(y_true, "float64")
+        self.sq.assign_add(ops.sum(d * d))
+        self.n.assign_add(ops.cast(ops.size(d), "float64"))
+
+    def result(self) -> Any:
+        return ops.cast(ops.sqrt(self.sq / ops.maximum(self.n, 1.0)), "float32")
+
+
+class DepthDelta(keras.metrics.Metric):
+    """Fraction of pixels with max(pred/true, true/pred) < 1.25 (both floored at 1e-3)."""
+
+    def __init__(self, name: str = "delta1", **kw: Any) -> None:
+        super().__init__(name=name, **kw)
+        self.hit = self.add_variable((), "zeros", name="hit", dtype="float64")
+        self.n = self.add_variable((), "zeros", name="n", dtype="float64")
+
+    def update_state(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> None:
+        t = ops.maximum(_f32(y_true), DEPTH_FLOOR)
+        p = ops.maximum(_f32(y_pred), DEPTH_FLOOR)
+        ratio = ops.maximum(p / t, t / p)
+        self.hit.assign_add(ops.sum(ops.cast(ratio < 1.25, "float64")))
+        self.n.assign_add(ops.cast(ops.size(ratio), "float64"))
+
+    def result(self) -> Any:
+        return ops.cast(self.hit / ops.maximum(self.n, 1.0), "float32")
+
+
+def mask_metrics() -> list[keras.metrics.Metric]:
+    return [MaskIoU("iou"), MaskIoU("dice", dice=True)]
+
+
+def depth_metrics() -> list[keras.metrics.Metric]:
+    return [DepthRMSE("rmse"), DepthDelta("delta1")]

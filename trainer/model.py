@@ -1,0 +1,147 @@
+"""The model: a two-input (bg, fg_bg), two-output (mask logits, depth) U-Net in Keras 3.
+
+Contract:
+- Inputs `bg` and `fg_bg`: (B, H, W, 3) uint8 RGB, H and W multiples of 16 (any size: the network
+  is fully convolutional). Normalisation with the dataset's stats.json is part of the model
+  (Rescaling + Normalization layers), so a saved model needs no stats to predict.
+- Outputs `mask`: (B, H, W, 1) float32 logits; `depth`: (B, H, W, 1) float32 in the dataset's
+  depth units (the head predicts standardised depth, de-standardised with the depth mean/std).
+- `unet`: the seed's U-Net (double 3x3 conv + batch norm + ReLU, 4 down, 4 up, bilinear
+  upsampling; base 64 channels at full size, `base_filters` for smaller models). The two inputs
+  are normalised separately and concatenated (6 channels): the car is where they differ.
+- `mobilenet_unet`: a lighter variant, a MobileNetV2 encoder (built with weights=None, so no
+  download; `encoder_weights` may name a local weights file) shared by both inputs, whose
+  features at each scale are concatenated and decoded by the same up-blocks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import keras
+from keras import layers
+
+from .config import ModelConfig
+
+DIVISOR = 16  # 4 poolings
+
+
+@dataclass(frozen=True)
+class Normalisation:
+    """Per-channel mean/std of fg_bg and bg (values in [0, 1]) and depth mean/std."""
+
+    fg_bg_mean: tuple[float, float, float]
+    fg_bg_std: tuple[float, float, float]
+    bg_mean: tuple[float, float, float]
+    bg_std: tuple[float, float, float]
+    depth_mean: float = 0.0
+    depth_std: float = 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Normalisation:
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def _normalise(x: Any, mean: tuple[float, ...], std: tuple[float, ...], name: str) -> Any:
+    x = layers.Rescaling(1 / 255, name=f"{name}_scale")(x)
+    var = [max(s, 1e-3) ** 2 for s in std]
+    return layers.Normalization(mean=list(mean), variance=var, name=f"{name}_norm")(x)
+
+
+def _double_conv(x: Any, filters: int, name: str) -> Any:
+    for i in (1, 2):
+        x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv{i}")(x)
+        x = layers.BatchNormalization(name=f"{name}_bn{i}")(x)
+        x = layers.ReLU(name=f"{name}_relu{i}")(x)
+    return x
+
+
+def _up(x: Any, skip: Any, filters: int, name: str) -> Any:
+    x = layers.UpSampling2D(2, interpolation="bilinear", name=f"{name}_upsample")(x)
+    x = layers.Concatenate(name=f"{name}_concat")([skip, x])
+    return _double_conv(x, filters, name)
+
+
+def _heads(x: Any, norm: Normalisation) -> dict[str, Any]:
+    # Heads in float32: under mixed precision, logits and depth keep full precision for the loss.
+    mask = layers.Conv2D(1, 1, name="mask_logits", dtype="float32")(x)
+    depth = layers.Conv2D(1, 1, name="depth_std", dtype="float32")(x)
+    depth = layers.Rescaling(
+        scale=max(norm.depth_std, 1e-3), offset=norm.depth_mean, name="depth", dtype="float32"
+    )(depth)
+    mask = layers.Identity(name="mask", dtype="float32")(mask)
+    return {"mask": mask, "depth": depth}
+
+
+def _inputs(norm: Normalisation) -> tuple[dict[str, Any], Any, Any]:
+    bg = keras.Input((None, None, 3), dtype="uint8", name="bg")
+    fg_bg = keras.Input((None, None, 3), dtype="uint8", name="fg_bg")
+    bg_n = _normalise(bg, norm.bg_mean, norm.bg_std, "bg")
+    fg_n = _normalise(fg_bg, norm.fg_bg_mean, norm.fg_bg_std, "fg_bg")
+    return {"bg": bg, "fg_bg": fg_bg}, bg_n, fg_n
+
+
+def build_unet(cfg: ModelConfig, norm: Normalisation) -> keras.Model:
+    inputs, bg_n, fg_n = _inputs(norm)
+    f = cfg.base_filters
+    x = layers.Concatenate(name="inputs_concat")([bg_n, fg_n])
+    x1 = _double_conv(x, f, "inc")
+    x2 = _double_conv(layers.MaxPooling2D(name="down1_pool")(x1), 2 * f, "down1")
+    x3 = _double_conv(layers.MaxPooling2D(name="down2_pool")(x2), 4 * f, "down2")
+    x4 = _double_conv(layers.MaxPooling2D(name="down3_pool")(x3), 8 * f, "down3")
+    # With bilinear upsampling the bottleneck keeps 8f channels (the seed's factor of 2).
+    x5 = _double_conv(layers.MaxPooling2D(name="down4_pool")(x4), 8 * f, "down4")
+    x = _up(x5, x4, 4 * f, "up1")
+    x = _up(x, x3, 2 * f, "up2")
+    x = _up(x, x2, f, "up3")
+    x = _up(x, x1, f, "up4")
+    return keras.Model(inputs, _heads(x, norm), name="unet")
+
+
+# MobileNetV2 layers whose outputs are at strides 2, 4, 8, 16 (skips) and 32 (bottleneck).
+_MOBILENET_TAPS = (
+    "block_1_expand_relu",
+    "block_3_expand_relu",
+    "block_6_expand_relu",
+    "block_13_expand_relu",
+    "out_relu",
+)
+
+
+def build_mobilenet_unet(cfg: ModelConfig, norm: Normalisation) -> keras.Model:
+    inputs, bg_n, fg_n = _inputs(norm)
+    backbone = keras.applications.MobileNetV2(
+        input_shape=(None, None, 3), alpha=cfg.alpha, include_top=False, weights=None
+    )
+    if cfg.encoder_weights:
+        backbone.load_weights(cfg.encoder_weights)
+    taps = keras.Model(
+        backbone.input,
+        [backbone.get_layer(n).output for n in _MOBILENET_TAPS],
+        name="encoder",
+    )
+    feats_bg, feats_fg = taps(bg_n), taps(fg_n)
+    feats = [
+        layers.Concatenate(name=f"enc{i}_concat")([a, b])
+        for i, (a, b) in enumerate(zip(feats_bg, feats_fg, strict=True))
+    ]
+    f = cfg.base_filters
+    x = feats[4]
+    for i, (skip, filters) in enumerate(zip(feats[3::-1], (8 * f, 4 * f, 2 * f, f), strict=True)):
+        x = _up(x, skip, filters, f"up{i + 1}")
+    # The encoder's first feature map is at stride 2: one more upsampling to full size, with
+    # the raw normalised inputs as the last skip so that mask edges stay sharp.
+    full = layers.Concatenate(name="inputs_concat")([bg_n, fg_n])
+    x = _up(x, full, f, "up5")
+    return keras.Model(inputs, _heads(x, norm), name="mobilenet_unet")
+
+
+def build_model(cfg: ModelConfig, norm: Normalisation) -> keras.Model:
+    """The configured network (see the module docstring for inputs and outputs)."""
+    if cfg.name == "mobilenet_unet":
+        return build_mobilenet_unet(cfg, norm)
+    return build_unet(cfg, norm)
