@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 OUT    ?= out
 WORKERS ?= 2
 
-.PHONY: install dataset test bench bench-gpu lint format clean assets
+.PHONY: install dataset test bench bench-gpu lint format clean assets train-demo
 
 install: $(STAMP)
 
@@ -47,6 +47,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bench.py
+	$(PY) bench/bench_trainer.py
 
 # DenseDepth on a GPU (the device machine): composites/s and GPU utilisation at 224 and 448.
 bench-gpu: $(STAMP)
@@ -65,3 +66,8 @@ assets: $(STAMP)
 
 clean:
 	rm -rf $(OUT) .pytest_cache .ruff_cache
+
+# A short training run on the sample dataset (run `make dataset` first), then its scores.
+train-demo: $(STAMP)
+	$(PY) cli.py train $(OUT)/dataset --config configs/demo.json --out $(OUT)/run
+	$(PY) cli.py evaluate $(OUT)/run $(OUT)/dataset --split val
