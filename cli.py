@@ -406,29 +406,64 @@ def export(dataset: Path, out: Path, workers: Backend) -> None:
 
 @cli.command()
 @click.argument("src", type=click.Path(path_type=Path))
-@click.option("--out", "-o", required=True, type=click.Path(path_type=Path),
-              help="Folder for the kept backgrounds and report.json (SRC is never changed).")
-@click.option("--threshold", default=10, show_default=True, type=int,
-              help="Largest pHash Hamming distance (of 64 bits) between duplicates.")
-@click.option("--crop-threshold", default=8, show_default=True, type=int,
-              help="Largest distance between a picture and a 90% crop window of another.")
-@click.option("--size", default="224", show_default=True, metavar="N|WxH",
-              help="Resize (keeping aspect) and centre-crop the kept backgrounds to this size.")
+@click.option(
+    "--out",
+    "-o",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Folder for the kept backgrounds and report.json (SRC is never changed).",
+)
+@click.option(
+    "--threshold",
+    default=10,
+    show_default=True,
+    type=int,
+    help="Largest pHash Hamming distance (of 64 bits) between duplicates.",
+)
+@click.option(
+    "--crop-threshold",
+    default=8,
+    show_default=True,
+    type=int,
+    help="Largest distance between a picture and a 90% crop window of another.",
+)
+@click.option(
+    "--size",
+    default="224",
+    show_default=True,
+    metavar="N|WxH",
+    help="Resize (keeping aspect) and centre-crop the kept backgrounds to this size.",
+)
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable or unusable inputs and list them.")
 @workers_option
 @handle_errors
-def dedupe(src: Path, out: Path, threshold: int, crop_threshold: int, size: str, skip_bad: bool,
-           workers: int) -> None:
+def dedupe(
+    src: Path,
+    out: Path,
+    threshold: int,
+    crop_threshold: int,
+    size: str,
+    skip_bad: bool,
+    workers: int,
+) -> None:
     """Find clusters of near-duplicate images in SRC (perceptual hashes) and write one keeper
     per cluster (the largest), resized to --size, plus report.json listing every cluster."""
     from pipeline.dedupe import DedupeConfig, run_dedupe
 
-    config = DedupeConfig(threshold=threshold, crop_threshold=crop_threshold,
-                          size=_size_option(size))
+    config = DedupeConfig(
+        threshold=threshold, crop_threshold=crop_threshold, size=_size_option(size)
+    )
     bar = _Bar("dedupe")
     try:
-        rep = run_dedupe(src, out, config, workers=workers, skip_bad=skip_bad,
-                         progress=bar.update, on_start=bar.start)
+        rep = run_dedupe(
+            src,
+            out,
+            config,
+            workers=workers,
+            skip_bad=skip_bad,
+            progress=bar.update,
+            on_start=bar.start,
+        )
     finally:
         bar.close()
     lines = rep.extra["summary"]
@@ -442,41 +477,75 @@ def dedupe(src: Path, out: Path, threshold: int, crop_threshold: int, size: str,
 
 @cli.command()
 @click.argument("src", type=click.Path(path_type=Path))
-@click.option("--out", "-o", required=True, type=click.Path(path_type=Path),
-              help="Folder for the RGBA cutouts and report.json (SRC is never changed).")
-@click.option("--masks", "-m", type=click.Path(path_type=Path), default=None,
-              help="Folder of masks (white car on black) matched to SRC's photos by file stem.")
-@click.option("--size", default=100, show_default=True, type=click.IntRange(min=1),
-              help="Longest side of the cutouts, in pixels (aspect ratio kept).")
-@click.option("--upscale/--no-upscale", default=False, show_default=True,
-              help="Also enlarge cutouts smaller than --size.")
+@click.option(
+    "--out",
+    "-o",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Folder for the RGBA cutouts and report.json (SRC is never changed).",
+)
+@click.option(
+    "--masks",
+    "-m",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Folder of masks (white car on black) matched to SRC's photos by file stem.",
+)
+@click.option(
+    "--size",
+    default=100,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Longest side of the cutouts, in pixels (aspect ratio kept).",
+)
+@click.option(
+    "--upscale/--no-upscale",
+    default=False,
+    show_default=True,
+    help="Also enlarge cutouts smaller than --size.",
+)
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable or unusable inputs and list them.")
 @workers_option
 @handle_errors
-def foregrounds(src: Path, out: Path, masks: Path | None, size: int, upscale: bool,
-                skip_bad: bool, workers: int) -> None:
+def foregrounds(
+    src: Path, out: Path, masks: Path | None, size: int, upscale: bool, skip_bad: bool, workers: int
+) -> None:
     """Clean RGBA cutouts from transparent PNGs, or from RGB photos plus --masks: cropped to
     the car and fitted into --size keeping the aspect ratio."""
     from pipeline.foregrounds import ForegroundConfig, run_foregrounds
 
     bar = _Bar("foregrounds")
     try:
-        rep = run_foregrounds(src, out, masks, ForegroundConfig(size=size, upscale=upscale),
-                              workers=workers, skip_bad=skip_bad, progress=bar.update,
-                              on_start=bar.start)
+        rep = run_foregrounds(
+            src,
+            out,
+            masks,
+            ForegroundConfig(size=size, upscale=upscale),
+            workers=workers,
+            skip_bad=skip_bad,
+            progress=bar.update,
+            on_start=bar.start,
+        )
     finally:
         bar.close()
     from_masks = sum(1 for r in rep.outputs if r["mask"])
-    click.echo(f"foregrounds: {len(rep.outputs)} cutouts ({from_masks} from photo + mask, "
-               f"{len(rep.outputs) - from_masks} from transparency) in {rep.seconds:.1f} s "
-               f"-> {rep.out}")
+    click.echo(
+        f"foregrounds: {len(rep.outputs)} cutouts ({from_masks} from photo + mask, "
+        f"{len(rep.outputs) - from_masks} from transparency) in {rep.seconds:.1f} s "
+        f"-> {rep.out}"
+    )
     _echo_skipped(rep.skipped, rep.ignored)
 
 
 @cli.command()
 @click.argument("src", type=click.Path(path_type=Path))
-@click.option("--out", "-o", required=True, type=click.Path(path_type=Path),
-              help="Folder for the mirrored cutouts (<stem>_flip.png) and report.json.")
+@click.option(
+    "--out",
+    "-o",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Folder for the mirrored cutouts (<stem>_flip.png) and report.json.",
+)
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable or unusable inputs and list them.")
 @workers_option
 @handle_errors
@@ -487,8 +556,9 @@ def flip(src: Path, out: Path, skip_bad: bool, workers: int) -> None:
 
     bar = _Bar("flip")
     try:
-        rep = run_flip(src, out, workers=workers, skip_bad=skip_bad, progress=bar.update,
-                       on_start=bar.start)
+        rep = run_flip(
+            src, out, workers=workers, skip_bad=skip_bad, progress=bar.update, on_start=bar.start
+        )
     finally:
         bar.close()
     click.echo(f"flip: {len(rep.outputs)} mirrored cutouts in {rep.seconds:.1f} s -> {rep.out}")
@@ -559,6 +629,15 @@ precision_option = click.option(
 @input_scale_option
 @precision_option
 @click.option("--xla/--no-xla", default=None, help="XLA-compile the model (default: on a GPU).")
+@click.option(
+    "--worker-resource",
+    default="GPU",
+    show_default=True,
+    help="With --backend dask: the Dask worker resource each shard task needs (one task at a "
+    "time per worker started with `--resources GPU=1`); 'none' for CPU workers.",
+)
+@workers_option
+@cluster_options
 @handle_errors
 def depth(
     dataset: Path,
@@ -567,6 +646,8 @@ def depth(
     input_scale: str,
     precision: str,
     xla: bool | None,
+    worker_resource: str,
+    workers: Backend,
 ) -> None:
     """Add a DenseDepth depth map to every composite of DATASET (in its shards, pixel-aligned,
     resumable). Stats and preview include it once they are run again."""
@@ -581,8 +662,15 @@ def depth(
     )
     bar, download = _Bar("depth"), _DownloadBar()
     try:
+        resources = None if worker_resource.lower() == "none" else {worker_resource: 1}
         rep = run_depth(
-            dataset, config, progress=bar.update, on_start=bar.start, on_download=download.update
+            dataset,
+            config,
+            progress=bar.update,
+            on_start=bar.start,
+            on_download=download.update,
+            cluster=workers if workers.kind == "dask" else None,
+            resources=resources,
         )
     finally:
         download.close()
@@ -597,7 +685,8 @@ def depth(
         f"(model {rep.model_seconds:.1f} s; {rep.steady_rate:.2f} samples/s after the first batch)"
     )
     click.echo(
-        f"  {s['model']}, {Path(s['checkpoint']).name} (sha256 {s['checkpoint_sha256'][:12]}), "
+        f"  {s.get('model', 'DenseDepth')}, {Path(s['checkpoint']).name} "
+        f"(sha256 {s['checkpoint_sha256'][:12]}), "
         f"input scale {s['input_scale']}, {s['precision']}{' + XLA' if s['xla'] else ''}, "
         f"batch {s['batch_size']}"
     )

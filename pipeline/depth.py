@@ -22,6 +22,7 @@ Invariants:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import queue
@@ -42,6 +43,7 @@ from . import codec
 from . import dataset as fmt
 from .errors import BadImageError, DatasetError, PipelineError
 from .images import read_rgb, sha256_file
+from .runner import Backend, map_shards
 
 log = logging.getLogger(__name__)
 
@@ -393,8 +395,13 @@ def run_depth(
     progress: Callable[[int], None] | None = None,
     on_start: Callable[[int, int], None] | None = None,
     on_download: Callable[[int, int | None], None] | None = None,
+    cluster: Backend | None = None,
+    resources: dict[str, float] | None = None,
 ) -> DepthReport:
-    """Give every shard of the dataset at `root` its depth (or finish doing so)."""
+    """Give every shard of the dataset at `root` its depth (or finish doing so).
+
+    cluster: a Dask Backend to run one task per shard on its workers, each task needing
+    `resources` (e.g. {"GPU": 1}); None runs the model in this process."""
     from densedepth.checkpoint import sha256_of
     from densedepth.weights import resolve_weights
 
@@ -435,6 +442,22 @@ def run_depth(
             0.0,
             weights,
             stage.get("config", {}),
+        )
+    if cluster is not None and cluster.kind == "dask":
+        return _run_on_cluster(
+            root,
+            manifest,
+            recs,
+            todo,
+            reused,
+            config,
+            weights,
+            sha,
+            cluster,
+            resources,
+            progress,
+            on_start,
+            t0,
         )
     return _run(
         root, manifest, recs, todo, reused, config, weights, sha, (H, W), progress, on_start, t0
@@ -534,6 +557,121 @@ def _run(
 def _chain(first: _Batch, rest: Iterator[_Batch]) -> Iterator[_Batch]:
     yield first
     yield from rest
+
+
+# ------------------------------------------------------------------ depth on a Dask cluster
+
+
+@functools.lru_cache(maxsize=1)
+def _worker_engine(
+    weights: str, sha: str, input_scale: int, precision: str, xla: bool
+) -> tuple[Any, str]:
+    """This worker process's model, loaded once and kept for every shard it is given."""
+    from densedepth.checkpoint import load_checkpoint
+    from densedepth.inference import DepthEngine, EngineSettings
+    from densedepth.model import architecture_of, rebuild
+
+    if not Path(weights).is_file():
+        raise PipelineError(
+            f"a Dask worker cannot find the weights {weights}; put them on storage every worker "
+            "mounts at the same path"
+        )
+    model32 = load_checkpoint(Path(weights))
+    arch = architecture_of(model32)
+    model = model32 if precision == "float32" else rebuild(model32, precision)
+    engine = DepthEngine(model, EngineSettings(input_scale, precision, xla), dtype="float16")
+    return engine, f"DenseDepth {arch.encoder} F={arch.filters}"
+
+
+def depth_shard(root: str, rec: dict[str, Any], weights: str, sha: str, settings: dict) -> dict:
+    """One shard, on a cluster worker: decode, run the worker's model in batches, rewrite the
+    shard atomically; returns its updated manifest record."""
+    engine, model_name = _worker_engine(
+        weights, sha, settings["input_scale"], settings["precision"], settings["xla"]
+    )
+    path = Path(root) / rec["file"]
+    images = np.stack([fmt.decode_image(e) for e in fmt.read_shard_file(path).encoded])
+    size = settings["batch_size"]
+    parts = []
+    for start in range(0, len(images), size):
+        chunk = images[start : start + size]
+        if settings["xla"] and len(chunk) < size:  # one shape for the compiled graph
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], size - len(chunk), axis=0)])
+        parts.append(engine(chunk)[: min(size, len(images) - start)])
+    attrs = {
+        "model": model_name,
+        "checkpoint": weights,
+        "checkpoint_sha256": sha,
+        "input_scale": settings["input_scale"],
+        "precision": settings["precision"],
+    }
+    rewrite_shard(path, np.concatenate(parts), attrs)
+    return _record(Path(root), rec)
+
+
+def _run_on_cluster(
+    root: Path,
+    manifest: dict[str, Any],
+    recs: list[dict[str, Any]],
+    todo: list[dict[str, Any]],
+    reused: int,
+    config: DepthConfig,
+    weights: Path,
+    sha: str,
+    cluster: Backend,
+    resources: dict[str, float] | None,
+    progress: Callable[[int], None] | None,
+    on_start: Callable[[int, int], None] | None,
+    t0: float,
+) -> DepthReport:
+    # The client may have no GPU: "auto" cannot look at the workers', so it means float32
+    # here; ask for --precision float16 on GPU workers.
+    precision = "float32" if config.precision == "auto" else config.precision
+    settings = {
+        "input_scale": config.input_scale,
+        "precision": precision,
+        "xla": bool(config.xla),
+        "batch_size": config.batch_size or 8,
+    }
+    manifest["stages"]["depth"] = {
+        "status": "running",
+        "config": {
+            "checkpoint": str(weights),
+            "checkpoint_sha256": sha,
+            **settings,
+            "backend": "dask",
+            "resources": resources,
+        },
+    }
+    fmt.write_manifest(root, manifest)
+    total = sum(r["count"] for r in recs)
+    if on_start:
+        on_start(total, total - sum(r["count"] for r in todo))
+    root_abs, weights_abs = str(root.resolve()), str(weights.resolve())
+    jobs = [(root_abs, rec, weights_abs, sha, settings) for rec in todo]
+    index = {rec["file"]: i for i, rec in enumerate(recs)}
+    tasks = map_shards(depth_shard, jobs, cluster, shared_path=root_abs, resources=resources)
+    for rec in tasks:
+        recs[index[rec["file"]]] = rec
+        manifest["shards"] = recs
+        fmt.write_manifest(root, manifest)
+        if progress:
+            progress(rec["count"])
+    manifest["stages"]["depth"]["status"] = "complete"
+    fmt.write_manifest(root, manifest)
+    seconds = time.perf_counter() - t0
+    return DepthReport(
+        root,
+        total,
+        len(recs),
+        len(todo),
+        reused,
+        seconds,
+        0.0,
+        sum(r["count"] for r in todo) / seconds,
+        weights,
+        manifest["stages"]["depth"]["config"],
+    )
 
 
 # ------------------------------------------------------------------- depth for image files

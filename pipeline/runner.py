@@ -81,6 +81,18 @@ def check_workers_see(client: Any, path: str, write: bool = True) -> None:
         )
 
 
+def check_resources(client: Any, resources: dict[str, float]) -> None:
+    """Some worker must offer what each task asks for, or the tasks would wait forever."""
+    offered = [w.get("resources", {}) for w in client.scheduler_info()["workers"].values()]
+    for name, amount in resources.items():
+        if not any(r.get(name, 0) >= amount for r in offered):
+            raise ClusterError(
+                f"no Dask worker offers the resource {name}={amount:g} that each task needs; start "
+                f"workers with `dask worker ADDRESS --resources {name}={amount:g}` (one per GPU), "
+                "or run without requiring it"
+            )
+
+
 @contextmanager
 def _dask_client(backend: Backend) -> Iterator[Any]:
     try:
@@ -145,6 +157,27 @@ def map_shards(
     yield from parallel(delayed(fn)(*a) for a in args)
 
 
+_DASK_BACKEND = "synthcar-dask"
+
+
+def _register_dask_backend() -> None:
+    """joblib's Dask backend, except that it never runs tasks in this process.
+
+    joblib runs a Parallel call in the calling process when the backend reports one job slot;
+    its Dask backend reports the cluster's total threads, so a cluster of one single-threaded
+    worker (one GPU) would silently do all the work on the client. Reporting at least two
+    slots keeps every task on the cluster (Dask queues what does not fit).
+    """
+    from joblib import register_parallel_backend
+    from joblib._dask import DaskDistributedBackend
+
+    class AlwaysOnCluster(DaskDistributedBackend):
+        def effective_n_jobs(self, n_jobs: int) -> int:
+            return max(2, super().effective_n_jobs(n_jobs))
+
+    register_parallel_backend(_DASK_BACKEND, AlwaysOnCluster)
+
+
 def _map_dask(
     fn: Callable[..., T],
     args: list[tuple[Any, ...]],
@@ -158,9 +191,12 @@ def _map_dask(
     with _dask_client(backend) as client:
         if shared_path is not None:
             check_workers_see(client, str(shared_path), writes)
+        if resources:
+            check_resources(client, resources)
         try:
             extra = {"resources": resources} if resources else {}
-            with parallel_config(backend="dask", **extra):
+            _register_dask_backend()
+            with parallel_config(backend=_DASK_BACKEND, **extra):
                 # batch_size=1: one task per shard, so a lost worker costs one shard, not a batch
                 parallel = Parallel(n_jobs=-1, batch_size=1, return_as="generator_unordered")
                 yield from parallel(delayed(fn)(*a) for a in args)

@@ -1,0 +1,68 @@
+"""Depth on a Dask cluster: one task per shard on a worker offering the GPU resource, the model
+loaded once per worker, values as a local run's."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_densedepth_fixtures import half_checkpoint
+from test_depth import plain, with_depth  # noqa: F401  (module fixtures)
+
+from pipeline.dataset import open_dataset
+from pipeline.depth import DepthConfig, run_depth
+from pipeline.runner import Backend, ClusterError
+from pipeline.verify import run_verify
+
+distributed = pytest.importorskip("distributed")
+pytest.importorskip("tensorflow")
+
+
+def _engine_loads() -> int:
+    from pipeline import depth
+
+    return depth._worker_engine.cache_info().misses
+
+
+@pytest.fixture(scope="module")
+def gpu_cluster():
+    with distributed.LocalCluster(
+        n_workers=1,
+        threads_per_worker=1,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address=None,
+        silence_logs=40,
+        resources={"GPU": 1},
+    ) as cluster:
+        yield cluster
+
+
+def test_depth_on_a_cluster_matches_local(plain, with_depth, tmp_path: Path, gpu_cluster):  # noqa: F811
+    root = tmp_path / "ds"
+    shutil.copytree(plain, root)
+    config = DepthConfig(weights=str(half_checkpoint()), input_scale=1, batch_size=4)
+    backend = Backend("dask", 1, gpu_cluster.scheduler_address)
+    rep = run_depth(root, config, cluster=backend, resources={"GPU": 1})
+    assert rep.made == 3
+    with distributed.Client(gpu_cluster.scheduler_address) as client:
+        assert list(client.run(_engine_loads).values()) == [1]  # once per worker, not per shard
+    local = open_dataset(with_depth[0])
+    remote = open_dataset(root)
+    assert remote.has_depth
+    for i in range(len(local)):
+        assert np.abs(remote[i].depth - local[i].depth).max() <= 1e-3
+    assert run_verify(root, workers=1).ok
+    again = run_depth(root, config, cluster=backend, resources={"GPU": 1})
+    assert again.made == 0 and again.reused == 3
+
+
+def test_no_worker_offers_the_resource(plain, tmp_path: Path, gpu_cluster) -> None:  # noqa: F811
+    root = tmp_path / "ds"
+    shutil.copytree(plain, root)
+    config = DepthConfig(weights=str(half_checkpoint()), input_scale=1)
+    backend = Backend("dask", 1, gpu_cluster.scheduler_address)
+    with pytest.raises(ClusterError, match="no Dask worker offers the resource TPU=1"):
+        run_depth(root, config, cluster=backend, resources={"TPU": 1})
