@@ -45,8 +45,11 @@ dataset: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# Throughput, size and memory of every stage on ../shared/data (figures in BENCHMARKS.md).
 bench: $(STAMP)
 	$(PY) bench/bench.py
+	$(PY) bench/bench_dedupe.py
+	$(PY) bench/bench_depth.py
 	$(PY) bench/bench_trainer.py
 
 # DenseDepth on a GPU (the device machine): composites/s and GPU utilisation at 224 and 448.
