@@ -127,6 +127,15 @@ class TrainConfig:
         d = asdict(self)
         if self.image_size is not None:
             d["image_size"] = list(self.image_size)
+        # Only the options of the chosen optimizer and scheduler: the record reads as configured.
+        opt = d["optimizer"]
+        d["optimizer"] = {k: v for k, v in opt.items() if k in OPTIMIZER_PARAMS[opt["name"]]} | {
+            "name": opt["name"]
+        }
+        if d["scheduler"] is not None:
+            sch = d["scheduler"]
+            keep = SCHEDULER_PARAMS[sch["name"]]
+            d["scheduler"] = {k: v for k, v in sch.items() if k in keep} | {"name": sch["name"]}
         return d
 
     @classmethod
@@ -201,7 +210,10 @@ def validate(raw: Any, source: str = "config") -> None:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: a training config is a JSON object, got {type(raw).__name__}")
     validator = jsonschema.Draft202012Validator(schema())
-    errors = sorted(validator.iter_errors(raw), key=lambda e: (len(e.absolute_path), e.path))
+    errors = sorted(
+        validator.iter_errors(raw),
+        key=lambda e: (len(e.absolute_path), [str(p) for p in e.absolute_path]),
+    )
     if errors:
         raise ConfigError(f"{source}: {_describe(errors[0])}")
     _check_cross_keys(raw, source)

@@ -446,13 +446,20 @@ def eval_dataset(
     batch_size: int,
     image_size: tuple[int, int] | None,
     max_samples: int | None = None,
+    count: int | None = None,
 ) -> Any:
-    """One deterministic pass over the samples of the given backgrounds (None: all)."""
+    """One deterministic pass over the samples of the given backgrounds (None: all). `count`:
+    the number of samples it gives, if known (Keras then knows when the pass ends)."""
+    import tensorflow as tf
+
     reader = ShardBlocks(ds, bg_ids, with_depth)
     maker = BatchMaker(ds, with_depth)
-    return make_tf_dataset(
+    out = make_tf_dataset(
         lambda: maker.batches(reader.single_pass(max_samples), batch_size, False),
         ds,
         with_depth,
         image_size,
     )
+    if count is not None:
+        out = out.apply(tf.data.experimental.assert_cardinality(-(-count // batch_size)))
+    return out

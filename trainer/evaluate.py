@@ -94,16 +94,21 @@ def run_evaluate(
     ins = {k: keras.Input((*native, 3), dtype="uint8", name=k) for k in ("bg", "fg_bg")}
     outs = view(ins)
     model = keras.Model(ins, {h: outs[h] for h in heads})
+    cfg = TrainConfig.from_dict(record["config"], source=f"run config {run_dir / CONFIG}")
+    pw = cfg.loss.mask_pos_weight
+    loss = {"mask": losses.mask_loss(cfg.loss.mask, pw if isinstance(pw, float) else 1.0)}
     metrics = {"mask": losses.mask_metrics()}
     if "depth" in heads:
+        loss["depth"] = losses.DEPTH_LOSSES[cfg.loss.depth]
         metrics["depth"] = losses.depth_metrics()
-    model.compile(metrics=metrics)
+    model.compile(loss=loss, metrics=metrics)
     bs = (
         batch_size
         or record["config"]["validation"].get("batch_size")
         or record["config"]["batch_size"]
     )
-    tfds = data.eval_dataset(ds, bg_ids, "depth" in heads, bs, None)
+    count = _count(ds, bg_ids)
+    tfds = data.eval_dataset(ds, bg_ids, "depth" in heads, bs, None, count=count)
     logs = model.evaluate(tfds, return_dict=True, verbose=0)
     from .train import normalise_logs
 
@@ -113,7 +118,7 @@ def run_evaluate(
         "checkpoint": checkpoint,
         "dataset": str(ds.root),
         "split": split,
-        "num_samples": _count(ds, bg_ids),
+        "num_samples": count,
         "image_size": list(native),
         "model_input_size": list(size),
         "heads": heads,

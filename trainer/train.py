@@ -485,9 +485,11 @@ def run_train(
     resume: bool = False,
     time_limit: float | None = None,
     on_event: Event | None = None,
+    epochs: int | None = None,
 ) -> TrainReport:
     """Train (or resume) a run; see the module docstring for what the run folder holds.
-    time_limit (seconds): stop after the last epoch that can finish within it."""
+    time_limit (seconds): stop after the last epoch that can finish within it. epochs: replaces
+    the config's (with resume: trains a finished run further; the record is updated)."""
     t0 = time.perf_counter()
     event: Event = on_event or (lambda kind, payload: None)
     run_dir = Path(run_dir)
@@ -495,6 +497,8 @@ def run_train(
     if resume:
         record = read_run(run_dir)
         cfg = TrainConfig.from_dict(record["config"], source=f"run config {run_dir / CONFIG}")
+    if epochs is not None:
+        cfg = cfg.with_overrides(epochs=epochs)
     ds = open_dataset(dataset)
     with_depth = ds.has_depth
     norm = data.load_normalisation(ds, with_depth)
@@ -506,8 +510,15 @@ def run_train(
         )
     heads = run_heads(with_depth, cfg)
     record = _record(cfg, ds, split, norm, heads, steps)
-    if resume and read_run(run_dir)["split"] != record["split"]:
-        raise RunError(f"dataset {ds.root} is not the one run {run_dir} was trained on")
+    if resume:
+        saved = read_run(run_dir)
+        if saved["split"] != record["split"]:
+            raise RunError(f"dataset {ds.root} is not the one run {run_dir} was trained on")
+        if saved["heads"] != heads:
+            raise RunError(
+                f"run {run_dir} trained the heads {saved['heads']}, and {ds.root} now gives "
+                f"{heads} (depth added?); start a new run with --out"
+            )
 
     import keras
 
@@ -522,6 +533,8 @@ def run_train(
     full = build_model(cfg.model, norm)
     model = compile_model(full, heads, cfg, ds, steps)
     if resume:
+        if epochs is not None:
+            write_json(run_dir / CONFIG, record)
         full.load_weights(checkpoint_path(run_dir, "last"))
         _load_optimizer(model.optimizer, model, run_dir / CKPT / "last.optimizer.npz")
         if isinstance(cfg.lr, float) and not _is_schedule(model.optimizer):
@@ -547,8 +560,9 @@ def run_train(
         )
     train = data.train_dataset(ds, cfg, split, with_depth, start * steps * cfg.batch_size)
     val_bs = cfg.validation.batch_size or cfg.batch_size
+    n_val = min(split.n_val, cfg.validation.max_samples or split.n_val)
     val = data.eval_dataset(
-        ds, split.val_bgs, with_depth, val_bs, cfg.image_size, cfg.validation.max_samples
+        ds, split.val_bgs, with_depth, val_bs, cfg.image_size, cfg.validation.max_samples, n_val
     )
     log_dir = Path(cfg.log_dir) if cfg.log_dir else run_dir / "logs"
     ctx: dict[str, Any] = {
@@ -586,6 +600,7 @@ def run_train(
         validation_data=val,
         callbacks=callbacks,
         verbose=0,
+        shuffle=False,  # the stream is already shuffled (data.py)
     )
     return TrainReport(
         run_dir,

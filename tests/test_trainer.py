@@ -1,0 +1,486 @@
+"""The bundled trainer: config validation, the input pipeline (own background, held-out
+backgrounds, resumable stream), a tiny model that learns, resume, evaluate, predict, bad input.
+
+Everything runs on a 64-sample dataset of 96x64 pictures and a U-Net with 4 base filters."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cli import cli
+from pipeline.dataset import open_dataset
+from pipeline.errors import ConfigError, DatasetError, RunError
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {
+    "seed": 3,
+    "epochs": 3,
+    "steps_per_epoch": 4,
+    "batch_size": 8,
+    "lr": 0.005,
+    "validation": {"backgrounds": 1, "batch_size": 16},
+    "model": {"name": "unet", "base_filters": 4},
+    "scheduler": {"name": "step", "step_epochs": 2, "gamma": 0.5},
+    "tensorboard_images": 2,
+}
+
+
+def run(*args: object):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def make_dataset(tmp: Path, depth: bool) -> Path:
+    from conftest import draw_background, draw_car
+
+    bgs, fgs = tmp / "bgs", tmp / "fgs"
+    bgs.mkdir()
+    fgs.mkdir()
+    for i in range(4):
+        draw_background(96, 64, i).save(bgs / f"bg{i}.png")
+    draw_car(30, 18, (200, 30, 30)).save(fgs / "red.png")
+    draw_car(22, 20, (30, 60, 220)).save(fgs / "blue.png")
+    ds = tmp / "ds"
+    args = ["overlay", "-b", bgs, "-f", fgs, "--out", ds, "--positions", 4, "--mirror"]
+    res = run(*args, "--shard-size", 16, "--workers", 1)
+    assert res.exit_code == 0, res.output
+    if depth:
+        from test_stages import add_depth
+
+        add_depth(ds)
+    assert run("stats", ds, "--workers", 1).exit_code == 0
+    return ds
+
+
+@pytest.fixture(scope="module")
+def ds_plain(tmp_path_factory) -> Path:
+    """64 samples (4 backgrounds x 2 cars x 2 mirrors x 4 positions), no depth, with stats."""
+    return make_dataset(tmp_path_factory.mktemp("plain"), depth=False)
+
+
+@pytest.fixture(scope="module")
+def ds_depth(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("depth"), depth=True)
+
+
+def write_config(path: Path, **over: object) -> Path:
+    path.write_text(json.dumps({**TINY, **over}))
+    return path
+
+
+# ------------------------------------------------------------------------------------ config
+
+
+def test_example_configs_are_valid() -> None:
+    from trainer.config import TrainConfig, load_config
+
+    for p in sorted((ROOT / "configs").glob("*.json")):
+        cfg = load_config(p)
+        assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    assert load_config(None) == TrainConfig()
+
+
+@pytest.mark.parametrize(
+    "raw, words",
+    [
+        ({"lrr": 0.1}, ["unknown key 'lrr'"]),
+        ({"optimizer": {"name": "adam", "momentm": 0.9}}, ["unknown key 'optimizer.momentm'"]),
+        ({"batch_size": "16"}, ["'batch_size' must be integer", '"16" (str)']),
+        ({"lr": -1}, ["'lr'"]),
+        ({"loss": {"mask": "focal"}}, ["'loss.mask' must be one of", '"bce+dice"', '"focal"']),
+        ({"optimizer": {"name": "rmsprop"}}, ["'optimizer.name' must be one of"]),
+        ({"scheduler": {"name": "cosine"}}, ["'scheduler.name'"]),
+        ({"image_size": [100, 96]}, ["'image_size.0'", "multiple of 16"]),
+        ({"optimizer": {"name": "adam", "momentum": 0.9}}, ["'optimizer.momentum' does not"]),
+        ({"scheduler": {"name": "step", "patience": 2}}, ["'scheduler.patience' does not"]),
+        ({"validation": {"backgrounds": 2.5}}, ["'validation.backgrounds'"]),
+        ([1, 2], ["JSON object"]),
+    ],
+)
+def test_config_errors_name_the_key(tmp_path: Path, raw: object, words: list[str]) -> None:
+    from trainer.config import load_config
+
+    p = tmp_path / "bad.json"
+    p.write_text(json.dumps(raw))
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    for w in words:
+        assert w in str(e.value)
+    assert str(p) in str(e.value)
+
+
+def test_config_file_errors_on_the_cli(ds_plain: Path, tmp_path: Path) -> None:
+    res = run("train", ds_plain, "--config", tmp_path / "none.json", "--out", tmp_path / "r")
+    assert res.exit_code == 1 and res.output.startswith("Error: config file does not exist")
+    (tmp_path / "junk.json").write_text("{seed: 1")
+    res = run("train", ds_plain, "--config", tmp_path / "junk.json", "--out", tmp_path / "r")
+    assert res.exit_code == 1 and "is not valid JSON" in res.output
+    bad = write_config(tmp_path / "bad.json", epochs="ten")
+    res = run("train", ds_plain, "--config", bad, "--out", tmp_path / "r")
+    assert res.exit_code == 1 and "Error: config" in res.output and "'epochs'" in res.output
+    assert len(res.output.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()
+
+
+# ----------------------------------------------------------------------------- input pipeline
+
+
+def test_split_is_by_background_and_seeded() -> None:
+    from trainer.data import split_backgrounds
+
+    train, val = split_backgrounds(100, 10, seed=0)
+    assert len(val) == 10 and len(train) == 90 and not set(train) & set(val)
+    assert split_backgrounds(100, 10, seed=0) == (train, val)
+    assert split_backgrounds(100, 10, seed=1)[1] != val
+    assert len(split_backgrounds(100, 0.25, seed=0)[1]) == 25
+    assert split_backgrounds(2, 0.01, seed=0)[1] != []  # at least one on each side
+    with pytest.raises(DatasetError, match="two or more backgrounds"):
+        split_backgrounds(1, 0.1, seed=0)
+
+
+def test_pipeline_pairs_each_sample_with_its_own_background(ds_depth: Path) -> None:
+    from trainer.data import eval_dataset
+
+    ds = open_dataset(ds_depth)
+    val = (1, 3)
+    expect = [i for i in range(len(ds)) if ds[i].meta["bg"] in val]
+    got = list(eval_dataset(ds, val, True, 5, None).as_numpy_iterator())
+    x = {k: np.concatenate([b[0][k] for b in got]) for k in ("bg", "fg_bg")}
+    y = {k: np.concatenate([b[1][k] for b in got]) for k in ("mask", "depth")}
+    assert len(x["bg"]) == len(expect) == 32
+    for j, i in enumerate(expect):
+        s = ds[i]
+        assert np.array_equal(x["fg_bg"][j], s.fg_bg)
+        assert np.array_equal(x["bg"][j], s.bg)
+        assert np.array_equal(y["mask"][j, ..., 0] * 255, s.mask)
+        assert np.allclose(y["depth"][j, ..., 0], s.depth, atol=1e-3)
+    assert x["bg"].dtype == np.uint8 and y["mask"].dtype == np.uint8
+
+
+def test_hflip_mirrors_everything_alike(ds_depth: Path) -> None:
+    from trainer.config import AugmentConfig, TrainConfig
+    from trainer.data import make_split, train_dataset
+
+    ds = open_dataset(ds_depth)
+    cfg = TrainConfig(batch_size=64, shuffle=False, augment=AugmentConfig(hflip=1.0))
+    split = make_split(ds, cfg)
+    x, y = next(iter(train_dataset(ds, cfg, split, True)))
+    keep = [i for i in range(len(ds)) if ds[i].meta["bg"] in split.train_bgs]
+    for j in (0, 7):
+        s = ds[keep[j]]
+        assert np.array_equal(x["fg_bg"][j].numpy(), s.fg_bg[:, ::-1])
+        assert np.array_equal(x["bg"][j].numpy(), s.bg[:, ::-1])
+        assert np.array_equal(y["mask"][j, ..., 0].numpy() * 255, s.mask[:, ::-1])
+        assert np.allclose(y["depth"][j, ..., 0].numpy(), s.depth[:, ::-1], atol=1e-3)
+
+
+def test_stream_is_shuffled_across_shards_and_resumable(ds_plain: Path) -> None:
+    from trainer.config import TrainConfig, ValidationConfig
+    from trainer.data import ShardBlocks, make_split
+
+    ds = open_dataset(ds_plain)
+    split = make_split(ds, TrainConfig(validation=ValidationConfig(backgrounds=1)))
+    reader = ShardBlocks(ds, split.train_bgs, False, seed=5, shuffle=True, shuffle_shards=2)
+
+    def first(n: int, start: int = 0) -> list[bytes]:
+        out: list[bytes] = []
+        for block in reader.stream(start, split.n_train):
+            out += [e.tobytes() for e in block[0]]
+            if len(out) >= n:
+                return out[:n]
+        return out
+
+    whole = first(3 * split.n_train)
+    one_pass = whole[: split.n_train]
+    assert len(set(one_pass)) == split.n_train  # a pass visits every training sample once
+    ds_order = [ds.read_shard(k).encoded for k in range(len(ds.shards))]
+    in_order = [e.tobytes() for enc in ds_order for e in enc]
+    assert one_pass != [e for e in in_order if e in set(one_pass)]  # shuffled
+    assert whole[split.n_train : 2 * split.n_train] != one_pass  # each pass differs
+    for start in (8, 40, split.n_train + 16):
+        assert first(30, start) == whole[start : start + 30]
+
+
+# ------------------------------------------------------------------------ train, resume, use
+
+
+@pytest.fixture(scope="module")
+def trained(ds_depth: Path, tmp_path_factory) -> Path:
+    """3 epochs x 4 steps, both heads."""
+    tmp = tmp_path_factory.mktemp("run")
+    cfg = write_config(tmp / "train.json")
+    res = run("train", ds_depth, "--config", cfg, "--out", tmp / "run")
+    assert res.exit_code == 0, res.output
+    return tmp / "run"
+
+
+def test_training_learns_and_writes_its_run(trained: Path) -> None:
+    from trainer.train import read_history
+
+    rows = read_history(trained)
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert rows[-1]["mask_loss"] < rows[0]["mask_loss"]
+    assert rows[-1]["depth_loss"] < rows[0]["depth_loss"]
+    for key in ("val_mask_iou", "val_mask_dice", "val_depth_rmse", "val_depth_delta1"):
+        assert 0 <= rows[-1][key] <= 1 if key != "val_depth_rmse" else rows[-1][key] > 0
+    assert rows[2]["lr"] == pytest.approx(rows[0]["lr"] / 2)  # step scheduler
+    record = json.loads((trained / "config.json").read_text())
+    assert record["heads"] == ["mask", "depth"] and record["split"]["val_backgrounds"]
+    for name in ("best.weights.h5", "last.weights.h5", "last.optimizer.npz"):
+        assert (trained / "checkpoints" / name).is_file()
+    curves = cv2.imread(str(trained / "curves.png"))
+    assert curves is not None and curves.shape[1] > curves.shape[0]
+    for sub in ("train", "validation", "samples"):
+        assert list((trained / "logs" / sub).glob("events.out.tfevents.*"))
+    state = json.loads((trained / "state.json").read_text())
+    assert state["epoch"] == 3 and state["best_epoch"] in (1, 2, 3)
+
+
+def test_resume_continues_where_it_stopped(ds_depth: Path, trained: Path, tmp_path: Path) -> None:
+    from trainer.config import load_config
+    from trainer.train import read_history, run_train
+
+    cfg = load_config(write_config(tmp_path / "train.json"))
+    out = tmp_path / "run"
+
+    def stop_after_one(kind: str, p: dict) -> None:
+        if kind == "epoch" and p["epoch"] == 1:
+            raise KeyboardInterrupt  # as if killed once epoch 1 was saved
+
+    with pytest.raises(KeyboardInterrupt):
+        run_train(ds_depth, cfg, out, on_event=stop_after_one)
+    assert json.loads((out / "state.json").read_text())["epoch"] == 1
+    res = run("train", ds_depth, "--out", out, "--resume")
+    assert res.exit_code == 0, res.output
+    assert "resuming at epoch 2" in res.output and "epoch 3/3" in res.output
+    assert "epoch 1/3" not in res.output
+    resumed, straight = read_history(out), read_history(trained)
+    assert [r["epoch"] for r in resumed] == [1, 2, 3]
+    # Same batches, augmentations, optimizer state and learning rate as the uninterrupted run.
+    for a, b in zip(resumed, straight, strict=True):
+        assert a["lr"] == pytest.approx(b["lr"])
+        assert a["loss"] == pytest.approx(b["loss"], rel=2e-2)
+    res = run("train", ds_depth, "--out", out, "--resume")
+    assert res.exit_code == 0 and "all epochs were already done" in res.output
+
+
+def test_mask_only_training_is_said_and_predict_writes_no_depth(
+    ds_plain: Path, tmp_path: Path
+) -> None:
+    cfg = write_config(tmp_path / "train.json", epochs=1, steps_per_epoch=2, tensorboard_images=0)
+    res = run("train", ds_plain, "--config", cfg, "--out", tmp_path / "run")
+    assert res.exit_code == 0, res.output
+    assert "mask-only training: the dataset has no depth yet" in res.output
+    ds = open_dataset(ds_plain)
+    s = ds[0]
+    cv2.imwrite(str(tmp_path / "bg.png"), s.bg[..., ::-1])
+    cv2.imwrite(str(tmp_path / "scene.png"), s.fg_bg[..., ::-1])
+    res = run(
+        "predict", tmp_path / "run", "--bg", tmp_path / "bg.png", "--input", tmp_path / "scene.png"
+    )
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "scene_OUT_mask.png").is_file()
+    assert not (tmp_path / "scene_OUT_depth.png").exists()
+
+
+def test_evaluate_prints_and_saves(trained: Path, ds_depth: Path, tmp_path: Path) -> None:
+    res = run("evaluate", trained, ds_depth, "--split", "val", "--out", tmp_path / "e.json")
+    assert res.exit_code == 0, res.output
+    r = json.loads((tmp_path / "e.json").read_text())
+    assert r["num_samples"] == 16 and r["split"] == "val"
+    assert set(r["metrics"]) >= {"mask_iou", "mask_dice", "depth_rmse", "depth_delta1"}
+    assert f"{r['metrics']['mask_iou']:.4f}" in res.output
+    # the same figure as the last validation of training (same samples, same weights)
+    from trainer.train import read_history
+
+    best = json.loads((trained / "state.json").read_text())["best"]
+    assert r["metrics"]["mask_iou"] == pytest.approx(best, abs=1e-4)
+    res = run("evaluate", trained, ds_depth)
+    assert res.exit_code == 0 and (trained / "eval" / "ds_all.json").is_file()
+    assert read_history(trained)  # untouched
+
+
+def test_predict_files(trained: Path, ds_depth: Path, tmp_path: Path) -> None:
+    ds = open_dataset(ds_depth)
+    s = ds[5]
+    cv2.imwrite(str(tmp_path / "bg.png"), s.bg[..., ::-1])
+    cv2.imwrite(str(tmp_path / "a.jpg"), s.fg_bg[..., ::-1])
+    cv2.imwrite(str(tmp_path / "b.png"), s.fg_bg[..., ::-1])
+    res = run(
+        "predict",
+        trained,
+        "--bg",
+        tmp_path / "bg.png",
+        "--input",
+        tmp_path / "a.jpg",
+        "--input",
+        tmp_path / "b.png",
+        "--output",
+        tmp_path / "out" / "first",
+        "--output",
+        tmp_path / "second.png",
+        "--viz",
+        "--mask-threshold",
+        0.4,
+    )
+    assert res.exit_code == 1 and "cannot write" in res.output  # folder out/ does not exist
+    (tmp_path / "out").mkdir()
+    res = run(
+        "predict",
+        trained,
+        "--bg",
+        tmp_path / "bg.png",
+        "--input",
+        tmp_path / "a.jpg",
+        "--input",
+        tmp_path / "b.png",
+        "--output",
+        tmp_path / "out" / "first",
+        "--output",
+        tmp_path / "second.png",
+        "--viz",
+        "--mask-threshold",
+        0.4,
+    )
+    assert res.exit_code == 0, res.output
+    mask = cv2.imread(str(tmp_path / "out/first_mask.png"), cv2.IMREAD_UNCHANGED)
+    assert mask.shape == (64, 96) and mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 255}
+    depth = cv2.imread(str(tmp_path / "out/first_depth.png"), cv2.IMREAD_UNCHANGED)
+    assert depth.shape == (64, 96) and depth.dtype == np.uint16
+    assert cv2.imread(str(tmp_path / "out/first_depth_color.png")).shape == (64, 96, 3)
+    assert cv2.imread(str(tmp_path / "out/first_viz.png")).shape == (64, 4 * 96, 3)
+    assert (tmp_path / "second_mask.png").is_file() and (tmp_path / "second_viz.png").is_file()
+    # --scale runs the model on a smaller picture; outputs keep the input's size
+    res = run(
+        "predict",
+        trained,
+        "--bg",
+        tmp_path / "bg.png",
+        "--input",
+        tmp_path / "a.jpg",
+        "--output",
+        tmp_path / "half",
+        "--scale",
+        0.5,
+        "--no-save",
+        "--viz",
+    )
+    assert res.exit_code == 0, res.output
+    assert not (tmp_path / "half_mask.png").exists()
+    assert cv2.imread(str(tmp_path / "half_viz.png")).shape == (64, 4 * 96, 3)
+
+
+# ------------------------------------------------------------------------------- bad input
+
+
+def test_bad_input_errors(trained: Path, ds_plain: Path, tmp_path: Path) -> None:
+    ok = cv2.imencode(".png", np.zeros((64, 96, 3), np.uint8))[1].tobytes()
+    (tmp_path / "bg.png").write_bytes(ok)
+    (tmp_path / "img.png").write_bytes(ok)
+    (tmp_path / "corrupt.png").write_bytes(ok[: len(ok) // 3])
+    cv2.imwrite(str(tmp_path / "small.png"), np.zeros((32, 48, 3), np.uint8))
+    cases = [
+        (["train", tmp_path / "nods", "--out", tmp_path / "r1"], "dataset folder does not exist"),
+        (["train", ds_plain, "--out", tmp_path / "r2", "--resume"], "nothing to resume"),
+        (["train", ds_plain, "--out", trained], "already holds a run"),
+        (["evaluate", tmp_path / "norun", ds_plain], "run folder does not exist"),
+        (
+            [
+                "predict",
+                tmp_path / "norun",
+                "--bg",
+                tmp_path / "bg.png",
+                "--input",
+                tmp_path / "img.png",
+            ],
+            "run folder does not exist",
+        ),
+        (
+            ["predict", tmp_path, "--bg", tmp_path / "bg.png", "--input", tmp_path / "img.png"],
+            "not a training run",
+        ),
+        (
+            ["predict", trained, "--bg", tmp_path / "bg.png", "--input", tmp_path / "corrupt.png"],
+            "corrupt.png",
+        ),
+        (
+            ["predict", trained, "--bg", tmp_path / "bg.png", "--input", tmp_path / "small.png"],
+            "size 48x32 differs from the background's 96x64",
+        ),
+        (
+            [
+                "predict",
+                trained,
+                "--bg",
+                tmp_path / "bg.png",
+                "--input",
+                tmp_path / "img.png",
+                "--output",
+                tmp_path / "a",
+                "--output",
+                tmp_path / "b",
+            ],
+            "given 2 time(s) for 1",
+        ),
+    ]
+    for args, words in cases:
+        res = run(*args)
+        assert res.exit_code == 1, (args, res.output)
+        assert res.output.startswith("Error: ") and words in res.output, (args, res.output)
+        assert "Traceback" not in res.output
+    # an output name that would overwrite an input is refused
+    shutil.copy(tmp_path / "bg.png", tmp_path / "x_mask.png")
+    res = run(
+        "predict",
+        trained,
+        "--bg",
+        tmp_path / "x_mask.png",
+        "--input",
+        tmp_path / "img.png",
+        "--output",
+        tmp_path / "x",
+    )
+    assert res.exit_code == 1 and "refusing to overwrite an input file" in res.output
+
+
+def test_evaluate_val_split_needs_the_runs_backgrounds(
+    trained: Path, ds_plain: Path, tmp_path: Path
+) -> None:
+    shutil.copytree(trained, tmp_path / "run")
+    record = json.loads((tmp_path / "run/config.json").read_text())
+    record["split"]["val_background_names"] = ["elsewhere.png"]
+    (tmp_path / "run/config.json").write_text(json.dumps(record))
+    res = run("evaluate", tmp_path / "run", ds_plain, "--split", "val")
+    assert res.exit_code == 1 and "needs the dataset the run was trained on" in res.output
+
+
+def test_stats_missing_or_stale(ds_plain: Path, tmp_path: Path) -> None:
+    from trainer.data import load_normalisation
+
+    copy = tmp_path / "ds"
+    shutil.copytree(ds_plain, copy)
+    (copy / "stats.json").unlink()
+    res = run("train", copy, "--out", tmp_path / "r")
+    assert res.exit_code == 1 and "no stats.json" in res.output and "cli.py stats" in res.output
+    shutil.copy(ds_plain / "stats.json", copy / "stats.json")
+    from test_stages import add_depth
+
+    add_depth(copy)  # rewrites the shards: the stats no longer describe them
+    with pytest.raises(DatasetError, match="out of date"):
+        load_normalisation(open_dataset(copy), True)
+
+
+def test_run_without_checkpoint(tmp_path: Path, trained: Path) -> None:
+    from trainer.train import checkpoint_path
+
+    shutil.copytree(trained, tmp_path / "run")
+    (tmp_path / "run/checkpoints/best.weights.h5").unlink()
+    with pytest.raises(RunError, match="no best checkpoint"):
+        checkpoint_path(tmp_path / "run", "best")
