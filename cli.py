@@ -797,9 +797,11 @@ def weights_fetch(name: str | None) -> None:
 @click.option("--resume", is_flag=True, help="Continue the run in --out where it stopped.")
 @click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), default=None,
               metavar="MINUTES", help="Stop after the last epoch that can end within this time.")
+@click.option("--epochs", type=click.IntRange(min=1), default=None,
+              help="Replace the config's epochs (with --resume: train a run further).")
 @handle_errors
 def train(dataset: Path, config_path: Path | None, out: Path, resume: bool,
-          time_limit: float | None) -> None:
+          time_limit: float | None, epochs: int | None) -> None:
     """Train the two-input (bg, fg_bg), two-output (mask, depth) U-Net on DATASET's shards.
     Validation is held out by background; progress per epoch; --resume continues a run."""
     from trainer.config import load_config
@@ -835,7 +837,8 @@ def train(dataset: Path, config_path: Path | None, out: Path, resume: bool,
             click.echo(_epoch_line(p))
 
     rep = run_train(dataset, cfg, out, resume=resume,
-                    time_limit=time_limit * 60 if time_limit else None, on_event=on_event)
+                    time_limit=time_limit * 60 if time_limit else None, on_event=on_event,
+                    epochs=epochs)
     for b in bar:
         b.close()
     best = f"{rep.best:.4f}" if rep.best is not None else "n/a"
