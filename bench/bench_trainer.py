@@ -79,7 +79,7 @@ def bench_pipeline(ds_path: Path, batch: int, hflip: float, size: int | None) ->
     }
 
 
-def bench_training(ds_path: Path, size: int, base: int, steps: int = 12) -> dict:
+def bench_training(ds_path: Path, size: int, base: int, steps: int) -> dict:
     import keras
 
     from pipeline.dataset import open_dataset
@@ -121,8 +121,8 @@ def main() -> None:
                                (32, 0.5, 112)):  # fmt: skip
         results["pipeline"].append(bench_pipeline(ds, batch, hflip, size))
     if os.environ.get("BENCH_TRAINER_TRAINING", "1") == "1":
-        for size, base in ((112, 8), (224, 8)):
-            results["training"].append(bench_training(ds, size, base))
+        for size, base, steps in ((112, 8, 12), (224, 8, 6)):
+            results["training"].append(bench_training(ds, size, base, steps))
     (OUT / "trainer_results.json").write_text(json.dumps(results, indent=1))
     print(f"\nsynthcar trainer benchmarks ({os.cpu_count()} CPUs), {ds}")
     for r in results["pipeline"]:

@@ -28,6 +28,9 @@ TINY = {
     "validation": {"backgrounds": 1, "batch_size": 16},
     "model": {"name": "unet", "base_filters": 4},
     "scheduler": {"name": "step", "step_epochs": 2, "gamma": 0.5},
+    # Small graphs trace faster (tracing, not computing, is most of a tiny run's time); the
+    # other losses are checked on their own below.
+    "loss": {"mask": "bce", "depth": "l1"},
     "tensorboard_images": 2,
 }
 
@@ -180,6 +183,23 @@ def test_hflip_mirrors_everything_alike(ds_depth: Path) -> None:
         assert np.allclose(y["depth"][j, ..., 0].numpy(), s.depth[:, ::-1], atol=1e-3)
 
 
+def test_training_at_another_image_size(ds_depth: Path) -> None:
+    from trainer.config import AugmentConfig, TrainConfig
+    from trainer.data import eval_dataset, make_split, train_dataset
+
+    ds = open_dataset(ds_depth)
+    cfg = TrainConfig(batch_size=4, image_size=(32, 48), augment=AugmentConfig(hflip=0.5))
+    x, y = next(iter(train_dataset(ds, cfg, make_split(ds, cfg), True)))
+    assert x["bg"].shape == x["fg_bg"].shape == (4, 32, 48, 3)
+    assert y["mask"].shape == y["depth"].shape == (4, 32, 48, 1)
+    x, y = next(iter(eval_dataset(ds, None, True, 4, (32, 48), resize_targets=False)))
+    assert x["fg_bg"].shape == (4, 32, 48, 3) and y["mask"].shape == (4, 64, 96, 1)
+    s = ds[0]
+    small = cv2.resize(s.fg_bg, (48, 32), interpolation=cv2.INTER_AREA)
+    assert np.array_equal(x["fg_bg"][0].numpy(), small)
+    assert np.array_equal(x["bg"][0].numpy(), cv2.resize(s.bg, (48, 32), interpolation=3))
+
+
 def test_stream_is_shuffled_across_shards_and_resumable(ds_plain: Path) -> None:
     from trainer.config import TrainConfig, ValidationConfig
     from trainer.data import ShardBlocks, make_split
@@ -205,6 +225,46 @@ def test_stream_is_shuffled_across_shards_and_resumable(ds_plain: Path) -> None:
     assert whole[split.n_train : 2 * split.n_train] != one_pass  # each pass differs
     for start in (8, 40, split.n_train + 16):
         assert first(30, start) == whole[start : start + 30]
+
+
+# ---------------------------------------------------------------------------- losses, metrics
+
+
+def test_losses_and_metrics_on_known_values() -> None:
+    from trainer import losses
+
+    t = np.zeros((2, 8, 8, 1), np.float32)
+    t[0, 2:6, 2:6] = 1  # 16 car pixels; image 1 has no car
+    logits = np.where(t > 0, 20.0, -20.0).astype(np.float32)
+    for name in ("bce", "dice", "bce+dice"):
+        assert float(np.max(losses.mask_loss(name)(t, logits))) < 1e-6
+        assert float(np.min(losses.mask_loss(name)(t, -logits))) > 0.5
+    pred = logits.copy()
+    pred[0, 2:6, 2:4] = -20  # half the car missed
+    pred[1, 0, 0] = 20  # one false pixel
+    iou, dice = losses.MaskIoU(), losses.MaskIoU(dice=True)
+    iou.update_state(t, pred)
+    dice.update_state(t, pred)
+    assert float(iou.result()) == pytest.approx(8 / 17)
+    assert float(dice.result()) == pytest.approx(16 / 25)
+    d = np.random.default_rng(0).uniform(0.1, 1, (2, 16, 16, 1)).astype(np.float32)
+    for fn in losses.DEPTH_LOSSES.values():
+        assert float(np.max(fn(d, d))) < 1e-6 and float(np.min(fn(d, d * 0.5))) > 0
+    rmse, delta = losses.DepthRMSE(), losses.DepthDelta()
+    rmse.update_state(d, d + 0.1)
+    delta.update_state(d, np.concatenate([d[:1], d[1:] * 2]))
+    assert float(rmse.result()) == pytest.approx(0.1, rel=1e-5)
+    assert float(delta.result()) == pytest.approx(0.5)
+
+
+def test_curves_picture() -> None:
+    from trainer.plot import draw_curves
+
+    rows = [{"epoch": e, "loss": 1 / e, "val_loss": 1.2 / e, "val_mask_iou": 1 - 1 / (e + 1)}
+            for e in range(1, 6)]  # fmt: skip
+    pic = draw_curves(rows)
+    assert pic.dtype == np.uint8 and pic.shape[0] == 300 and pic.shape[1] == 2 * 420
+    assert draw_curves([]).shape == (300, 420, 3)
 
 
 # ------------------------------------------------------------------------ train, resume, use

@@ -231,8 +231,17 @@ class BatchMaker:
         hflip: float = 0.0,
         seed: int = 0,
         threads: int | None = None,
+        image_size: tuple[int, int] | None = None,
+        resize_targets: bool = True,
     ) -> None:
-        self.height, self.width = (int(v) for v in ds.manifest["image_size"])
+        self.src = tuple(int(v) for v in ds.manifest["image_size"])
+        self.size = tuple(image_size) if image_size else self.src
+        # Composites are resized as they are decoded (cv2 INTER_AREA, in the worker threads);
+        # masks by area then threshold at one half (no half-pixel shift, unlike nearest).
+        self.resize = self.size != self.src
+        self.resize_targets = resize_targets and self.resize
+        self.height, self.width = self.size
+        self.target = self.size if self.resize_targets else self.src
         self.num_bg = len(ds.backgrounds)
         self.with_depth = with_depth
         self.hflip = hflip
@@ -262,10 +271,16 @@ class BatchMaker:
             flip = draw < self.hflip
 
         def decode(i: int) -> None:
-            if flip[i]:  # cv2.flip in the worker thread: fast, and it releases the GIL
-                cv2.flip(codec.decode(enc[i]), 1, dst=fg_bg[i])
-            else:
+            if not self.resize and not flip[i]:
                 codec.decode_into(enc[i], fg_bg[i])
+                return
+            img = codec.decode(enc[i])
+            if self.resize:
+                img = cv2.resize(img, (self.width, self.height), interpolation=cv2.INTER_AREA)
+            if flip[i]:  # cv2.flip in the worker thread: fast, and it releases the GIL
+                cv2.flip(img, 1, dst=fg_bg[i])
+            else:
+                fg_bg[i] = img
 
         if pool is None:
             for i in range(n):
@@ -273,16 +288,31 @@ class BatchMaker:
         else:
             pool.map(decode, range(n), chunksize=max(1, -(-n // self.threads)))
         out = [fg_bg, *chunk[1:]]
+        if self.resize_targets:
+            out = self._resize_targets(out)
         if flip.any():
             out = self._flip_rest(out, np.flatnonzero(flip))
         return tuple(out)
+
+    def _resize_targets(self, out: list[Any]) -> list[Any]:
+        h, w = self.target
+        masks = np.unpackbits(out[1], axis=-1, count=self.src[1]) * np.uint8(255)
+        small = [cv2.resize(m, (w, h), interpolation=cv2.INTER_AREA) >= 128 for m in masks]
+        out[1] = np.packbits(np.stack(small), axis=-1) if small else out[1][:, :h, : (w + 7) // 8]
+        if self.with_depth:
+            d = [
+                cv2.resize(x.astype(np.float32), (w, h), interpolation=cv2.INTER_AREA)
+                for x in out[4]
+            ]
+            out[4] = np.stack(d).astype(np.float16) if d else out[4][:, :h, :w]
+        return out
 
     def _flip_rest(self, out: list[Any], flip: NDArray[np.intp]) -> list[Any]:
         """Mirror the masks and depth of the flipped samples (their composites were mirrored
         as they were decoded); the background by pointing at its mirrored copy (id + num_bg)
         in the TensorFlow-side table, which costs nothing per sample."""
         packed, bg_ids = out[1:3]
-        bits = np.unpackbits(packed[flip], axis=-1, count=self.width)[..., ::-1]
+        bits = np.unpackbits(packed[flip], axis=-1, count=self.target[1])[..., ::-1]
         packed = packed.copy()
         packed[flip] = np.packbits(bits, axis=-1)
         bg_ids = bg_ids.copy()
@@ -315,15 +345,16 @@ def _rebatch(blocks: Iterator[Block], size: int, drop_remainder: bool) -> Iterat
 # ------------------------------------------------------------------------------- tf.data side
 
 
-def _signature(tf: Any, height: int, width: int, with_depth: bool) -> tuple[Any, ...]:
+def _signature(tf: Any, maker: BatchMaker) -> tuple[Any, ...]:
+    (h, w), (th, tw) = maker.size, maker.target
     sig = (
-        tf.TensorSpec((None, height, width, 3), tf.uint8),
-        tf.TensorSpec((None, height, (width + 7) // 8), tf.uint8),
+        tf.TensorSpec((None, h, w, 3), tf.uint8),
+        tf.TensorSpec((None, th, (tw + 7) // 8), tf.uint8),
         tf.TensorSpec((None,), tf.int32),
         tf.TensorSpec((None,), tf.int64),
     )
-    if with_depth:
-        sig += (tf.TensorSpec((None, height, width), tf.float16),)
+    if maker.with_depth:
+        sig += (tf.TensorSpec((None, th, tw), tf.float16),)
     return sig
 
 
@@ -369,37 +400,33 @@ def _rotate_hue(tf: Any, img: Any, angle: Any) -> Any:
 
 
 def make_tf_dataset(
+    maker: BatchMaker,
     batches: Any,
     ds: Dataset,
-    with_depth: bool,
-    image_size: tuple[int, int] | None = None,
     augment: AugmentConfig | None = None,
     seed: int = 0,
 ) -> Any:
-    """(inputs, targets) batches from a callable returning an iterator of numpy batches."""
+    """(inputs, targets) batches from a callable returning an iterator of `maker`'s batches."""
     import tensorflow as tf
 
-    height, width = (int(v) for v in ds.manifest["image_size"])
-    out_size = tuple(image_size) if image_size else (height, width)
-
+    th, tw = maker.target
     table = ds.backgrounds
-    if augment is not None and augment.hflip > 0:
+    if maker.resize:
+        table = np.stack(
+            [cv2.resize(b, maker.size[::-1], interpolation=cv2.INTER_AREA) for b in table]
+        )
+    if maker.hflip > 0:
         table = np.concatenate([table, table[:, :, ::-1]])  # ids >= num_bg: mirrored
     backgrounds = tf.constant(table)
     shifts = tf.constant([7, 6, 5, 4, 3, 2, 1, 0], tf.uint8)
 
     def structure(fg_bg: Any, packed: Any, bg_ids: Any, pos: Any, *depth: Any) -> tuple:
         bits = tf.bitwise.bitwise_and(tf.bitwise.right_shift(packed[..., None], shifts), 1)
-        mask = tf.reshape(bits, (-1, height, packed.shape[-1] * 8))[:, :, :width, None]
+        mask = tf.reshape(bits, (-1, th, packed.shape[-1] * 8))[:, :, :tw, None]
         x = {"bg": tf.gather(backgrounds, bg_ids), "fg_bg": fg_bg}
         y = {"mask": mask}
-        if with_depth:
+        if maker.with_depth:
             y["depth"] = depth[0][..., None]
-        if out_size != (height, width):
-            x = {k: _resize(tf, v, out_size, "bilinear", tf.uint8) for k, v in x.items()}
-            y["mask"] = _resize(tf, y["mask"], out_size, "nearest", tf.uint8)
-            if with_depth:
-                y["depth"] = _resize(tf, y["depth"], out_size, "bilinear", tf.float16)
         if augment is not None and augment.colour:
             x, y = _augment(tf, augment, seed, pos, x, y)
         return x, y
@@ -407,20 +434,11 @@ def make_tf_dataset(
     options = tf.data.Options()
     options.deterministic = True
     return (
-        tf.data.Dataset.from_generator(
-            batches, output_signature=_signature(tf, height, width, with_depth)
-        )
+        tf.data.Dataset.from_generator(batches, output_signature=_signature(tf, maker))
         .map(structure, num_parallel_calls=tf.data.AUTOTUNE)
         .prefetch(tf.data.AUTOTUNE)
         .with_options(options)
     )
-
-
-def _resize(tf: Any, t: Any, size: tuple[int, ...], method: str, dtype: Any) -> Any:
-    r = tf.image.resize(tf.cast(t, tf.float32), size, method=method)
-    if dtype == tf.uint8:
-        r = tf.clip_by_value(tf.round(r), 0, 255)
-    return tf.cast(r, dtype)
 
 
 def train_dataset(
@@ -428,12 +446,11 @@ def train_dataset(
 ) -> Any:
     """Endless training batches from stream position `start` (a multiple of the batch size)."""
     reader = ShardBlocks(ds, split.train_bgs, with_depth, cfg.seed, cfg.shuffle, cfg.shuffle_shards)
-    maker = BatchMaker(ds, with_depth, cfg.augment.hflip, cfg.seed)
+    maker = BatchMaker(ds, with_depth, cfg.augment.hflip, cfg.seed, image_size=cfg.image_size)
     return make_tf_dataset(
+        maker,
         lambda: maker.batches(reader.stream(start, split.n_train), cfg.batch_size, True),
         ds,
-        with_depth,
-        cfg.image_size,
         cfg.augment,
         cfg.seed,
     )
@@ -447,18 +464,17 @@ def eval_dataset(
     image_size: tuple[int, int] | None,
     max_samples: int | None = None,
     count: int | None = None,
+    resize_targets: bool = True,
 ) -> Any:
     """One deterministic pass over the samples of the given backgrounds (None: all). `count`:
-    the number of samples it gives, if known (Keras then knows when the pass ends)."""
+    the number of samples it gives, if known (Keras then knows when the pass ends).
+    resize_targets=False: inputs at image_size, masks and depth at the dataset's size."""
     import tensorflow as tf
 
     reader = ShardBlocks(ds, bg_ids, with_depth)
-    maker = BatchMaker(ds, with_depth)
+    maker = BatchMaker(ds, with_depth, image_size=image_size, resize_targets=resize_targets)
     out = make_tf_dataset(
-        lambda: maker.batches(reader.single_pass(max_samples), batch_size, False),
-        ds,
-        with_depth,
-        image_size,
+        maker, lambda: maker.batches(reader.single_pass(max_samples), batch_size, False), ds
     )
     if count is not None:
         out = out.apply(tf.data.experimental.assert_cardinality(-(-count // batch_size)))

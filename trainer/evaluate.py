@@ -35,21 +35,20 @@ def load_run_model(run_dir: Path, checkpoint: str = "best") -> tuple[Any, dict[s
     return full, record
 
 
-def resized_view(full: Any, model_size: tuple[int, int], native: tuple[int, int]) -> Any:
-    """The model behind resizing: takes native-size uint8 inputs, returns native-size outputs."""
+def upsampled_view(full: Any, model_size: tuple[int, ...], native: tuple[int, ...]) -> Any:
+    """The model with its outputs resized (bilinear: logits and depth) to the native size; the
+    input pipeline resizes the inputs, as in training."""
     import keras
     from keras import layers
 
-    if tuple(model_size) == tuple(native):
-        return full
-    ins = {k: keras.Input((*native, 3), dtype="uint8", name=k) for k in ("bg", "fg_bg")}
-    small = {k: layers.Resizing(*model_size, interpolation="bilinear")(v) for k, v in ins.items()}
-    out = full(small)
-    back = {
-        k: layers.Resizing(*native, interpolation="bilinear", dtype="float32")(v)
-        for k, v in out.items()
-    }
-    return keras.Model(ins, back)
+    ins = {k: keras.Input((*model_size, 3), dtype="uint8", name=k) for k in ("bg", "fg_bg")}
+    out = full(ins)
+    if tuple(model_size) != tuple(native):
+        out = {
+            k: layers.Resizing(*native, interpolation="bilinear", dtype="float32")(v)
+            for k, v in out.items()
+        }
+    return keras.Model(ins, out)
 
 
 def run_evaluate(
@@ -85,13 +84,13 @@ def run_evaluate(
         max(16, round(n * m / t / 16) * 16)
         for n, m, t in zip(native, model_size, train_native, strict=True)
     )
-    view = resized_view(full, size, native)
+    view = upsampled_view(full, size, native)
 
     import keras
 
     from . import losses
 
-    ins = {k: keras.Input((*native, 3), dtype="uint8", name=k) for k in ("bg", "fg_bg")}
+    ins = {k: keras.Input((*size, 3), dtype="uint8", name=k) for k in ("bg", "fg_bg")}
     outs = view(ins)
     model = keras.Model(ins, {h: outs[h] for h in heads})
     cfg = TrainConfig.from_dict(record["config"], source=f"run config {run_dir / CONFIG}")
@@ -108,7 +107,10 @@ def run_evaluate(
         or record["config"]["batch_size"]
     )
     count = _count(ds, bg_ids)
-    tfds = data.eval_dataset(ds, bg_ids, "depth" in heads, bs, None, count=count)
+    image_size = size if size != native else None
+    tfds = data.eval_dataset(
+        ds, bg_ids, "depth" in heads, bs, image_size, count=count, resize_targets=False
+    )
     logs = model.evaluate(tfds, return_dict=True, verbose=0)
     from .train import normalise_logs
 

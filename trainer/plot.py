@@ -16,8 +16,8 @@ from numpy.typing import NDArray
 
 PANELS = (
     ("loss", ("loss", "val_loss", "mask_loss", "val_mask_loss", "depth_loss", "val_depth_loss")),
-    ("mask (validation)", ("val_mask_iou", "val_mask_dice", "mask_iou")),
-    ("depth (validation)", ("val_depth_rmse", "val_depth_delta1")),
+    ("mask scores", ("val_mask_iou", "val_mask_dice", "mask_iou")),
+    ("depth scores", ("val_depth_rmse", "val_depth_delta1")),
 )
 COLOURS = [
     (31, 119, 180),
@@ -94,6 +94,12 @@ def draw_curves(rows: list[dict[str, Any]]) -> NDArray[np.uint8]:
     panels = []
     for title, keys in PANELS:
         series = {k: s for k in keys if (s := _series(rows, k))}
+        for head in ("mask_loss", "val_mask_loss"):  # mask-only runs: the same line twice
+            total = series.get(head.replace("mask_", ""))
+            if head in series and total == series[head]:
+                del series[head]
+        if title.startswith("mask") and "mask_iou" in series:
+            series["mask_iou (train)"] = series.pop("mask_iou")
         if series or title == "loss":
             panels.append(_panel(title, series))
     return np.hstack(panels)
