@@ -789,19 +789,46 @@ def weights_fetch(name: str | None) -> None:
 
 @cli.command()
 @dataset_arg
-@click.option("--config", "-c", "config_path", type=click.Path(path_type=Path), default=None,
-              help="Training config (JSON, see configs/train.json); default: the built-in "
-              "defaults. With --resume the run's own saved config is used.")
-@click.option("--out", "-o", type=click.Path(path_type=Path), default=Path("runs/train"),
-              show_default=True, help="Run folder: checkpoints, history.csv, curves.png, logs/.")
+@click.option(
+    "--config",
+    "-c",
+    "config_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Training config (JSON, see configs/train.json); default: the built-in "
+    "defaults. With --resume the run's own saved config is used.",
+)
+@click.option(
+    "--out",
+    "-o",
+    type=click.Path(path_type=Path),
+    default=Path("runs/train"),
+    show_default=True,
+    help="Run folder: checkpoints, history.csv, curves.png, logs/.",
+)
 @click.option("--resume", is_flag=True, help="Continue the run in --out where it stopped.")
-@click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), default=None,
-              metavar="MINUTES", help="Stop after the last epoch that can end within this time.")
-@click.option("--epochs", type=click.IntRange(min=1), default=None,
-              help="Replace the config's epochs (with --resume: train a run further).")
+@click.option(
+    "--time-limit",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    metavar="MINUTES",
+    help="Stop after the last epoch that can end within this time.",
+)
+@click.option(
+    "--epochs",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Replace the config's epochs (with --resume: train a run further).",
+)
 @handle_errors
-def train(dataset: Path, config_path: Path | None, out: Path, resume: bool,
-          time_limit: float | None, epochs: int | None) -> None:
+def train(
+    dataset: Path,
+    config_path: Path | None,
+    out: Path,
+    resume: bool,
+    time_limit: float | None,
+    epochs: int | None,
+) -> None:
     """Train the two-input (bg, fg_bg), two-output (mask, depth) U-Net on DATASET's shards.
     Validation is held out by background; progress per epoch; --resume continues a run."""
     from trainer.config import load_config
@@ -827,8 +854,16 @@ def train(dataset: Path, config_path: Path | None, out: Path, resume: bool,
             if p["resume"]:
                 click.echo(f"  resuming at epoch {p['start_epoch'] + 1}")
         elif kind == "epoch_start":
-            bar.append(tqdm(total=p["steps"], desc=f"epoch {p['epoch']}", unit="batch",
-                            leave=False, dynamic_ncols=True, file=sys.stderr))
+            bar.append(
+                tqdm(
+                    total=p["steps"],
+                    desc=f"epoch {p['epoch']}",
+                    unit="batch",
+                    leave=False,
+                    dynamic_ncols=True,
+                    file=sys.stderr,
+                )
+            )
         elif kind == "batch" and bar:
             bar[-1].update(1)
         elif kind == "epoch":
@@ -836,14 +871,22 @@ def train(dataset: Path, config_path: Path | None, out: Path, resume: bool,
                 bar.pop().close()
             click.echo(_epoch_line(p))
 
-    rep = run_train(dataset, cfg, out, resume=resume,
-                    time_limit=time_limit * 60 if time_limit else None, on_event=on_event,
-                    epochs=epochs)
+    rep = run_train(
+        dataset,
+        cfg,
+        out,
+        resume=resume,
+        time_limit=time_limit * 60 if time_limit else None,
+        on_event=on_event,
+        epochs=epochs,
+    )
     for b in bar:
         b.close()
     best = f"{rep.best:.4f}" if rep.best is not None else "n/a"
-    click.echo(f"train: {rep.epochs_done} epoch(s) done in {rep.seconds:.0f} s; best "
-               f"{rep.best_metric} {best} -> {rep.run_dir}")
+    click.echo(
+        f"train: {rep.epochs_done} epoch(s) done in {rep.seconds:.0f} s; best "
+        f"{rep.best_metric} {best} -> {rep.run_dir}"
+    )
     if rep.stopped_early:
         click.echo(f"  stopped: {rep.stopped_early}")
 
@@ -853,8 +896,10 @@ def _epoch_line(p: dict[str, Any]) -> str:
         v = p.get(key)
         return format(v, fmt) if isinstance(v, float) else "-"
 
-    line = (f"epoch {p['epoch']}/{p['epochs']} {p['seconds']:.0f} s ({p['samples_per_s']:.1f} "
-            f"samples/s) lr {f('lr', '.2e')} | loss mask {f('mask_loss')}")
+    line = (
+        f"epoch {p['epoch']}/{p['epochs']} {p['seconds']:.0f} s ({p['samples_per_s']:.1f} "
+        f"samples/s) lr {f('lr', '.2e')} | loss mask {f('mask_loss')}"
+    )
     if "depth_loss" in p:
         line += f" depth {f('depth_loss')}"
     line += f" | val IoU {f('val_mask_iou')} Dice {f('val_mask_dice')}"
@@ -865,7 +910,10 @@ def _epoch_line(p: dict[str, Any]) -> str:
 
 run_dir_arg = click.argument("run_dir", type=click.Path(path_type=Path))
 checkpoint_option = click.option(
-    "--checkpoint", type=click.Choice(["best", "last"]), default="best", show_default=True,
+    "--checkpoint",
+    type=click.Choice(["best", "last"]),
+    default="best",
+    show_default=True,
     help="Which checkpoint of the run to use.",
 )
 
@@ -873,60 +921,135 @@ checkpoint_option = click.option(
 @cli.command()
 @run_dir_arg
 @dataset_arg
-@click.option("--split", type=click.Choice(["all", "val"]), default="all", show_default=True,
-              help="All samples, or only the run's held-out backgrounds (its own dataset).")
+@click.option(
+    "--split",
+    type=click.Choice(["all", "val"]),
+    default="all",
+    show_default=True,
+    help="All samples, or only the run's held-out backgrounds (its own dataset).",
+)
 @checkpoint_option
-@click.option("--batch-size", type=click.IntRange(min=1), default=None,
-              help="Default: the run's validation batch size.")
-@click.option("--out", "-o", type=click.Path(path_type=Path), default=None,
-              help="JSON file to write (default RUN_DIR/eval/<dataset>_<split>.json).")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Default: the run's validation batch size.",
+)
+@click.option(
+    "--out",
+    "-o",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="JSON file to write (default RUN_DIR/eval/<dataset>_<split>.json).",
+)
 @handle_errors
-def evaluate(run_dir: Path, dataset: Path, split: str, checkpoint: str, batch_size: int | None,
-             out: Path | None) -> None:
+def evaluate(
+    run_dir: Path,
+    dataset: Path,
+    split: str,
+    checkpoint: str,
+    batch_size: int | None,
+    out: Path | None,
+) -> None:
     """Score a trained run on DATASET (mask IoU and Dice; depth RMSE and delta<1.25), at the
     dataset's own resolution; printed and saved as JSON."""
     from trainer.evaluate import run_evaluate
 
-    r = run_evaluate(run_dir, dataset, split=split, checkpoint=checkpoint,
-                     batch_size=batch_size, out=out)
-    click.echo(f"evaluate: {r['num_samples']:,} samples of {r['dataset']} ({split}), "
-               f"{checkpoint} checkpoint, {r['seconds']:.1f} s -> {r['path']}")
+    r = run_evaluate(
+        run_dir, dataset, split=split, checkpoint=checkpoint, batch_size=batch_size, out=out
+    )
+    click.echo(
+        f"evaluate: {r['num_samples']:,} samples of {r['dataset']} ({split}), "
+        f"{checkpoint} checkpoint, {r['seconds']:.1f} s -> {r['path']}"
+    )
     for k, v in r["metrics"].items():
         click.echo(f"  {k:<16} {v:.4f}")
 
 
 @cli.command()
 @run_dir_arg
-@click.option("--bg", "bg", required=True, type=click.Path(path_type=Path),
-              help="The scene without the car (same size as the inputs).")
-@click.option("--input", "-i", "inputs", required=True, multiple=True,
-              type=click.Path(path_type=Path), help="Picture of the scene with a car; repeat.")
-@click.option("--output", "-o", "outputs", multiple=True, type=click.Path(path_type=Path),
-              help="Base name of the outputs, once per --input (default <input>_OUT): writes "
-              "<base>_mask.png, <base>_depth.png (16-bit), <base>_depth_color.png.")
-@click.option("--viz", "-v", is_flag=True, help="Also write <base>_viz.png: bg | input | mask "
-              "overlay | depth side by side.")
+@click.option(
+    "--bg",
+    "bg",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="The scene without the car (same size as the inputs).",
+)
+@click.option(
+    "--input",
+    "-i",
+    "inputs",
+    required=True,
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="Picture of the scene with a car; repeat.",
+)
+@click.option(
+    "--output",
+    "-o",
+    "outputs",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="Base name of the outputs, once per --input (default <input>_OUT): writes "
+    "<base>_mask.png, <base>_depth.png (16-bit), <base>_depth_color.png.",
+)
+@click.option(
+    "--viz",
+    "-v",
+    is_flag=True,
+    help="Also write <base>_viz.png: bg | input | mask overlay | depth side by side.",
+)
 @click.option("--no-save", "-n", is_flag=True, help="Do not write the mask and depth files.")
-@click.option("--mask-threshold", "-t", type=click.FloatRange(0, 1), default=0.5,
-              show_default=True, help="Car probability above which a pixel is car.")
-@click.option("--scale", "-s", type=click.FloatRange(min=0, min_open=True), default=1.0,
-              show_default=True, help="Scale of the inputs for the model (on top of the run's "
-              "training scale); outputs are at the input's size.")
+@click.option(
+    "--mask-threshold",
+    "-t",
+    type=click.FloatRange(0, 1),
+    default=0.5,
+    show_default=True,
+    help="Car probability above which a pixel is car.",
+)
+@click.option(
+    "--scale",
+    "-s",
+    type=click.FloatRange(min=0, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="Scale of the inputs for the model (on top of the run's "
+    "training scale); outputs are at the input's size.",
+)
 @checkpoint_option
 @handle_errors
-def predict(run_dir: Path, bg: Path, inputs: tuple[Path, ...], outputs: tuple[Path, ...],
-            viz: bool, no_save: bool, mask_threshold: float, scale: float,
-            checkpoint: str) -> None:
+def predict(
+    run_dir: Path,
+    bg: Path,
+    inputs: tuple[Path, ...],
+    outputs: tuple[Path, ...],
+    viz: bool,
+    no_save: bool,
+    mask_threshold: float,
+    scale: float,
+    checkpoint: str,
+) -> None:
     """Predict the car mask (and depth) of each --input, given the background --bg."""
     from trainer.predict import run_predict
 
-    results = run_predict(run_dir, bg, list(inputs), list(outputs) or None,
-                          mask_threshold=mask_threshold, viz=viz, save=not no_save,
-                          scale=scale, checkpoint=checkpoint)
+    results = run_predict(
+        run_dir,
+        bg,
+        list(inputs),
+        list(outputs) or None,
+        mask_threshold=mask_threshold,
+        viz=viz,
+        save=not no_save,
+        scale=scale,
+        checkpoint=checkpoint,
+    )
     for r in results:
         names = ", ".join(str(p) for p in r.written) or "nothing written (--no-save)"
-        click.echo(f"predict: {r.input}: car {r.car_fraction:.1%} of pixels, "
-                   f"{r.seconds * 1000:.0f} ms -> {names}")
+        click.echo(
+            f"predict: {r.input}: car {r.car_fraction:.1%} of pixels, "
+            f"{r.seconds * 1000:.0f} ms -> {names}"
+        )
 
 
 def main() -> None:
