@@ -227,6 +227,25 @@ def test_stream_is_shuffled_across_shards_and_resumable(ds_plain: Path) -> None:
         assert first(30, start) == whole[start : start + 30]
 
 
+# ------------------------------------------------------------------------------------ models
+
+
+@pytest.mark.parametrize("name", ["unet", "mobilenet_unet"])
+def test_models_have_two_inputs_and_two_heads(name: str) -> None:
+    from trainer.config import ModelConfig
+    from trainer.model import Normalisation, build_model
+
+    norm = Normalisation((0.4,) * 3, (0.3,) * 3, (0.4,) * 3, (0.3,) * 3, 0.5, 0.2)
+    model = build_model(ModelConfig(name=name, base_filters=4), norm)
+    x = {k: np.zeros((2, 64, 96, 3), np.uint8) for k in ("bg", "fg_bg")}
+    out = model(x)
+    assert set(out) == {"mask", "depth"}
+    assert out["mask"].shape == out["depth"].shape == (2, 64, 96, 1)
+    assert out["mask"].dtype == out["depth"].dtype == "float32"
+    # not one tensor returned twice (the seed's bug): the heads are different layers
+    assert not np.allclose(out["mask"].numpy(), out["depth"].numpy())
+
+
 # ---------------------------------------------------------------------------- losses, metrics
 
 
