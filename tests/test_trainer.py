@@ -103,6 +103,16 @@ def test_example_configs_are_valid() -> None:
         ({"optimizer": {"name": "adam", "momentum": 0.9}}, ["'optimizer.momentum' does not"]),
         ({"scheduler": {"name": "step", "patience": 2}}, ["'scheduler.patience' does not"]),
         ({"validation": {"backgrounds": 2.5}}, ["'validation.backgrounds'"]),
+        ({"model": {"stem_stride": 3}}, ["'model.stem_stride' must be one of 1 | 2"]),
+        ({"model": {"difference": "yes"}}, ["'model.difference' must be boolean"]),
+        (
+            {"model": {"stem_stride": 2}, "image_size": [112, 112]},
+            ["'image_size' must be multiples of 32", "112x112"],
+        ),
+        (
+            {"model": {"name": "mobilenet_unet", "stem_stride": 2}},
+            ["'model.stem_stride' applies to model 'unet' only"],
+        ),
         ([1, 2], ["JSON object"]),
     ],
 )
@@ -244,6 +254,37 @@ def test_models_have_two_inputs_and_two_heads(name: str) -> None:
     assert out["mask"].dtype == out["depth"].dtype == "float32"
     # not one tensor returned twice (the seed's bug): the heads are different layers
     assert not np.allclose(out["mask"].numpy(), out["depth"].numpy())
+
+
+def test_unet_options_difference_and_half_resolution_stem() -> None:
+    from trainer.config import ModelConfig, divisor
+    from trainer.model import Normalisation, build_model
+    from trainer.predict import model_size
+
+    norm = Normalisation((0.4,) * 3, (0.3,) * 3, (0.4,) * 3, (0.3,) * 3)
+    cfg = ModelConfig(base_filters=4, difference=True, stem_stride=2)
+    model = build_model(cfg, norm)
+    rng = np.random.default_rng(0)
+    x = {k: rng.integers(0, 256, (2, 64, 96, 3), dtype=np.uint8) for k in ("bg", "fg_bg")}
+    out = model(x)
+    assert out["mask"].shape == out["depth"].shape == (2, 64, 96, 1)  # full resolution again
+    # the extra input channels are exactly (fg_bg - bg) / 255
+    import keras
+
+    diff = keras.Model(model.inputs, model.get_layer("difference").output)(x)
+    want = (x["fg_bg"].astype(np.float32) - x["bg"]) / 255
+    np.testing.assert_allclose(np.asarray(diff), want, atol=1e-6)
+    assert model.get_layer("stem_pool") is not None and model.get_layer("refine_conv")
+    plain = build_model(ModelConfig(base_filters=4), norm)
+    assert {w.name for w in plain.layers}.isdisjoint({"difference", "stem_pool", "refine_conv"})
+    assert (divisor(ModelConfig()), divisor(cfg)) == (16, 32)
+    assert divisor(ModelConfig(name="mobilenet_unet")) == 32
+    # predict rounds arbitrary picture sizes to what the model accepts
+    record = {"config": {"model": {"stem_stride": 2}}, "image_size": [224, 224],
+              "dataset": {"image_size": [224, 224]}}  # fmt: skip
+    assert model_size((300, 200), record, 1.0) == (288, 192)
+    record["config"]["model"] = {}
+    assert model_size((300, 200), record, 1.0) == (304, 192)
 
 
 # ---------------------------------------------------------------------------- losses, metrics

@@ -45,6 +45,15 @@ class ModelConfig:
     base_filters: int = 64
     alpha: float = 0.35
     encoder_weights: str | None = None
+    difference: bool = False
+    stem_stride: int = 1
+
+
+def divisor(model: ModelConfig) -> int:
+    """What the model's input height and width must be multiples of."""
+    if model.name == "mobilenet_unet":
+        return 32  # five stride-2 stages
+    return 16 * model.stem_stride  # four poolings, after the stem
 
 
 @dataclass(frozen=True)
@@ -122,6 +131,9 @@ class TrainConfig:
     log_dir: str | None = None  # None: RUN_DIR/logs
     tensorboard_images: int = 4
     best_metric: str = "val_mask_iou"
+    # XLA-compiled training and validation steps: 2.3-2.6x the speed of TensorFlow's graph
+    # mode for the small U-Net on this project's CPU (Keras's "auto" leaves it off on TF).
+    jit_compile: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -241,12 +253,15 @@ def _check_cross_keys(raw: dict[str, Any], source: str) -> None:
             f"{source}: 'validation.backgrounds' must be a fraction below 1 or a whole count, "
             f"got {n}"
         )
-    if (raw.get("model") or {}).get("name") == "mobilenet_unet" and raw.get("image_size"):
+    model = raw.get("model") or {}
+    if model.get("name") == "mobilenet_unet" and model.get("stem_stride", 1) != 1:
+        raise ConfigError(f"{source}: 'model.stem_stride' applies to model 'unet' only")
+    if raw.get("image_size"):
         h, w = raw["image_size"]
-        if h % 32 or w % 32:
+        k = divisor(ModelConfig(**model))
+        if h % k or w % k:
             raise ConfigError(
-                f"{source}: 'image_size' must be multiples of 32 for model 'mobilenet_unet', "
-                f"got {h}x{w}"
+                f"{source}: 'image_size' must be multiples of {k} for this model, got {h}x{w}"
             )
 
 

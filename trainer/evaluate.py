@@ -100,7 +100,7 @@ def run_evaluate(
     if "depth" in heads:
         loss["depth"] = losses.DEPTH_LOSSES[cfg.loss.depth]
         metrics["depth"] = losses.depth_metrics()
-    model.compile(loss=loss, metrics=metrics)
+    model.compile(loss=loss, metrics=metrics, jit_compile=cfg.jit_compile)
     bs = (
         batch_size
         or record["config"]["validation"].get("batch_size")

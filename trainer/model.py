@@ -1,14 +1,20 @@
 """The model: a two-input (bg, fg_bg), two-output (mask logits, depth) U-Net in Keras 3.
 
 Contract:
-- Inputs `bg` and `fg_bg`: (B, H, W, 3) uint8 RGB, H and W multiples of 16 (any size: the network
-  is fully convolutional). Normalisation with the dataset's stats.json is part of the model
+- Inputs `bg` and `fg_bg`: (B, H, W, 3) uint8 RGB, H and W multiples of 16 (of 32 with
+  `stem_stride: 2` or the MobileNet variant; any size otherwise: the network is fully
+  convolutional). Normalisation with the dataset's stats.json is part of the model
   (Rescaling + Normalization layers), so a saved model needs no stats to predict.
 - Outputs `mask`: (B, H, W, 1) float32 logits; `depth`: (B, H, W, 1) float32 in the dataset's
   depth units (the head predicts standardised depth, de-standardised with the depth mean/std).
 - `unet`: the seed's U-Net (double 3x3 conv + batch norm + ReLU, 4 down, 4 up, bilinear
   upsampling; base 64 channels at full size, `base_filters` for smaller models). The two inputs
   are normalised separately and concatenated (6 channels): the car is where they differ.
+  Options: `difference` adds (fg_bg - bg) / 255 as three more input channels (that cue made
+  explicit rather than learnt); `stem_stride: 2` runs the U-Net at half resolution (an average
+  pooling in front) and ends with a full-resolution refinement block that sees the upsampled
+  features beside the full-resolution inputs, so mask edges are placed per pixel at about a
+  quarter of the compute of the full-resolution U-Net.
 - `mobilenet_unet`: a lighter variant, a MobileNetV2 encoder (built with weights=None, so no
   download; `encoder_weights` may name a local weights file) shared by both inputs, whose
   features at each scale are concatenated and decoded by the same up-blocks.
@@ -24,7 +30,7 @@ from keras import layers
 
 from .config import ModelConfig
 
-DIVISOR = 16  # 4 poolings
+DIVISOR = 16  # 4 poolings (see config.divisor for each model's own)
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,13 @@ def _heads(x: Any, norm: Normalisation) -> dict[str, Any]:
     return {"mask": mask, "depth": depth}
 
 
+def _difference(inputs: dict[str, Any]) -> Any:
+    """(fg_bg - bg) / 255 in float: zero wherever the car is not (up to JPEG noise)."""
+    fg = layers.Rescaling(1 / 255, name="diff_fg_scale")(inputs["fg_bg"])
+    bg = layers.Rescaling(1 / 255, name="diff_bg_scale")(inputs["bg"])
+    return layers.Subtract(name="difference")([fg, bg])
+
+
 def _inputs(norm: Normalisation) -> tuple[dict[str, Any], Any, Any]:
     bg = keras.Input((None, None, 3), dtype="uint8", name="bg")
     fg_bg = keras.Input((None, None, 3), dtype="uint8", name="fg_bg")
@@ -88,7 +101,10 @@ def _inputs(norm: Normalisation) -> tuple[dict[str, Any], Any, Any]:
 def build_unet(cfg: ModelConfig, norm: Normalisation) -> keras.Model:
     inputs, bg_n, fg_n = _inputs(norm)
     f = cfg.base_filters
-    x = layers.Concatenate(name="inputs_concat")([bg_n, fg_n])
+    parts = [bg_n, fg_n, _difference(inputs)] if cfg.difference else [bg_n, fg_n]
+    full = x = layers.Concatenate(name="inputs_concat")(parts)
+    if cfg.stem_stride == 2:
+        x = layers.AveragePooling2D(2, name="stem_pool")(x)
     x1 = _double_conv(x, f, "inc")
     x2 = _double_conv(layers.MaxPooling2D(name="down1_pool")(x1), 2 * f, "down1")
     x3 = _double_conv(layers.MaxPooling2D(name="down2_pool")(x2), 4 * f, "down2")
@@ -99,6 +115,12 @@ def build_unet(cfg: ModelConfig, norm: Normalisation) -> keras.Model:
     x = _up(x, x3, 2 * f, "up2")
     x = _up(x, x2, f, "up3")
     x = _up(x, x1, f, "up4")
+    if cfg.stem_stride == 2:
+        # One conv with a bias and no batch norm at full resolution: on a CPU, every
+        # full-resolution tensor costs more than the whole half-resolution U-Net's compute.
+        x = layers.UpSampling2D(2, interpolation="bilinear", name="refine_upsample")(x)
+        x = layers.Concatenate(name="refine_concat")([full, x])
+        x = layers.Conv2D(f, 3, padding="same", activation="relu", name="refine_conv")(x)
     return keras.Model(inputs, _heads(x, norm), name="unet")
 
 
@@ -135,7 +157,8 @@ def build_mobilenet_unet(cfg: ModelConfig, norm: Normalisation) -> keras.Model:
         x = _up(x, skip, filters, f"up{i + 1}")
     # The encoder's first feature map is at stride 2: one more upsampling to full size, with
     # the raw normalised inputs as the last skip so that mask edges stay sharp.
-    full = layers.Concatenate(name="inputs_concat")([bg_n, fg_n])
+    parts = [bg_n, fg_n, _difference(inputs)] if cfg.difference else [bg_n, fg_n]
+    full = layers.Concatenate(name="inputs_concat")(parts)
     x = _up(x, full, f, "up5")
     return keras.Model(inputs, _heads(x, norm), name="mobilenet_unet")
 

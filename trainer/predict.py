@@ -8,7 +8,8 @@ size of BG: the model compares them pixel by pixel). Output, per input, from a b
     <base>_depth_color.png  the depth as a colour map (near = bright)
     <base>_viz.png          with viz: bg | input | mask overlay (| depth) side by side
 Depth files only when the run trained its depth head. The model runs at the input's size times
-the run's training scale times `scale` (rounded to multiples of 16); outputs are resized back.
+the run's training scale times `scale` (rounded to multiples of 16, or of 32 for the models
+that need it); outputs are resized back.
 Input files are never overwritten.
 """
 
@@ -28,8 +29,8 @@ from pipeline.errors import BadImageError, OutputError, PipelineError
 from pipeline.images import read_rgb
 from pipeline.preview import depth_colormap, mask_overlay
 
+from .config import ModelConfig, divisor
 from .evaluate import load_run_model
-from .model import DIVISOR
 
 
 @dataclass
@@ -42,11 +43,12 @@ class Prediction:
 
 def model_size(shape: tuple[int, int], record: dict[str, Any], scale: float) -> tuple[int, int]:
     """(h, w) the model runs at for an input of `shape`: the run's training scale times `scale`,
-    rounded to multiples of 16."""
+    rounded to multiples of what the model needs (16 or 32)."""
+    k = divisor(ModelConfig(**record["config"]["model"]))
     train = record["image_size"]
     native = record["dataset"]["image_size"]
     return tuple(  # type: ignore[return-value]
-        max(DIVISOR, round(s * t / n * scale / DIVISOR) * DIVISOR)
+        max(k, round(s * t / n * scale / k) * k)
         for s, t, n in zip(shape, train, native, strict=True)
     )
 

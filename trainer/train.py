@@ -35,7 +35,7 @@ from pipeline.dataset import Dataset, atomic_write_bytes, open_dataset, write_js
 from pipeline.errors import OutputError, RunError
 
 from . import data
-from .config import TrainConfig
+from .config import TrainConfig, divisor
 from .model import Normalisation
 
 log = logging.getLogger(__name__)
@@ -204,6 +204,7 @@ def compile_model(full: Any, heads: list[str], cfg: TrainConfig, ds: Dataset, st
         loss=loss,
         loss_weights={h: weights[h] for h in heads},
         metrics=metrics,
+        jit_compile=cfg.jit_compile,
     )
     return model
 
@@ -500,6 +501,14 @@ def run_train(
     if epochs is not None:
         cfg = cfg.with_overrides(epochs=epochs)
     ds = open_dataset(dataset)
+    k = divisor(cfg.model)
+    h, w = cfg.image_size or ds.manifest["image_size"]
+    if h % k or w % k:
+        raise RunError(
+            f"the model needs image sides that are multiples of {k}, and {ds.root} holds "
+            f"{h}x{w} images; set 'image_size' in the config (e.g. [{max(k, h // k * k)}, "
+            f"{max(k, w // k * k)}])"
+        )
     with_depth = ds.has_depth
     norm = data.load_normalisation(ds, with_depth)
     split = data.make_split(ds, cfg)
