@@ -105,6 +105,7 @@ def test_example_configs_are_valid() -> None:
         ({"validation": {"backgrounds": 2.5}}, ["'validation.backgrounds'"]),
         ({"model": {"stem_stride": 3}}, ["'model.stem_stride' must be one of 1 | 2"]),
         ({"model": {"difference": "yes"}}, ["'model.difference' must be boolean"]),
+        ({"jit_compile": 1}, ["'jit_compile' must be boolean"]),
         (
             {"model": {"stem_stride": 2}, "image_size": [112, 112]},
             ["'image_size' must be multiples of 32", "112x112"],
@@ -126,6 +127,25 @@ def test_config_errors_name_the_key(tmp_path: Path, raw: object, words: list[str
     for w in words:
         assert w in str(e.value)
     assert str(p) in str(e.value)
+
+
+def test_dataset_size_that_the_model_cannot_take(tmp_path: Path) -> None:
+    from conftest import draw_background, draw_car
+
+    bgs, fgs, ds = tmp_path / "bgs", tmp_path / "fgs", tmp_path / "ds"
+    bgs.mkdir()
+    fgs.mkdir()
+    for i in range(2):
+        draw_background(80, 48, i).save(bgs / f"bg{i}.png")  # multiples of 16, not of 32
+    draw_car(20, 12, (200, 30, 30)).save(fgs / "red.png")
+    assert run("overlay", "-b", bgs, "-f", fgs, "--out", ds, "--positions", 2).exit_code == 0
+    assert run("stats", ds).exit_code == 0
+    cfg = write_config(tmp_path / "c.json", model={"name": "unet", "stem_stride": 2})
+    res = run("train", ds, "--config", cfg, "--out", tmp_path / "r")
+    assert res.exit_code == 1
+    assert res.output.startswith("Error: the model needs image sides that are multiples of 32")
+    assert "48x80" in res.output and "'image_size'" in res.output and "[32, 64]" in res.output
+    assert not (tmp_path / "r" / "checkpoints").exists()
 
 
 def test_config_file_errors_on_the_cli(ds_plain: Path, tmp_path: Path) -> None:

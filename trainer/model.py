@@ -12,9 +12,10 @@ Contract:
   are normalised separately and concatenated (6 channels): the car is where they differ.
   Options: `difference` adds (fg_bg - bg) / 255 as three more input channels (that cue made
   explicit rather than learnt); `stem_stride: 2` runs the U-Net at half resolution (an average
-  pooling in front) and ends with a full-resolution refinement block that sees the upsampled
-  features beside the full-resolution inputs, so mask edges are placed per pixel at about a
-  quarter of the compute of the full-resolution U-Net.
+  pooling in front) and ends with one full-resolution conv that sees the upsampled features
+  beside the full-resolution inputs, so mask edges are placed per pixel; at 224 px it trains
+  at about twice the speed of the full-resolution U-Net on the CPU (bench/trainer_results.md).
+  The size multiples each model needs: `config.divisor`.
 - `mobilenet_unet`: a lighter variant, a MobileNetV2 encoder (built with weights=None, so no
   download; `encoder_weights` may name a local weights file) shared by both inputs, whose
   features at each scale are concatenated and decoded by the same up-blocks.
@@ -29,8 +30,6 @@ import keras
 from keras import layers
 
 from .config import ModelConfig
-
-DIVISOR = 16  # 4 poolings (see config.divisor for each model's own)
 
 
 @dataclass(frozen=True)
@@ -90,6 +89,12 @@ def _difference(inputs: dict[str, Any]) -> Any:
     return layers.Subtract(name="difference")([fg, bg])
 
 
+def _input_stack(cfg: ModelConfig, inputs: dict[str, Any], bg_n: Any, fg_n: Any) -> Any:
+    """The normalised inputs side by side (6 channels), plus the difference (9) if asked."""
+    parts = [bg_n, fg_n, _difference(inputs)] if cfg.difference else [bg_n, fg_n]
+    return layers.Concatenate(name="inputs_concat")(parts)
+
+
 def _inputs(norm: Normalisation) -> tuple[dict[str, Any], Any, Any]:
     bg = keras.Input((None, None, 3), dtype="uint8", name="bg")
     fg_bg = keras.Input((None, None, 3), dtype="uint8", name="fg_bg")
@@ -101,8 +106,7 @@ def _inputs(norm: Normalisation) -> tuple[dict[str, Any], Any, Any]:
 def build_unet(cfg: ModelConfig, norm: Normalisation) -> keras.Model:
     inputs, bg_n, fg_n = _inputs(norm)
     f = cfg.base_filters
-    parts = [bg_n, fg_n, _difference(inputs)] if cfg.difference else [bg_n, fg_n]
-    full = x = layers.Concatenate(name="inputs_concat")(parts)
+    full = x = _input_stack(cfg, inputs, bg_n, fg_n)
     if cfg.stem_stride == 2:
         x = layers.AveragePooling2D(2, name="stem_pool")(x)
     x1 = _double_conv(x, f, "inc")
@@ -157,8 +161,7 @@ def build_mobilenet_unet(cfg: ModelConfig, norm: Normalisation) -> keras.Model:
         x = _up(x, skip, filters, f"up{i + 1}")
     # The encoder's first feature map is at stride 2: one more upsampling to full size, with
     # the raw normalised inputs as the last skip so that mask edges stay sharp.
-    parts = [bg_n, fg_n, _difference(inputs)] if cfg.difference else [bg_n, fg_n]
-    full = layers.Concatenate(name="inputs_concat")(parts)
+    full = _input_stack(cfg, inputs, bg_n, fg_n)
     x = _up(x, full, f, "up5")
     return keras.Model(inputs, _heads(x, norm), name="mobilenet_unet")
 

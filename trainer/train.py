@@ -446,6 +446,10 @@ def _prepare_run_dir(run_dir: Path, resume: bool) -> None:
             f"run folder already holds a run: {run_dir}; pass --resume to continue it, or "
             "choose another --out"
         )
+
+
+def _make_run_dir(run_dir: Path) -> None:
+    """Made only once the dataset and config passed every check: a refused run leaves nothing."""
     try:
         (run_dir / CKPT).mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -554,6 +558,7 @@ def run_train(
         if isinstance(cfg.lr, float) and not _is_schedule(model.optimizer):
             model.optimizer.learning_rate.assign(state.get("lr", cfg.lr))
     else:
+        _make_run_dir(run_dir)
         write_json(run_dir / CONFIG, record)
 
     start = state["epoch"]
