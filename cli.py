@@ -6,11 +6,12 @@ one `Error: ...` line with exit status 1; `--debug` shows the traceback instead.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import sys
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import click
 from tqdm import tqdm
 
 from pipeline.errors import PipelineError
-from pipeline.runner import Backend, default_workers
+from pipeline.runner import BACKENDS, Backend, default_workers
 
 log = logging.getLogger("synthcar")
 
@@ -32,16 +33,21 @@ def _human_bytes(n: float) -> str:
 
 
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn PipelineError into `Error: ...` (exit 1) and Ctrl-C into a resume hint."""
+    """Turn PipelineError into `Error: ...` (exit 1), a failed write (OSError) into the same
+    one line naming the file and the fix, and Ctrl-C into a resume hint."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         debug = click.get_current_context().find_root().params.get("debug", False)
         try:
             return fn(*args, **kwargs)
-        except PipelineError as e:
+        except (PipelineError, OSError) as e:
             if debug:
                 raise
+            if isinstance(e, OSError):
+                from pipeline.files import write_error
+
+                e = write_error(e.filename or "a file", e)
             click.echo(f"Error: {e}", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
@@ -62,6 +68,37 @@ def _size_option(value: str | None) -> tuple[int, int] | None:
         raise click.BadParameter(str(e)) from None
 
 
+def out_option(help: str, required: bool = True, default: Any = None) -> Callable[..., Any]:
+    """--out/-o: the folder (or file) a command writes."""
+    return click.option(
+        "--out",
+        "-o",
+        required=required and default is None,
+        default=default,
+        show_default=default is not None,
+        type=click.Path(path_type=Path),
+        help=help,
+    )
+
+
+skip_bad_option = click.option(
+    "--skip-bad", is_flag=True, help="Skip unreadable or unusable inputs and list them."
+)
+
+
+def on_bad_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--skip-bad, handed to the command as its `on_bad` policy (pipeline.errors.OnBad)."""
+
+    @skip_bad_option
+    @functools.wraps(fn)
+    def wrapper(*args: Any, skip_bad: bool, **kw: Any) -> Any:
+        from pipeline.errors import OnBad
+
+        return fn(*args, on_bad=OnBad(skip=skip_bad), **kw)
+
+    return wrapper
+
+
 workers_option = click.option(
     "--workers",
     type=click.IntRange(min=1),
@@ -69,6 +106,47 @@ workers_option = click.option(
     show_default=True,
     help="Worker processes.",
 )
+
+
+def backend_options(cluster: bool = True, workers_help: str = "Worker processes.") -> Callable:
+    """--workers (and, for the shard stages, --backend and --scheduler); hands the command one
+    runner Backend as its `backend` argument."""
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def wrapper(
+            *args: Any, workers: int, backend: str = "local", scheduler: str | None = None, **kw
+        ) -> Any:
+            runner = Backend(backend, workers, scheduler if backend == "dask" else None)
+            return fn(*args, backend=runner, **kw)
+
+        wrapped = click.option(
+            "--workers",
+            type=click.IntRange(min=1),
+            default=default_workers(),
+            show_default=True,
+            help=workers_help,
+        )(wrapper)
+        if not cluster:
+            return wrapped
+        wrapped = click.option(
+            "--scheduler",
+            envvar="DASK_SCHEDULER_ADDRESS",
+            default=None,
+            metavar="ADDRESS",
+            help="Dask scheduler (default $DASK_SCHEDULER_ADDRESS; with neither, --backend dask "
+            "starts a local cluster of --workers processes). The dataset folder must be at the "
+            "same path on every worker.",
+        )(wrapped)
+        return click.option(
+            "--backend",
+            type=click.Choice(BACKENDS),
+            default="local",
+            show_default=True,
+            help="local: worker processes here; dask: a Dask cluster (see --scheduler).",
+        )(wrapped)
+
+    return decorate
 
 
 def cluster_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -100,18 +178,20 @@ def cluster_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 class _Bar:
-    """A tqdm bar over samples whose total is known only once a stage has started."""
+    """A tqdm bar (a pipeline.progress.Progress) whose total is known only once a stage has
+    started; `unit` names what it counts."""
 
-    def __init__(self, desc: str) -> None:
-        self.desc = desc
+    def __init__(self, desc: str, unit: str = "sample") -> None:
+        self.desc, self.unit = desc, unit
         self.bar: tqdm | None = None
 
-    def start(self, total: int, done: int) -> None:
+    def start(self, total: int, done: int = 0) -> None:
+        self.close()
         self.bar = tqdm(
             total=total,
             initial=done,
             desc=self.desc,
-            unit="sample",
+            unit=self.unit,
             unit_scale=True,
             dynamic_ncols=True,
             file=sys.stderr,
@@ -125,6 +205,17 @@ class _Bar:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
+
+
+@contextlib.contextmanager
+def progress_bar(desc: str, unit: str = "sample") -> Iterator[_Bar]:
+    """The progress object a stage reports to, closed however the stage ends."""
+    bar = _Bar(desc, unit)
+    try:
+        yield bar
+    finally:
+        bar.close()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

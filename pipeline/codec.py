@@ -7,12 +7,16 @@ JPEG goes through simplejpeg (libjpeg-turbo without OpenCV's copies and channel 
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import cv2
 import numpy as np
 import simplejpeg
 from numpy.typing import NDArray
 
 from .errors import DatasetError
+from .files import atomic_write_bytes
 
 CHROMA = {"420": "420", "444": "444"}
 
@@ -53,3 +57,34 @@ def decode_into(data: bytes | NDArray[np.uint8], out: NDArray[np.uint8]) -> None
         except ValueError as e:
             raise DatasetError(f"a stored JPEG cannot be decoded ({e})") from None
     out[...] = decode(buf)
+
+
+def png_bytes(image: NDArray[Any], compression: int = 3) -> bytes:
+    """PNG bytes of (H, W) uint8 or uint16 grey, (H, W, 3) RGB or (H, W, 4) RGBA uint8."""
+    arr = np.asarray(image)
+    if arr.ndim == 3 and arr.shape[2] == 3:
+        arr = arr[..., ::-1]
+    elif arr.ndim == 3 and arr.shape[2] == 4:
+        arr = arr[..., [2, 1, 0, 3]]
+    elif arr.ndim != 2:
+        raise ValueError(f"cannot write an array of shape {arr.shape} as PNG")
+    ok, buf = cv2.imencode(
+        ".png", np.ascontiguousarray(arr), [cv2.IMWRITE_PNG_COMPRESSION, compression]
+    )
+    if not ok:
+        raise ValueError(f"PNG encoding failed for an array of shape {arr.shape}")
+    return buf.tobytes()
+
+
+def write_png(path: str | Path, image: NDArray[Any], compression: int = 3) -> None:
+    """Write an image (see `png_bytes`) atomically; a failed write is one OutputError."""
+    atomic_write_bytes(path, png_bytes(image, compression))
+
+
+DEPTH_CODE_MAX = 65535
+
+
+def depth_to_u16(depth: NDArray[np.floating]) -> NDArray[np.uint16]:
+    """Normalised depth in [0, 1] -> the 16-bit PNG code round(depth * 65535), clipped."""
+    d = np.asarray(depth, np.float64) * DEPTH_CODE_MAX
+    return np.clip(np.rint(d), 0, DEPTH_CODE_MAX).astype(np.uint16)

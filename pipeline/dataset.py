@@ -27,7 +27,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from . import codec
-from .errors import DatasetError, OutputError
+from .errors import DatasetError
+from .files import atomic_write_bytes, write_error, write_json, writing  # noqa: F401
 
 FORMAT = "synthcar-dataset"
 FORMAT_VERSION = 1
@@ -52,21 +53,6 @@ META_DTYPE = np.dtype(
 
 def shard_name(k: int) -> str:
     return f"{SHARD_DIR}/{k:05d}.h5"
-
-
-def atomic_write_bytes(path: Path, data: bytes, sync: bool = False) -> None:
-    """Write to a temporary name, then rename: readers never see a partial file."""
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        if sync:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode(), sync=True)
 
 
 def read_manifest(root: str | Path) -> dict[str, Any]:
@@ -106,9 +92,7 @@ def prepare_output(root: str | Path) -> Path:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise OutputError(
-            f"cannot write to output folder: {root} ({e.strerror or e}); choose another --out"
-        ) from None
+        raise write_error(root, e) from None
     return root
 
 
@@ -160,8 +144,7 @@ def write_shard(path: Path, shard: ShardArrays, first: int) -> int:
     offsets = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     blob = np.frombuffer(b"".join(shard.images), dtype=np.uint8)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    with create_h5(tmp) as f:
+    with writing(path) as tmp, create_h5(tmp) as f:
         f.attrs["format"] = FORMAT
         f.attrs["format_version"] = FORMAT_VERSION
         f.attrs["first"] = first
@@ -183,7 +166,6 @@ def write_shard(path: Path, shard: ShardArrays, first: int) -> int:
             _write_depth(f, shard.depth, shard.depth_attrs or {})
     # No fsync: a killed process loses nothing the page cache holds, and fsync per shard would
     # cost ~7% of overlay's time. The rename still makes a half-written shard impossible.
-    os.replace(tmp, path)
     return path.stat().st_size
 
 
@@ -313,9 +295,8 @@ def write_assets(
     offsets = np.zeros(len(foregrounds) + 1, dtype=np.int64)
     np.cumsum(sizes, out=offsets[1:])
     flat = np.concatenate([fg.reshape(-1) for fg in foregrounds]) if foregrounds else np.zeros(0)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     strings = h5py.string_dtype()
-    with create_h5(tmp) as f:
+    with writing(path) as tmp, create_h5(tmp) as f:
         f.attrs["format"] = FORMAT
         f.attrs["format_version"] = FORMAT_VERSION
         _dataset(f, "backgrounds", backgrounds, compression="gzip", compression_opts=1)
@@ -324,7 +305,6 @@ def write_assets(
         _dataset(f, "fg_offsets", offsets)
         _dataset(f, "fg_shapes", shapes)
         _dataset(f, "fg_names", np.array(fg_names, dtype=object), dtype=strings)
-    os.replace(tmp, path)
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+import logging
+
+log = logging.getLogger(__name__)
+
 
 class PipelineError(Exception):
     """Base class of every error a user can cause and fix."""
@@ -43,3 +47,40 @@ class ConfigError(PipelineError):
 
 class RunError(PipelineError):
     """A training run folder is missing, incomplete, or has no checkpoint to resume from."""
+
+
+class ClusterError(PipelineError):
+    """The Dask cluster cannot be reached, cannot see the dataset folder, or lost a task."""
+
+
+class WorkerError(PipelineError):
+    """A local worker process died (killed, out of memory) while making its part."""
+
+
+class OnBad:
+    """The policy for a bad input (webdataset's `handler=`): stop at it, or skip it and record
+    the file and reason. Every stage takes one; `OnBad(skip=True)` is `--skip-bad`.
+
+    Workers never apply it: they hand their `BadImageError`s back (the errors pickle), and the
+    main process applies the policy in file-name order, so the error that stops a run is the
+    same whatever the worker count.
+    """
+
+    def __init__(self, skip: bool = False) -> None:
+        self.skip = skip
+        self.skipped: list[dict[str, str]] = []
+
+    def __call__(self, err: BadImageError) -> None:
+        """Raise `err`, or record it and return."""
+        if not self.skip:
+            raise err
+        log.warning("skipped %s", err)
+        self.skipped.append({"file": err.path, "reason": err.reason})
+
+    def handle_all(self, errors: list[BadImageError]) -> None:
+        """Apply the policy to a batch of errors, first file name first."""
+        for err in sorted(errors, key=lambda e: e.path):
+            self(err)
+
+    def __repr__(self) -> str:
+        return f"OnBad(skip={self.skip}, skipped={len(self.skipped)})"

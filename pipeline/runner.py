@@ -10,6 +10,7 @@ shards are written under a temporary name and renamed, a dead worker leaves no h
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import uuid
@@ -21,7 +22,9 @@ from typing import Any, TypeVar
 
 from joblib import Parallel, delayed, parallel_config
 
-from .errors import PipelineError
+from .errors import ClusterError, PipelineError, WorkerError
+
+__all__ = ["BACKENDS", "Backend", "ClusterError", "map_shards"]
 
 T = TypeVar("T")
 BACKENDS = ("local", "dask")
@@ -37,20 +40,29 @@ def default_workers() -> int:
 
 @dataclass(frozen=True)
 class Backend:
-    """Where shard tasks run. workers: processes for local (and for a Dask cluster started on
-    this machine when no scheduler is given)."""
+    """Where shard tasks run, handed to every stage's `run_<stage>`. workers: processes for
+    local (and for a Dask cluster started on this machine when no scheduler is given).
+    resources: Dask worker resources each task needs (e.g. {"GPU": 1}: one task at a time per
+    GPU worker); the local backend ignores them."""
 
     kind: str = "local"
     workers: int = 1
     scheduler: str | None = None
+    resources: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in BACKENDS:
             raise PipelineError(f"backend must be one of {', '.join(BACKENDS)}, got {self.kind}")
+        if self.workers < 1:
+            raise PipelineError(f"--workers must be at least 1, got {self.workers}")
 
+    @classmethod
+    def local(cls, workers: int = 1) -> Backend:
+        return cls("local", workers)
 
-class ClusterError(PipelineError):
-    """The Dask cluster cannot be reached, cannot see the dataset folder, or lost a task."""
+    @property
+    def is_cluster(self) -> bool:
+        return self.kind == "dask"
 
 
 def _probe_path(path: str, token: str, write: bool) -> str | None:
@@ -129,32 +141,46 @@ def _dask_client(backend: Backend) -> Iterator[Any]:
 def map_shards(
     fn: Callable[..., T],
     args: Iterable[tuple[Any, ...]],
-    workers: int | Backend = 1,
+    backend: Backend = Backend(),
     shared_path: str | Path | None = None,
     writes: bool = True,
-    resources: dict[str, float] | None = None,
+    resources: Any = None,
 ) -> Iterator[T]:
-    """Yield fn(*a) for every a in args. workers: a process count (local) or a Backend.
+    """Yield fn(*a) for every a in args, on the backend's workers.
 
     shared_path: the (absolute) folder the tasks use; on a cluster every worker must reach it,
-    and be able to write there when `writes`. resources: Dask worker resources each task needs
-    (e.g. {"GPU": 1}: one task at a time per GPU worker); ignored by the local backend.
+    and be able to write there when `writes`.
     """
-    backend = workers if isinstance(workers, Backend) else Backend("local", int(workers))
+    if isinstance(backend, int):  # TRANSITION: removed once every stage passes a Backend
+        backend = Backend.local(backend)
+    if resources:  # TRANSITION
+        backend = dataclasses.replace(backend, resources=resources)
     args = list(args)
     if not args:
         return
-    if backend.kind == "dask":
-        yield from _map_dask(fn, args, backend, shared_path, writes, resources)
+    if backend.is_cluster:
+        yield from _map_dask(fn, args, backend, shared_path, writes)
         return
     if backend.workers <= 1 or len(args) <= 1:
         for a in args:
             yield fn(*a)
         return
+    yield from _map_local(fn, args, backend.workers)
+
+
+def _map_local(fn: Callable[..., T], args: list[tuple[Any, ...]], workers: int) -> Iterator[T]:
+    from joblib.externals.loky.process_executor import TerminatedWorkerError
+
     parallel = Parallel(
-        n_jobs=min(backend.workers, len(args)), backend="loky", return_as="generator_unordered"
+        n_jobs=min(workers, len(args)), backend="loky", return_as="generator_unordered"
     )
-    yield from parallel(delayed(fn)(*a) for a in args)
+    try:
+        yield from parallel(delayed(fn)(*a) for a in args)
+    except TerminatedWorkerError:
+        raise WorkerError(
+            "a worker process died (killed, or out of memory); finished work is kept: run the "
+            "same command again to resume (with fewer --workers if memory is short)"
+        ) from None
 
 
 _DASK_BACKEND = "synthcar-dask"
@@ -184,9 +210,10 @@ def _map_dask(
     backend: Backend,
     shared_path: Any,
     writes: bool,
-    resources: dict[str, float] | None,
 ) -> Iterator[T]:
     from distributed.scheduler import KilledWorker
+
+    resources = backend.resources
 
     with _dask_client(backend) as client:
         if shared_path is not None:

@@ -3,12 +3,12 @@ for tests marked `shared_data` (skipped where that folder is missing)."""
 
 from __future__ import annotations
 
-import hashlib
+from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from click.testing import CliRunner, Result
+from synth import make_inputs
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -27,61 +27,32 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-def draw_background(w: int, h: int, seed: int) -> Image.Image:
-    """A non-square road-like background: a gradient sky, a grey road, some texture."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h, 0:w]
-    img = np.zeros((h, w, 3), np.float64)
-    img[..., 0] = 60 + 120 * yy / h + rng.uniform(0, 40)
-    img[..., 1] = 90 + 80 * xx / w
-    img[..., 2] = 200 - 100 * yy / h
-    road = yy > h * (0.5 + 0.1 * rng.random())
-    img[road] = 90 + rng.uniform(-10, 10)
-    img += rng.normal(0, 6, img.shape)
-    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
-
-
-def draw_car(w: int, h: int, color: tuple[int, int, int]) -> Image.Image:
-    """A car as a polygon on a transparent canvas, with soft (antialiased) alpha edges."""
-    s = 4
-    big = Image.new("RGBA", (w * s, h * s), (0, 0, 0, 0))
-    d = ImageDraw.Draw(big)
-    W, H = w * s, h * s
-    d.polygon(
-        [
-            (0.05 * W, 0.75 * H),
-            (0.1 * W, 0.45 * H),
-            (0.3 * W, 0.4 * H),
-            (0.42 * W, 0.1 * H),
-            (0.75 * W, 0.1 * H),
-            (0.9 * W, 0.42 * H),
-            (0.97 * W, 0.5 * H),
-            (0.95 * W, 0.75 * H),
-        ],
-        fill=(*color, 255),
-    )
-    for cx in (0.25, 0.75):
-        d.ellipse([cx * W - 0.12 * W, 0.6 * H, cx * W + 0.12 * W, 0.98 * H], fill=(20, 20, 20, 255))
-    return big.resize((w, h), Image.LANCZOS)
-
-
 @pytest.fixture
 def inputs(tmp_path: Path) -> tuple[Path, Path]:
-    """3 backgrounds 96 wide x 64 high (non-square to catch swapped axes), 2 car cutouts."""
-    bgs, fgs = tmp_path / "bgs", tmp_path / "fgs"
-    bgs.mkdir()
-    fgs.mkdir()
-    for i in range(3):
-        draw_background(96, 64, i).save(bgs / f"bg{i}.png")
-    draw_car(30, 18, (200, 30, 30)).save(fgs / "red.png")
-    draw_car(22, 20, (30, 60, 220)).save(fgs / "blue.png")
-    return bgs, fgs
+    """3 backgrounds 96 wide x 64 high, 2 car cutouts (see make_inputs)."""
+    return make_inputs(tmp_path)
 
 
-def tree_digest(folder: Path) -> dict[str, str]:
-    """sha256 of every file under folder, to prove inputs are never changed."""
-    return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
+def invoke(*args: object, catch: bool = False) -> Result:
+    """Run `cli.py ARGS` in-process; exceptions other than SystemExit propagate unless catch."""
+    from cli import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=catch)
+
+
+@pytest.fixture(scope="session")
+def cli_run() -> Callable[..., Result]:
+    """`cli_run(*args)`: run a command of cli.py; a traceback fails the test."""
+    return invoke
+
+
+@pytest.fixture(scope="session")
+def small_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """12 samples of 96x64 (3 backgrounds x 2 cars x 2 positions) in 3 shards of 5, 5, 2, no
+    depth. Shared by the whole session: tests copy it before changing it."""
+    from pipeline.overlay import OverlayConfig, run_overlay
+
+    tmp = tmp_path_factory.mktemp("small_dataset")
+    bgs, fgs = make_inputs(tmp)
+    run_overlay(bgs, [fgs], tmp / "ds", OverlayConfig(positions=2, shard_size=5))
+    return tmp / "ds"

@@ -10,8 +10,8 @@ import cv2
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import tree_digest
 from PIL import Image, ImageDraw
+from synth import tree_digest
 
 from cli import cli
 from pipeline.dedupe import (

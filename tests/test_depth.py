@@ -33,7 +33,7 @@ def run(*args: object):
 @pytest.fixture(scope="module")
 def plain(tmp_path_factory) -> Path:
     """12 samples of 96x64 in 3 shards (5, 5, 2), no depth yet."""
-    from conftest import draw_background, draw_car
+    from synth import draw_background, draw_car
 
     from pipeline.overlay import OverlayConfig, run_overlay
 
@@ -236,7 +236,7 @@ def test_image_input_pads_and_scales() -> None:
 
 
 def test_depth_image_writes_16bit_maps_and_a_montage(tmp_path: Path) -> None:
-    from conftest import draw_background
+    from synth import draw_background
 
     a, b, bad = tmp_path / "a.png", tmp_path / "b.jpg", tmp_path / "bad.jpg"
     draw_background(50, 37, 0).save(a)

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import draw_background, draw_car, tree_digest
 from PIL import Image
+from synth import draw_background, draw_car, tree_digest
 
 from cli import cli
 from pipeline import overlay as ov

@@ -29,7 +29,7 @@ def run(*args: object):
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> Path:
     """A 60-sample dataset in 5 shards (the last one short)."""
-    from conftest import draw_background, draw_car
+    from synth import draw_background, draw_car
 
     tmp = tmp_path_factory.mktemp("built")
     bgs, fgs = tmp / "bgs", tmp / "fgs"

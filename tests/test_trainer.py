@@ -40,7 +40,7 @@ def run(*args: object):
 
 
 def make_dataset(tmp: Path, depth: bool) -> Path:
-    from conftest import draw_background, draw_car
+    from synth import draw_background, draw_car
 
     bgs, fgs = tmp / "bgs", tmp / "fgs"
     bgs.mkdir()
@@ -130,7 +130,7 @@ def test_config_errors_name_the_key(tmp_path: Path, raw: object, words: list[str
 
 
 def test_dataset_size_that_the_model_cannot_take(tmp_path: Path) -> None:
-    from conftest import draw_background, draw_car
+    from synth import draw_background, draw_car
 
     bgs, fgs, ds = tmp_path / "bgs", tmp_path / "fgs", tmp_path / "ds"
     bgs.mkdir()

@@ -1,0 +1,80 @@
+"""Synthetic test inputs drawn on the fly: road-like backgrounds, cars as polygons on a
+transparent canvas, and folders of them. Imported by conftest.py (fixtures) and by tests that
+need their own variants."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+
+def draw_background(w: int, h: int, seed: int) -> Image.Image:
+    """A non-square road-like background: a gradient sky, a grey road, some texture."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = np.zeros((h, w, 3), np.float64)
+    img[..., 0] = 60 + 120 * yy / h + rng.uniform(0, 40)
+    img[..., 1] = 90 + 80 * xx / w
+    img[..., 2] = 200 - 100 * yy / h
+    road = yy > h * (0.5 + 0.1 * rng.random())
+    img[road] = 90 + rng.uniform(-10, 10)
+    img += rng.normal(0, 6, img.shape)
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
+def draw_car(w: int, h: int, color: tuple[int, int, int]) -> Image.Image:
+    """A car as a polygon on a transparent canvas, with soft (antialiased) alpha edges."""
+    s = 4
+    big = Image.new("RGBA", (w * s, h * s), (0, 0, 0, 0))
+    d = ImageDraw.Draw(big)
+    W, H = w * s, h * s
+    d.polygon(
+        [
+            (0.05 * W, 0.75 * H),
+            (0.1 * W, 0.45 * H),
+            (0.3 * W, 0.4 * H),
+            (0.42 * W, 0.1 * H),
+            (0.75 * W, 0.1 * H),
+            (0.9 * W, 0.42 * H),
+            (0.97 * W, 0.5 * H),
+            (0.95 * W, 0.75 * H),
+        ],
+        fill=(*color, 255),
+    )
+    for cx in (0.25, 0.75):
+        d.ellipse([cx * W - 0.12 * W, 0.6 * H, cx * W + 0.12 * W, 0.98 * H], fill=(20, 20, 20, 255))
+    return big.resize((w, h), Image.LANCZOS)
+
+
+CARS = ((30, 18, (200, 30, 30), "red"), (22, 20, (30, 60, 220), "blue"))
+
+
+def make_inputs(
+    folder: Path,
+    num_bg: int = 3,
+    bg_size: tuple[int, int] = (96, 64),
+    cars: tuple[tuple[int, int, tuple[int, int, int], str], ...] = CARS,
+) -> tuple[Path, Path]:
+    """folder/bgs: `num_bg` backgrounds of bg_size (width, height; non-square by default, to
+    catch swapped axes) named bg0.png...; folder/fgs: the car cutouts (width, height, colour,
+    name). Returns (bgs, fgs)."""
+    bgs, fgs = Path(folder) / "bgs", Path(folder) / "fgs"
+    bgs.mkdir(parents=True)
+    fgs.mkdir()
+    for i in range(num_bg):
+        draw_background(*bg_size, i).save(bgs / f"bg{i}.png")
+    for w, h, color, name in cars:
+        draw_car(w, h, color).save(fgs / f"{name}.png")
+    return bgs, fgs
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    """sha256 of every file under folder, to prove inputs are never changed."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
