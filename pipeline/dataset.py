@@ -28,7 +28,13 @@ from numpy.typing import NDArray
 
 from . import codec
 from .errors import DatasetError
-from .files import atomic_write_bytes, write_error, write_json, writing  # noqa: F401
+from .files import (  # noqa: F401 - atomic_write_bytes, write_json re-exported
+    atomic_write_bytes,
+    sha256_file,
+    write_error,
+    write_json,
+    writing,
+)
 
 FORMAT = "synthcar-dataset"
 FORMAT_VERSION = 1
@@ -234,7 +240,8 @@ class Sample:
 
 @dataclass
 class ShardBatch:
-    """All of one shard, decoded on demand: the raw encoded images, and arrays for the rest."""
+    """All of one shard, decoded on demand: the raw encoded images, and arrays for the rest.
+    encoding: how fg_bg is stored ("jpeg" or "png")."""
 
     first: int
     encoded: list[NDArray[np.uint8]]
@@ -242,6 +249,12 @@ class ShardBatch:
     meta: NDArray[Any]
     width: int
     depth: NDArray[np.float32] | None
+    encoding: str = "jpeg"
+
+    @property
+    def extension(self) -> str:
+        """File extension of the stored composites: jpg or png."""
+        return "jpg" if self.encoding == "jpeg" else "png"
 
     def __len__(self) -> int:
         return len(self.encoded)
@@ -268,9 +281,49 @@ def read_shard_file(path: Path) -> ShardBatch:
                 meta=f["meta"][()],
                 width=int(f.attrs["width"]),
                 depth=depth,
+                encoding=str(f.attrs["encoding"]),
             )
     except (OSError, KeyError) as e:
         raise DatasetError(f"damaged shard: {path} ({e}); run `cli.py verify`") from None
+
+
+def rewrite_with_depth(
+    path: Path, depth: NDArray[np.floating], attrs: dict[str, Any] | None = None
+) -> int:
+    """Rewrite a shard atomically with `depth` (n, H, W) added or replaced; returns its size.
+    Everything else is copied as stored (the composites are not re-encoded)."""
+    batch = read_shard_file(path)
+    shard = ShardArrays(
+        [e.tobytes() for e in batch.encoded],
+        batch.masks_packed,
+        batch.meta,
+        batch.width,
+        batch.encoding,
+        depth,
+        attrs,
+    )
+    return write_shard(path, shard, batch.first)
+
+
+def refresh_record(root: Path, rec: dict[str, Any]) -> dict[str, Any]:
+    """A shard's manifest record with its size and sha256 as the file is now."""
+    path = Path(root) / rec["file"]
+    return {**rec, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def require_finished(root: str | Path, then: str = "") -> dict[str, Any]:
+    """The manifest of a dataset whose overlay finished, or a DatasetError saying how to
+    finish it (and `then`: what to run afterwards)."""
+    root = Path(root)
+    manifest = read_manifest(root)
+    if manifest.get("stages", {}).get("overlay", {}).get("status") != "complete":
+        done = len(manifest.get("shards", []))
+        after = f", then {then}" if then else ""
+        raise DatasetError(
+            f"unfinished dataset: {root} ({done} of {manifest.get('num_shards')} shards); run "
+            f"the same overlay command again to finish it{after}"
+        )
+    return manifest
 
 
 def meta_dict(row: Any) -> dict[str, Any]:
@@ -348,14 +401,7 @@ class Dataset:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
-        self.manifest = read_manifest(self.root)
-        overlay = self.manifest.get("stages", {}).get("overlay", {})
-        if overlay.get("status") != "complete":
-            done = len(self.manifest.get("shards", []))
-            raise DatasetError(
-                f"unfinished dataset: {self.root} ({done} of {self.manifest.get('num_shards')} "
-                "shards); run the same overlay command again to finish it"
-            )
+        self.manifest = require_finished(self.root)
         self.shards: list[dict[str, Any]] = sorted(
             self.manifest["shards"], key=lambda s: s["first"]
         )

@@ -14,6 +14,7 @@ import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from synth import add_depth
 
 from cli import cli
 from pipeline import dataset as fmt
@@ -63,33 +64,6 @@ def built(tmp_path_factory) -> Path:
 def ds_copy(built: Path, tmp_path: Path) -> Path:
     shutil.copytree(built, tmp_path / "ds")
     return tmp_path / "ds"
-
-
-def add_depth(root: Path) -> np.ndarray:
-    """Give every shard a depth array (as the depth stage will) and mark it in the manifest."""
-    manifest = fmt.read_manifest(root)
-    rng = np.random.default_rng(0)
-    H, W = manifest["image_size"]
-    all_depth = []
-    for rec in manifest["shards"]:
-        batch = fmt.read_shard_file(root / rec["file"])
-        depth = rng.uniform(0.01, 1, (len(batch), H, W)).astype(np.float16)
-        all_depth.append(depth)
-        shard = fmt.ShardArrays(
-            [e.tobytes() for e in batch.encoded],
-            batch.masks_packed,
-            batch.meta,
-            batch.width,
-            "jpeg",
-            depth,
-        )
-        rec["bytes"] = fmt.write_shard(root / rec["file"], shard, batch.first)
-        from pipeline.images import sha256_file
-
-        rec["sha256"] = sha256_file(root / rec["file"])
-    manifest["stages"]["depth"] = {"status": "complete"}
-    fmt.write_manifest(root, manifest)
-    return np.concatenate(all_depth)
 
 
 # ---------------------------------------------------------------------------- reading API

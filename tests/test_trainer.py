@@ -54,7 +54,7 @@ def make_dataset(tmp: Path, depth: bool) -> Path:
     res = run(*args, "--shard-size", 16, "--workers", 1)
     assert res.exit_code == 0, res.output
     if depth:
-        from test_stages import add_depth
+        from synth import add_depth
 
         add_depth(ds)
     assert run("stats", ds, "--workers", 1).exit_code == 0
@@ -622,7 +622,7 @@ def test_stats_missing_or_stale(ds_plain: Path, tmp_path: Path) -> None:
     res = run("train", copy, "--out", tmp_path / "r")
     assert res.exit_code == 1 and "no stats.json" in res.output and "cli.py stats" in res.output
     shutil.copy(ds_plain / "stats.json", copy / "stats.json")
-    from test_stages import add_depth
+    from synth import add_depth
 
     add_depth(copy)  # rewrites the shards: the stats no longer describe them
     with pytest.raises(DatasetError, match="out of date"):
