@@ -29,8 +29,10 @@ from numpy.typing import NDArray
 
 from . import codec
 from . import dataset as fmt
-from .errors import BadImageError, InputFolderError, OutputError, PipelineError
-from .images import fit_crop, list_images, read_rgb, read_rgba, sha256_file
+from .errors import BadImageError, InputFolderError, OnBad, OutputError, PipelineError
+from .files import sha256_file
+from .images import fit_crop, list_images, read_rgb, read_rgba
+from .progress import NO_PROGRESS, Progress
 from .runner import Backend, map_shards
 
 log = logging.getLogger(__name__)
@@ -259,16 +261,11 @@ def make_shard(job: ShardJob, k: int) -> dict[str, Any]:
         out = paste(assets.backgrounds[m["bg"]], fg, x, y)
         images.append(codec.encode(out, cfg.format, cfg.quality, cfg.subsampling))
         fg.stamp_mask(masks[i], x, y)
-    path = Path(job.root) / fmt.shard_name(k)
     shard = fmt.ShardArrays(images, masks, meta, geom.width, cfg.format)
-    size = fmt.write_shard(path, shard, first)
-    return {
-        "file": fmt.shard_name(k),
-        "first": first,
-        "count": count,
-        "bytes": size,
-        "sha256": sha256_file(path),
-    }
+    fmt.write_shard(Path(job.root) / fmt.shard_name(k), shard, first)
+    return fmt.refresh_record(
+        Path(job.root), {"file": fmt.shard_name(k), "first": first, "count": count}
+    )
 
 
 # ------------------------------------------------------------------------ inputs (I/O)
@@ -286,29 +283,22 @@ class Inputs:
     ignored: list[str] = field(default_factory=list)
 
 
-def _skip_or_raise(err: BadImageError, skip_bad: bool, skipped: list[dict[str, str]]) -> None:
-    if not skip_bad:
-        raise err
-    log.warning("skipped %s", err)
-    skipped.append({"file": err.path, "reason": err.reason})
-
-
-def _read_or_skip(read: Callable[[Path], Any], path: Path, skip_bad: bool, skipped: list) -> Any:
+def _read_or_skip(read: Callable[[Path], Any], path: Path, on_bad: OnBad) -> Any:
     try:
         return read(path)
     except BadImageError as e:
-        _skip_or_raise(e, skip_bad, skipped)
+        on_bad(e)
         return None
 
 
 def load_backgrounds(
-    folder: Path, size: tuple[int, int] | None, skip_bad: bool, inputs: Inputs
+    folder: Path, size: tuple[int, int] | None, on_bad: OnBad, inputs: Inputs
 ) -> None:
     listing = list_images(folder, "backgrounds")
     inputs.ignored += [str(p) for p in listing.ignored]
     arrays, names, shas, paths = [], [], [], []
     for p in listing.images:
-        rgb = _read_or_skip(read_rgb, p, skip_bad, inputs.skipped)
+        rgb = _read_or_skip(read_rgb, p, on_bad)
         if rgb is None:
             continue
         arrays.append(rgb if size is None else fit_crop(rgb, *size))
@@ -333,7 +323,7 @@ def load_backgrounds(
 
 
 def load_foregrounds(
-    folders: Sequence[Path], skip_bad: bool, inputs: Inputs, bg_hw: tuple[int, int]
+    folders: Sequence[Path], on_bad: OnBad, inputs: Inputs, bg_hw: tuple[int, int]
 ) -> None:
     H, W = bg_hw
     seen: dict[str, Path] = {}
@@ -348,7 +338,7 @@ def load_foregrounds(
                     "rename one of the folders"
                 )
             seen[name] = p
-            rgba = _read_or_skip(read_rgba, p, skip_bad, inputs.skipped)
+            rgba = _read_or_skip(read_rgba, p, on_bad)
             if rgba is None:
                 continue
             h, w = rgba.shape[:2]
@@ -359,7 +349,7 @@ def load_foregrounds(
                     "shrink it (e.g. the foregrounds stage's --size) or use larger "
                     "backgrounds; or pass --skip-bad to skip it",
                 )
-                _skip_or_raise(err, skip_bad, inputs.skipped)
+                on_bad(err)
                 continue
             inputs.foregrounds.append(rgba)
             inputs.fg_names.append(name)
@@ -371,13 +361,13 @@ def load_foregrounds(
 
 
 def load_inputs(
-    backgrounds: Path, foregrounds: Sequence[Path], size: tuple[int, int] | None, skip_bad: bool
+    backgrounds: Path, foregrounds: Sequence[Path], size: tuple[int, int] | None, on_bad: OnBad
 ) -> Inputs:
+    """Read every input; bad files go to `on_bad` (and are listed in `inputs.skipped`)."""
     inputs = Inputs(np.zeros((0, 0, 0, 3), np.uint8), [], [], [], [], [])
-    load_backgrounds(Path(backgrounds), size, skip_bad, inputs)
-    load_foregrounds(
-        [Path(f) for f in foregrounds], skip_bad, inputs, inputs.backgrounds.shape[1:3]
-    )
+    load_backgrounds(Path(backgrounds), size, on_bad, inputs)
+    load_foregrounds([Path(f) for f in foregrounds], on_bad, inputs, inputs.backgrounds.shape[1:3])
+    inputs.skipped = on_bad.skipped
     return inputs
 
 
@@ -447,15 +437,54 @@ def _finished_shards(root: Path, manifest: dict[str, Any], num_shards: int) -> d
                 batch = fmt.read_shard_file(path)
             except PipelineError:
                 continue
-            rec = {
-                "file": name,
-                "first": batch.first,
-                "count": len(batch),
-                "bytes": path.stat().st_size,
-                "sha256": sha256_file(path),
-            }
+            rec = fmt.refresh_record(
+                root, {"file": name, "first": batch.first, "count": len(batch)}
+            )
         done[k] = rec
     return done
+
+
+def _existing_manifest(out: Path) -> dict[str, Any] | None:
+    """The manifest of a dataset already at `out` (to resume), None for a new or empty folder."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"output path is a file, not a folder: {out}; choose another --out")
+    if not (out.is_dir() and any(out.iterdir())):
+        return None
+    if not (out / fmt.MANIFEST).exists():
+        raise OutputError(
+            f"output folder is not empty and holds no dataset: {out}; choose an empty or "
+            "new folder for --out"
+        )
+    return fmt.read_manifest(out)
+
+
+def _new_manifest(config: OverlayConfig, geom: Geometry, inputs: Inputs) -> dict[str, Any]:
+    overlay = {"status": "running", "config": config.to_json(), "geometry": asdict(geom)}
+    overlay |= {"skipped": inputs.skipped, "ignored": inputs.ignored}
+    return {
+        "format": fmt.FORMAT,
+        "format_version": fmt.FORMAT_VERSION,
+        "seed": config.seed,
+        "num_samples": geom.num_samples,
+        "num_shards": -(-geom.num_samples // config.shard_size),
+        "image_size": [geom.height, geom.width],
+        "stages": {"overlay": overlay},
+        "sources": _sources(inputs),
+        "assets": None,
+        "shards": [],
+    }
+
+
+def _assets_record(out: Path, existing: dict[str, Any] | None, inputs: Inputs) -> dict[str, str]:
+    """Write assets.h5 unless the one an earlier run left is intact; its manifest record."""
+    path = out / fmt.ASSETS
+    sha = sha256_file(path) if existing is not None and path.is_file() else None
+    if sha is None or (existing.get("assets") or {}).get("sha256") != sha:
+        fmt.write_assets(
+            path, inputs.backgrounds, inputs.bg_names, inputs.foregrounds, inputs.fg_names
+        )
+        sha = sha256_file(path)
+    return {"file": fmt.ASSETS, "sha256": sha}
 
 
 def run_overlay(
@@ -463,82 +492,38 @@ def run_overlay(
     foregrounds: Sequence[Path],
     out: Path,
     config: OverlayConfig,
-    workers: int | Backend = 1,
-    skip_bad: bool = False,
-    progress: Callable[[int], None] | None = None,
-    on_start: Callable[[int, int], None] | None = None,
+    backend: Backend = Backend(),
+    on_bad: OnBad | None = None,
+    progress: Progress = NO_PROGRESS,
 ) -> OverlayReport:
-    """Make (or finish) the dataset at `out`. progress(n) is called with samples done;
-    on_start(total_samples, already_done) once the work is known."""
+    """Make (or finish) the dataset at `out`; progress counts samples."""
     t0 = time.perf_counter()
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"output path is a file, not a folder: {out}; choose another --out")
-    existing = None
-    if out.is_dir() and any(out.iterdir()):
-        if not (out / fmt.MANIFEST).exists():
-            raise OutputError(
-                f"output folder is not empty and holds no dataset: {out}; choose an empty or "
-                "new folder for --out"
-            )
-        existing = fmt.read_manifest(out)
-    inputs = load_inputs(backgrounds, foregrounds, config.size, skip_bad)
+    existing = _existing_manifest(out)
+    inputs = load_inputs(backgrounds, foregrounds, config.size, on_bad or OnBad())
     H, W = inputs.backgrounds.shape[1:3]
-    geom = Geometry(
-        len(inputs.bg_names),
-        len(inputs.fg_names),
-        2 if config.mirror else 1,
-        config.positions,
-        H,
-        W,
-    )
-    num_shards = -(-geom.num_samples // config.shard_size)
-    manifest: dict[str, Any] = {
-        "format": fmt.FORMAT,
-        "format_version": fmt.FORMAT_VERSION,
-        "seed": config.seed,
-        "num_samples": geom.num_samples,
-        "num_shards": num_shards,
-        "image_size": [H, W],
-        "stages": {
-            "overlay": {"status": "running", "config": config.to_json(), "geometry": asdict(geom)}
-        },
-        "sources": _sources(inputs),
-        "assets": None,
-        "shards": [],
-    }
+    mirrors = 2 if config.mirror else 1
+    geom = Geometry(len(inputs.bg_names), len(inputs.fg_names), mirrors, config.positions, H, W)
+    manifest = _new_manifest(config, geom, inputs)
     if existing is not None:
         _check_resume(out, existing, manifest)
     fmt.prepare_output(out)
     fmt.remove_stale_temporaries(out)
-    assets_path = out / fmt.ASSETS
-    if (
-        existing is None
-        or not assets_path.is_file()
-        or (existing.get("assets") or {}).get("sha256") != _sha_or_none(assets_path)
-    ):
-        fmt.write_assets(
-            assets_path, inputs.backgrounds, inputs.bg_names, inputs.foregrounds, inputs.fg_names
-        )
-    manifest["assets"] = {"file": fmt.ASSETS, "sha256": sha256_file(assets_path)}
-    done = _finished_shards(out, existing or {}, num_shards) if existing else {}
+    manifest["assets"] = _assets_record(out, existing, inputs)
+    num_shards = manifest["num_shards"]
+    done = _finished_shards(out, existing, num_shards) if existing else {}
     manifest["shards"] = [done[k] for k in sorted(done)]
-    manifest["stages"]["overlay"]["skipped"] = inputs.skipped
-    manifest["stages"]["overlay"]["ignored"] = inputs.ignored
     fmt.write_manifest(out, manifest)
-
     already = sum(r["count"] for r in done.values())
-    if on_start:
-        on_start(geom.num_samples, already)
+    progress.start(geom.num_samples, already)
     job = ShardJob(str(out.resolve()), config, geom, manifest["assets"]["sha256"])
     todo = [(job, k) for k in range(num_shards) if k not in done]
     records = dict(done)
-    for rec in map_shards(make_shard, todo, workers, shared_path=job.root):
+    for rec in map_shards(make_shard, todo, backend, shared_path=job.root):
         records[rec["first"] // config.shard_size] = rec
         manifest["shards"] = [records[k] for k in sorted(records)]
         fmt.write_manifest(out, manifest)
-        if progress:
-            progress(rec["count"])
+        progress.update(rec["count"])
     manifest["stages"]["overlay"]["status"] = "complete"
     fmt.write_manifest(out, manifest)
     return OverlayReport(
@@ -548,14 +533,10 @@ def run_overlay(
         made=len(todo),
         reused=len(done),
         samples_made=geom.num_samples - already,
-        bytes=sum(r["bytes"] for r in records.values()) + assets_path.stat().st_size,
+        bytes=sum(r["bytes"] for r in records.values()) + (out / fmt.ASSETS).stat().st_size,
         seconds=time.perf_counter() - t0,
         num_bg=geom.num_bg,
         num_fg=geom.num_fg,
         skipped=inputs.skipped,
         ignored=inputs.ignored,
     )
-
-
-def _sha_or_none(path: Path) -> str | None:
-    return sha256_file(path) if path.is_file() else None

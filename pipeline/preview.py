@@ -8,12 +8,14 @@ map (near = bright). Samples are evenly spaced through the (shuffled) dataset.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 from numpy.typing import NDArray
 
+from . import codec
 from . import dataset as fmt
 
 GAP = 4
@@ -75,14 +77,17 @@ def pick_indices(total: int, n: int) -> list[int]:
     return sorted({int(round(v)) for v in np.linspace(0, total - 1, n)})
 
 
-def run_preview(root: str | Path, n: int = 16, out: Path | None = None) -> Path:
-    """Write the contact sheet of n samples; returns its path."""
+@dataclass(frozen=True)
+class PreviewReport:
+    path: Path
+    samples: int
+
+
+def run_preview(root: str | Path, n: int = 16, out: Path | None = None) -> PreviewReport:
+    """Write the contact sheet of n samples (evenly spaced through the dataset)."""
     with fmt.open_dataset(root) as ds:
         samples = [ds[i] for i in pick_indices(len(ds), n)]
         sheet = contact_sheet(samples)
         path = Path(out) if out else ds.root / PREVIEW
-    ok, buf = cv2.imencode(".png", sheet[..., ::-1])
-    if not ok:
-        raise RuntimeError("PNG encoding of the preview failed")
-    fmt.atomic_write_bytes(path, buf.tobytes())
-    return path
+    codec.write_png(path, sheet, compression=1)
+    return PreviewReport(path, len(samples))

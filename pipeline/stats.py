@@ -12,7 +12,6 @@ Backgrounds are counted once each: every background appears in the same number o
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,18 +23,12 @@ from numpy.typing import NDArray
 from . import codec
 from . import dataset as fmt
 from .errors import DatasetError
+from .files import write_json
+from .progress import NO_PROGRESS, Progress
 from .runner import Backend, map_shards
 
 STATS = "stats.json"
 BATCH = 64
-_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
-
-
-def _popcount(packed: NDArray[np.uint8]) -> NDArray[np.uint8]:
-    """Set bits of each byte (numpy >= 2 has a vectorised instruction for it)."""
-    if hasattr(np, "bitwise_count"):
-        return np.bitwise_count(packed)
-    return _POPCOUNT[packed]
 
 
 @dataclass
@@ -134,7 +127,7 @@ class StatsPartial:
 
 def mask_counts(packed: NDArray[np.uint8], width: int) -> tuple[int, int, int]:
     """(foreground pixels, all pixels, masks with no foreground) of bit-packed masks."""
-    per_mask = _popcount(packed).reshape(len(packed), -1).sum(axis=1, dtype=np.int64)
+    per_mask = np.bitwise_count(packed).reshape(len(packed), -1).sum(axis=1, dtype=np.int64)
     pixels = packed.shape[0] * packed.shape[1] * width
     return int(per_mask.sum()), int(pixels), int((per_mask == 0).sum())
 
@@ -192,28 +185,23 @@ class StatsReport:
 
 
 def run_stats(
-    root: str | Path,
-    workers: int | Backend = 1,
-    progress: Callable[[int], None] | None = None,
-    on_start: Callable[[int, int], None] | None = None,
+    root: str | Path, backend: Backend = Backend(), progress: Progress = NO_PROGRESS
 ) -> StatsReport:
-    """Compute the stats of a finished dataset and write stats.json."""
+    """Compute the stats of a finished dataset and write stats.json; progress counts samples."""
     t0 = time.perf_counter()
     ds = fmt.open_dataset(root)
-    if on_start:
-        on_start(len(ds), 0)
+    progress.start(len(ds), 0)
     total = StatsPartial()
     root = str(ds.root.resolve())
     jobs = [(root, s["file"]) for s in ds.shards]
-    for part in map_shards(shard_partial, jobs, workers, shared_path=root, writes=False):
+    for part in map_shards(shard_partial, jobs, backend, shared_path=root, writes=False):
         total.merge(part)
-        if progress:
-            progress(part.samples)
+        progress.update(part.samples)
     if total.samples != len(ds):
         raise DatasetError(f"stats saw {total.samples} samples, manifest says {len(ds)}")
     bg = ColorSums()
     bg.add_images(ds.backgrounds)
     stats = summarize(total, bg, ds.manifest)
     path = ds.root / STATS
-    fmt.write_json(path, stats)
+    write_json(path, stats)
     return StatsReport(stats, path, time.perf_counter() - t0)

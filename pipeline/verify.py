@@ -5,7 +5,6 @@ that the shards cover all samples. Reads only; changes nothing.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,8 @@ import numpy as np
 
 from . import dataset as fmt
 from .errors import PipelineError
-from .images import sha256_file
+from .files import sha256_file
+from .progress import NO_PROGRESS, Progress
 from .runner import Backend, map_shards
 
 
@@ -81,11 +81,9 @@ class VerifyReport:
 
 
 def run_verify(
-    root: str | Path,
-    workers: int | Backend = 1,
-    progress: Callable[[int], None] | None = None,
-    on_start: Callable[[int, int], None] | None = None,
+    root: str | Path, backend: Backend = Backend(), progress: Progress = NO_PROGRESS
 ) -> VerifyReport:
+    """Check every file of the dataset at `root`; progress counts samples."""
     root = Path(root)
     manifest = fmt.read_manifest(root)
     report = VerifyReport()
@@ -110,16 +108,14 @@ def run_verify(
         report.bad.setdefault("manifest.json", []).append(
             f"shards end at sample {expected}, dataset has {manifest.get('num_samples')}"
         )
-    if on_start:
-        on_start(sum(r["count"] for r in shards), 0)
+    progress.start(sum(r["count"] for r in shards), 0)
     geometry = overlay.get("geometry", {})
     jobs = [(str(root.resolve()), rec, geometry) for rec in shards]
-    checks = map_shards(check_shard, jobs, workers, shared_path=root.resolve(), writes=False)
+    checks = map_shards(check_shard, jobs, backend, shared_path=root.resolve(), writes=False)
     for file, n, problems in checks:
         report.shards += 1
         report.samples += n
         if problems:
             report.bad[file] = problems
-        if progress:
-            progress(n)
+        progress.update(n)
     return report

@@ -97,3 +97,18 @@ def add_depth(root: Path) -> np.ndarray:
     manifest["stages"]["depth"] = {"status": "complete"}
     fmt.write_manifest(root, manifest)
     return np.concatenate(all_depth)
+
+
+def local_cluster(**kw: object):
+    """A Dask LocalCluster of worker processes on loopback, quiet, no dashboard."""
+    import distributed
+
+    settings = dict(
+        n_workers=2,
+        threads_per_worker=1,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address=None,
+        silence_logs=40,
+    )
+    return distributed.LocalCluster(**(settings | kw))

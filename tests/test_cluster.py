@@ -8,12 +8,13 @@ import signal
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
+from synth import local_cluster
 
-from cli import cli
 from pipeline import runner
+from pipeline.errors import ClusterError
 from pipeline.overlay import OverlayConfig, run_overlay
-from pipeline.runner import Backend, ClusterError, check_workers_see
+from pipeline.progress import Counter
+from pipeline.runner import Backend, check_workers_see
 from pipeline.stats import run_stats
 from pipeline.verify import run_verify
 
@@ -22,14 +23,7 @@ distributed = pytest.importorskip("distributed")
 
 @pytest.fixture(scope="module")
 def cluster():
-    with distributed.LocalCluster(
-        n_workers=2,
-        threads_per_worker=1,
-        processes=True,
-        host="127.0.0.1",
-        dashboard_address=None,
-        silence_logs=40,
-    ) as c:
+    with local_cluster() as c:
         yield c
 
 
@@ -42,59 +36,49 @@ CONFIG = OverlayConfig(positions=12, mirror=True, shard_size=6, seed=3)
 
 def test_cluster_output_equals_local(inputs, tmp_path: Path, cluster) -> None:
     bgs, fgs = inputs
-    run_overlay(bgs, [fgs], tmp_path / "local", CONFIG, workers=1)
+    run_overlay(bgs, [fgs], tmp_path / "local", CONFIG)
     dask = Backend("dask", 2, cluster.scheduler_address)
-    rep = run_overlay(bgs, [fgs], tmp_path / "dask", CONFIG, workers=dask)
+    rep = run_overlay(bgs, [fgs], tmp_path / "dask", CONFIG, dask)
     assert rep.made == 24  # shards
     assert shard_bytes(tmp_path / "dask") == shard_bytes(tmp_path / "local")
-    local_stats = run_stats(tmp_path / "local", workers=1).stats
-    assert run_stats(tmp_path / "dask", workers=dask).stats == local_stats
-    assert run_verify(tmp_path / "dask", workers=dask).ok
+    local_stats = run_stats(tmp_path / "local").stats
+    assert run_stats(tmp_path / "dask", dask).stats == local_stats
+    assert run_verify(tmp_path / "dask", dask).ok
 
 
 def test_killed_worker_loses_nothing(inputs, tmp_path: Path, cluster) -> None:
     bgs, fgs = inputs
     config = OverlayConfig(positions=72, mirror=True, shard_size=6, seed=4)  # 144 shards
-    run_overlay(bgs, [fgs], tmp_path / "local", config, workers=1)
+    run_overlay(bgs, [fgs], tmp_path / "local", config)
     client = distributed.Client(cluster.scheduler_address)
     pids = sorted(client.run(os.getpid).values())
     killed: list[int] = []
     after_kill = []
 
-    def kill_one_worker(_n: int) -> None:
-        if not killed:  # after the first shard lands, while most are still to do
-            killed.append(pids[0])
-            os.kill(pids[0], signal.SIGKILL)
-        else:
-            after_kill.append(_n)
+    class KillOneWorker(Counter):
+        def update(self, n: int) -> None:
+            if not killed:  # after the first shard lands, while most are still to do
+                killed.append(pids[0])
+                os.kill(pids[0], signal.SIGKILL)
+            else:
+                after_kill.append(n)
 
     dask = Backend("dask", 2, cluster.scheduler_address)
-    run_overlay(bgs, [fgs], tmp_path / "dask", config, workers=dask, progress=kill_one_worker)
+    run_overlay(bgs, [fgs], tmp_path / "dask", config, dask, progress=KillOneWorker())
     assert killed and len(after_kill) == 143  # every other shard was still made
     assert shard_bytes(tmp_path / "dask") == shard_bytes(tmp_path / "local")
     client.wait_for_workers(2, timeout=60)  # the nanny restarts it for the next test
     client.close()
 
 
-def test_cli_on_the_cluster(inputs, tmp_path: Path, cluster) -> None:
+def overlay_args(inputs: tuple[Path, Path], out: Path) -> list[object]:
     bgs, fgs = inputs
-    res = CliRunner().invoke(
-        cli,
-        [
-            "overlay",
-            "-b",
-            str(bgs),
-            "-f",
-            str(fgs),
-            "--out",
-            str(tmp_path / "ds"),
-            "--positions",
-            "2",
-            "--backend",
-            "dask",
-        ],
-        env={"DASK_SCHEDULER_ADDRESS": cluster.scheduler_address},
-    )
+    return ["overlay", "-b", bgs, "-f", fgs, "--out", out, "--positions", 2, "--backend", "dask"]
+
+
+def test_cli_on_the_cluster(inputs, tmp_path: Path, cluster, monkeypatch, cli_run) -> None:
+    monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", cluster.scheduler_address)
+    res = cli_run(*overlay_args(inputs, tmp_path / "ds"))
     assert res.exit_code == 0, res.output
     assert "12 samples" in res.output
 
@@ -106,25 +90,9 @@ def test_workers_that_cannot_see_the_folder(tmp_path: Path, cluster) -> None:
             check_workers_see(client, str(tmp_path / "only-on-my-laptop"))
 
 
-def test_unreachable_scheduler(inputs, tmp_path: Path, monkeypatch) -> None:
+def test_unreachable_scheduler(inputs, tmp_path: Path, monkeypatch, cli_run) -> None:
     monkeypatch.setattr(runner, "CONNECT_TIMEOUT", "1s")
-    bgs, fgs = inputs
-    res = CliRunner().invoke(
-        cli,
-        [
-            "overlay",
-            "-b",
-            str(bgs),
-            "-f",
-            str(fgs),
-            "--out",
-            str(tmp_path / "ds"),
-            "--backend",
-            "dask",
-            "--scheduler",
-            "tcp://127.0.0.1:9",
-        ],
-    )
+    res = cli_run(*overlay_args(inputs, tmp_path / "ds"), "--scheduler", "tcp://127.0.0.1:9")
     assert res.exit_code == 1
     assert "Error: cannot reach the Dask scheduler at tcp://127.0.0.1:9" in res.output
 
@@ -154,9 +122,9 @@ def test_tasks_needing_a_resource_run_only_where_it_is(cluster) -> None:
         )
         try:
             client.wait_for_workers(3, timeout=60)
-            backend = Backend("dask", 2, cluster.scheduler_address)
+            backend = Backend("dask", 2, cluster.scheduler_address, resources={"GPU": 1})
             # os.getpid: a function every worker can import (the tests folder is not on theirs)
-            pids = list(runner.map_shards(os.getpid, [()] * 6, backend, resources={"GPU": 1}))
+            pids = list(runner.map_shards(os.getpid, [()] * 6, backend))
             assert pids == [worker.pid] * 6
             assert worker.pid not in plain
         finally:

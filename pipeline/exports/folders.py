@@ -1,0 +1,96 @@
+"""folders: a dataset as plain image folders, for tools that want files.
+
+Output DIR/fg_bg/NNNNNNN.jpg (the stored bytes, not re-encoded; .png for PNG datasets),
+DIR/mask/NNNNNNN.png (8-bit, 0/255), DIR/depth/NNNNNNN.png (16-bit, depth * 65535) when the
+dataset has depth, DIR/bg/BBBB.png (each background once), and DIR/samples.csv linking each
+sample to its files, background, foreground and placement. Every file is written atomically; an
+interrupted export resumes shard by shard.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any
+
+from .. import codec
+from .. import dataset as fmt
+from ..files import atomic_write_bytes, writing
+from ..progress import Progress
+from ..runner import Backend
+from .common import done_marker, export_shards, prepare_export
+
+COLUMNS = [
+    "index",
+    "fg_bg",
+    "mask",
+    "depth",
+    "bg",
+    "bg_id",
+    "bg_name",
+    "fg_id",
+    "fg_name",
+    "flipped",
+    "x",
+    "y",
+]
+# OpenCV's default PNG level (fast): exports are large and read once.
+PNG_LEVEL = 1
+
+
+def _row(m: Any, name: str, ext: str, depth_file: str, assets: fmt.Assets) -> list[Any]:
+    bg, fg = int(m["bg"]), int(m["fg"])
+    return [
+        int(m["index"]),
+        f"fg_bg/{name}.{ext}",
+        f"mask/{name}.png",
+        depth_file,
+        f"bg/{bg:04d}.png",
+        bg,
+        assets.bg_names[bg],
+        fg,
+        assets.fg_names[fg],
+        int(m["flipped"]),
+        int(m["x"]),
+        int(m["y"]),
+    ]
+
+
+def export_shard(root: str, k: int, out: str, with_depth: bool) -> int:
+    """Write shard k's files and its rows of samples.csv (its done marker); returns samples."""
+    with fmt.open_dataset(root) as ds:
+        batch = ds.read_shard(k)
+        dest, masks, ext = Path(out), batch.masks(), batch.extension
+        rows = io.StringIO()
+        writer = csv.writer(rows)
+        for i, m in enumerate(batch.meta):
+            name = f"{int(m['index']):07d}"
+            atomic_write_bytes(dest / "fg_bg" / f"{name}.{ext}", batch.encoded[i].tobytes())
+            codec.write_png(dest / "mask" / f"{name}.png", masks[i], PNG_LEVEL)
+            depth_file = ""
+            if with_depth and batch.depth is not None:
+                depth_file = f"depth/{name}.png"
+                codec.write_png(dest / depth_file, codec.depth_to_u16(batch.depth[i]), PNG_LEVEL)
+            writer.writerow(_row(m, name, ext, depth_file, ds.assets))
+        atomic_write_bytes(done_marker(dest, k, "csv"), rows.getvalue().encode())
+    return len(batch)
+
+
+def run_folders(root: str | Path, out: str | Path, backend: Backend, progress: Progress) -> int:
+    """Export every sample as plain files; returns the number of samples exported by this run."""
+    ds = fmt.open_dataset(root)
+    out = Path(out)
+    with_depth = ds.has_depth
+    prepare_export(out, ds, ["fg_bg", "mask", "bg"] + (["depth"] if with_depth else []))
+    for b, bg in enumerate(ds.backgrounds):
+        target = out / "bg" / f"{b:04d}.png"
+        if not target.exists():
+            codec.write_png(target, bg, PNG_LEVEL)
+    made = sum(export_shards(ds, out, export_shard, (with_depth,), "csv", backend, progress))
+    with writing(out / "samples.csv") as tmp, open(tmp, "w", newline="") as f:
+        f.write(",".join(COLUMNS) + "\n")
+        for k in range(len(ds.shards)):
+            f.write(done_marker(out, k, "csv").read_text())
+    ds.close()
+    return made
