@@ -18,6 +18,7 @@ import os
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ import h5py
 import numpy as np
 from numpy.typing import NDArray
 
-from . import codec
+from . import codec, h5image
 from .errors import DatasetError
 from .files import (  # noqa: F401 - atomic_write_bytes, write_json re-exported
     atomic_write_bytes,
@@ -132,47 +133,70 @@ def _dataset(f: h5py.File, name: str, data: NDArray[Any], **kw: Any) -> None:
     f.flush()
 
 
-def create_h5(path: Path) -> h5py.File:
-    """A new HDF5 file whose bytes depend only on what is written to it: no object timestamps
-    (h5py's File() stamps the root group with the creation time) and a fixed format version."""
+def _h5_properties() -> tuple[h5py.h5p.PropFCID, h5py.h5p.PropFAID]:
+    """File properties whose bytes depend only on what is written: no object timestamps (h5py's
+    File() stamps the root group with the creation time) and a fixed format version."""
     fcpl = h5py.h5p.create(h5py.h5p.FILE_CREATE)
     fcpl.set_obj_track_times(False)
     fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
     fapl.set_libver_bounds(h5py.h5f.LIBVER_V110, h5py.h5f.LIBVER_V110)
-    fid = h5py.h5f.create(str(path).encode(), h5py.h5f.ACC_TRUNC, fcpl=fcpl, fapl=fapl)
-    return h5py.File(fid)
+    return fcpl, fapl
+
+
+def create_h5(path: Path) -> h5py.File:
+    """A new HDF5 file on disk with the project's reproducible properties."""
+    fcpl, fapl = _h5_properties()
+    return h5py.File(h5py.h5f.create(str(path).encode(), h5py.h5f.ACC_TRUNC, fcpl=fcpl, fapl=fapl))
+
+
+@contextmanager
+def h5_written_to(path: Path) -> Iterator[h5py.File]:
+    """An HDF5 file built in memory and written to `path` atomically when the block ends (see
+    pipeline.h5image: HDF5 itself never writes, so a full disk is one clean OutputError)."""
+    f = h5image.memory_file(*_h5_properties())
+    try:
+        yield f
+        image = h5image.file_image(f)
+    finally:
+        f.close()
+    atomic_write_bytes(path, image)
 
 
 def write_shard(path: Path, shard: ShardArrays, first: int) -> int:
     """Write a shard atomically; returns its size in bytes."""
+    # No fsync: a killed process loses nothing the page cache holds, and fsync per shard would
+    # cost ~7% of overlay's time. The rename still makes a half-written shard impossible.
+    with h5_written_to(path) as f:
+        fill_shard(f, shard, first)
+    return path.stat().st_size
+
+
+def fill_shard(f: h5py.File, shard: ShardArrays, first: int) -> None:
+    """Write a shard's attributes and arrays into an open (new) HDF5 file."""
     n = len(shard.images)
     lengths = np.fromiter((len(b) for b in shard.images), dtype=np.int64, count=n)
     offsets = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     blob = np.frombuffer(b"".join(shard.images), dtype=np.uint8)
-    with writing(path) as tmp, create_h5(tmp) as f:
-        f.attrs["format"] = FORMAT
-        f.attrs["format_version"] = FORMAT_VERSION
-        f.attrs["first"] = first
-        f.attrs["count"] = n
-        f.attrs["encoding"] = shard.encoding
-        f.attrs["width"] = shard.width
-        _dataset(f, "fg_bg", blob if n else np.zeros(0, np.uint8))
-        _dataset(f, "fg_bg_offsets", offsets)
-        _dataset(
-            f,
-            "mask",
-            shard.masks,
-            chunks=(1, *shard.masks.shape[1:]) if n else None,
-            compression="gzip",
-            compression_opts=1,
-        )
-        _dataset(f, "meta", shard.meta)
-        if shard.depth is not None:
-            _write_depth(f, shard.depth, shard.depth_attrs or {})
-    # No fsync: a killed process loses nothing the page cache holds, and fsync per shard would
-    # cost ~7% of overlay's time. The rename still makes a half-written shard impossible.
-    return path.stat().st_size
+    f.attrs["format"] = FORMAT
+    f.attrs["format_version"] = FORMAT_VERSION
+    f.attrs["first"] = first
+    f.attrs["count"] = n
+    f.attrs["encoding"] = shard.encoding
+    f.attrs["width"] = shard.width
+    _dataset(f, "fg_bg", blob if n else np.zeros(0, np.uint8))
+    _dataset(f, "fg_bg_offsets", offsets)
+    _dataset(
+        f,
+        "mask",
+        shard.masks,
+        chunks=(1, *shard.masks.shape[1:]) if n else None,
+        compression="gzip",
+        compression_opts=1,
+    )
+    _dataset(f, "meta", shard.meta)
+    if shard.depth is not None:
+        _write_depth(f, shard.depth, shard.depth_attrs or {})
 
 
 DEPTH_GZIP = 4
@@ -349,7 +373,7 @@ def write_assets(
     np.cumsum(sizes, out=offsets[1:])
     flat = np.concatenate([fg.reshape(-1) for fg in foregrounds]) if foregrounds else np.zeros(0)
     strings = h5py.string_dtype()
-    with writing(path) as tmp, create_h5(tmp) as f:
+    with h5_written_to(path) as f:
         f.attrs["format"] = FORMAT
         f.attrs["format_version"] = FORMAT_VERSION
         _dataset(f, "backgrounds", backgrounds, compression="gzip", compression_opts=1)

@@ -29,8 +29,10 @@ def write_error(path: str | Path, e: OSError) -> OutputError:
     cause = e.strerror or str(e)
     if e.errno in (errno.ENOSPC, errno.EDQUOT) or _disk_full(e, Path(path)):
         fix = f"free space, then {RESUME}"
-    elif e.errno in (errno.ENOENT, errno.ENOTDIR):
+    elif e.errno == errno.ENOENT:
         fix = "its folder does not exist: make it, or choose another output path"
+    elif e.errno == errno.ENOTDIR:
+        fix = "part of the path is a file, not a folder: choose another output path"
     elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         fix = f"make the folder writable (or choose another output folder), then {RESUME}"
     else:

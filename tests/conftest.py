@@ -3,7 +3,9 @@ for tests marked `shared_data` (skipped where that folder is missing)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -56,3 +58,51 @@ def small_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     bgs, fgs = make_inputs(tmp)
     run_overlay(bgs, [fgs], tmp / "ds", OverlayConfig(positions=2, shard_size=5))
     return tmp / "ds"
+
+
+class SmallDisk:
+    """A tmpfs of a given size mounted at `path`: a disk that fills up for real."""
+
+    def __init__(self, path: Path, size: int) -> None:
+        self.path = path
+        self.size = size
+
+    def resize(self, size: int) -> None:
+        subprocess.run(
+            ["mount", "-o", f"remount,size={size}", str(self.path)], check=True, capture_output=True
+        )
+        self.size = size
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Callable[[int], SmallDisk]]:
+    """small_disk(bytes) -> a SmallDisk; skipped where this machine cannot mount a tmpfs (the
+    fake-writer tests cover the same paths there)."""
+    mounted: list[Path] = []
+
+    def make(size: int) -> SmallDisk:
+        path = tmp_path / f"disk{len(mounted)}"
+        path.mkdir()
+        cmd = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)]
+        if shutil.which("mount") is None or subprocess.run(cmd, capture_output=True).returncode:
+            pytest.skip("cannot mount a tmpfs here (needs root)")
+        mounted.append(path)
+        return SmallDisk(path, size)
+
+    yield make
+    for path in mounted:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def one_error_line(res: Result) -> str:
+    """The one `Error:` line of a failed command (exit 1, no traceback)."""
+    assert res.exit_code == 1, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.startswith("Error:")]
+    assert len(lines) == 1 and "Traceback" not in res.output, res.output
+    return lines[0]
+
+
+@pytest.fixture(scope="session")
+def error_line() -> Callable[[Result], str]:
+    """error_line(result): the one `Error:` line of a failed command (exit 1, no traceback)."""
+    return one_error_line

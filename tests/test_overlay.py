@@ -12,24 +12,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from PIL import Image
-from synth import draw_background, draw_car, tree_digest
+from synth import draw_background, draw_car, make_inputs, tree_digest
 
-from cli import cli
 from pipeline import overlay as ov
 from pipeline.dataset import open_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(*args: str) -> object:
-    return CliRunner().invoke(cli, list(map(str, args)), catch_exceptions=False)
+@pytest.fixture
+def make(cli_run):
+    """make(bgs, fgs, out, *options): run `cli.py overlay`."""
 
+    def make(bgs: Path, fgs: Path, out: Path, *extra: object):
+        return cli_run("overlay", "-b", bgs, "-f", fgs, "--out", out, *extra)
 
-def make(bgs: Path, fgs: Path, out: Path, *extra: str) -> object:
-    res = run("overlay", "-b", bgs, "-f", fgs, "--out", out, *extra)
-    return res
+    return make
 
 
 def shard_bytes(root: Path) -> dict[str, bytes]:
@@ -102,23 +101,11 @@ def test_config_validation() -> None:
 # ---------------------------------------------------------------------------- end to end
 
 
-def test_dataset_round_trip_rebuilds_every_sample(inputs, tmp_path: Path) -> None:
+def test_dataset_round_trip_rebuilds_every_sample(inputs, tmp_path: Path, make) -> None:
     bgs, fgs = inputs
     before = tree_digest(tmp_path)
-    res = make(
-        bgs,
-        fgs,
-        tmp_path / "ds",
-        "--positions",
-        "4",
-        "--mirror",
-        "--format",
-        "png",
-        "--shard-size",
-        "7",
-        "--workers",
-        "1",
-    )
+    options = ("--positions", 4, "--mirror", "--format", "png", "--shard-size", 7, "--workers", 1)
+    res = make(bgs, fgs, tmp_path / "ds", *options)
     assert res.exit_code == 0, res.output
     assert "48 samples" in res.output and "7 shards" in res.output
     assert tree_digest(bgs) == {k[4:]: v for k, v in before.items() if k.startswith("bgs/")}
@@ -141,7 +128,7 @@ def test_dataset_round_trip_rebuilds_every_sample(inputs, tmp_path: Path) -> Non
         assert len(seen) > 40
 
 
-def test_jpeg_default_is_close_and_small(inputs, tmp_path: Path) -> None:
+def test_jpeg_default_is_close_and_small(inputs, tmp_path: Path, make) -> None:
     bgs, fgs = inputs
     assert make(bgs, fgs, tmp_path / "ds", "--positions", "2", "--workers", "1").exit_code == 0
     with open_dataset(tmp_path / "ds") as ds:
@@ -155,7 +142,7 @@ def test_jpeg_default_is_close_and_small(inputs, tmp_path: Path) -> None:
         assert 10 * np.log10(255**2 / mse) > 30  # PSNR, on a deliberately noisy background
 
 
-def test_same_seed_same_bytes_whatever_the_workers(inputs, tmp_path: Path) -> None:
+def test_same_seed_same_bytes_whatever_the_workers(inputs, tmp_path: Path, make) -> None:
     bgs, fgs = inputs
     args = ("--positions", "10", "--mirror", "--shard-size", "16", "--seed", "5")
     assert make(bgs, fgs, tmp_path / "one", *args, "--workers", "1").exit_code == 0
@@ -163,27 +150,12 @@ def test_same_seed_same_bytes_whatever_the_workers(inputs, tmp_path: Path) -> No
     one, two = shard_bytes(tmp_path / "one"), shard_bytes(tmp_path / "two")
     assert len(one) == 8 and one == two
     assert (tmp_path / "one/assets.h5").read_bytes() == (tmp_path / "two/assets.h5").read_bytes()
-    assert (
-        make(
-            bgs,
-            fgs,
-            tmp_path / "other",
-            "--positions",
-            "10",
-            "--mirror",
-            "--shard-size",
-            "16",
-            "--seed",
-            "6",
-            "--workers",
-            "1",
-        ).exit_code
-        == 0
-    )
+    other = ("--positions", "10", "--mirror", "--shard-size", "16", "--seed", "6")
+    assert make(bgs, fgs, tmp_path / "other", *other, "--workers", "1").exit_code == 0
     assert shard_bytes(tmp_path / "other") != one
 
 
-def test_rerun_resumes_and_remakes_missing_shards(inputs, tmp_path: Path) -> None:
+def test_rerun_resumes_and_remakes_missing_shards(inputs, tmp_path: Path, make) -> None:
     bgs, fgs = inputs
     args = ("--positions", "10", "--shard-size", "8", "--workers", "1")
     out = tmp_path / "ds"
@@ -205,25 +177,9 @@ def test_rerun_resumes_and_remakes_missing_shards(inputs, tmp_path: Path) -> Non
 
 
 def test_killed_run_resumes_to_identical_result(tmp_path: Path) -> None:
-    bgs, fgs = tmp_path / "bgs", tmp_path / "fgs"
-    bgs.mkdir()
-    fgs.mkdir()
-    for i in range(3):
-        draw_background(224, 160, i).save(bgs / f"{i}.png")
-    draw_car(90, 50, (10, 200, 10)).save(fgs / "car.png")
-    args = [
-        "-b",
-        str(bgs),
-        "-f",
-        str(fgs),
-        "--positions",
-        "600",
-        "--mirror",
-        "--shard-size",
-        "100",
-        "--workers",
-        "1",
-    ]
+    bgs, fgs = make_inputs(tmp_path, bg_size=(224, 160), cars=((90, 50, (10, 200, 10), "car"),))
+    args = ["-b", bgs, "-f", fgs, "--positions", 600, "--mirror", "--shard-size", 100]
+    args = [str(a) for a in args] + ["--workers", "1"]
     cmd = [sys.executable, str(ROOT / "cli.py"), "overlay", *args, "--out"]
     subprocess.run([*cmd, str(tmp_path / "ref")], check=True, capture_output=True)
 
@@ -243,7 +199,7 @@ def test_killed_run_resumes_to_identical_result(tmp_path: Path) -> None:
     assert len(shard_bytes(out)) == 36
 
 
-def test_failure_mid_run_leaves_no_half_shard(inputs, tmp_path: Path, monkeypatch) -> None:
+def test_failure_mid_run_leaves_no_half_shard(inputs, tmp_path: Path, monkeypatch, make) -> None:
     bgs, fgs = inputs
     calls = {"n": 0}
     real = ov.codec.encode
@@ -264,17 +220,69 @@ def test_failure_mid_run_leaves_no_half_shard(inputs, tmp_path: Path, monkeypatc
     assert res.exit_code == 0 and "already done 2" in res.output
 
 
+# --------------------------------------------------------------------------- faults
+
+
+def no_temporaries(root: Path) -> bool:
+    return not [p for p in root.rglob("*") if ".tmp" in p.name]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_full_disk_is_one_error_and_a_rerun_resumes(
+    inputs, tmp_path: Path, make, error_line, small_disk, workers: int
+) -> None:
+    """On a real disk that fills up mid-run (a small tmpfs): one Error line naming the file and
+    the fix, no temporaries; with room again the same command finishes the same dataset."""
+    bgs, fgs = inputs
+    args = ("--positions", 10, "--mirror", "--shard-size", 8, "--workers", workers)
+    assert make(bgs, fgs, tmp_path / "ref", *args).exit_code == 0
+    disk = small_disk(160_000)  # room for the assets and a few of the 15 shards
+    out = disk.path / "ds"
+    line = error_line(make(bgs, fgs, out, *args))
+    assert "No space left on device" in line and str(out) in line
+    assert "free space, then run the same command again to resume" in line
+    assert no_temporaries(out)
+    disk.resize(4_000_000)
+    res = make(bgs, fgs, out, *args)
+    assert res.exit_code == 0, res.output
+    assert shard_bytes(out) == shard_bytes(tmp_path / "ref")
+
+
+@pytest.mark.parametrize("errno_name", ["ENOSPC", "EROFS", "EIO"])
+def test_failed_manifest_write_is_one_error(
+    inputs, tmp_path: Path, make, error_line, monkeypatch, errno_name: str
+) -> None:
+    """The write the report found failing (the manifest, in the main process), with each kind
+    of OSError: one Error line with the right fix, and nothing lost."""
+    import errno
+
+    from pipeline import files
+
+    bgs, fgs = inputs
+    real, calls = os.fsync, []
+
+    def failing(fd: int) -> None:  # only the manifest is synced to disk during overlay
+        calls.append(fd)
+        if len(calls) == 3:
+            code = getattr(errno, errno_name)
+            raise OSError(code, os.strerror(code))
+        real(fd)
+
+    monkeypatch.setattr(files.os, "fsync", failing)
+    out = tmp_path / "ds"
+    line = error_line(make(bgs, fgs, out, "--positions", 4, "--shard-size", 8, "--workers", 1))
+    fix = {"ENOSPC": "free space", "EROFS": "make the folder writable", "EIO": "check the disk"}
+    assert f"cannot write {out / 'manifest.json'}" in line and fix[errno_name] in line
+    assert no_temporaries(out)
+    monkeypatch.setattr(files.os, "fsync", real)
+    res = make(bgs, fgs, out, "--positions", 4, "--shard-size", 8, "--workers", 1)
+    assert res.exit_code == 0 and "shards made 1, already done 2" in res.output
+
+
 # ------------------------------------------------------------------------------ bad input
 
 
-def error_line(res) -> str:
-    assert res.exit_code == 1, res.output
-    lines = [ln for ln in res.output.splitlines() if ln.startswith("Error:")]
-    assert len(lines) == 1 and "Traceback" not in res.output, res.output
-    return lines[0]
-
-
-def test_bad_image_files_are_named_or_skipped(inputs, tmp_path: Path) -> None:
+def test_bad_image_files_are_named_or_skipped(inputs, tmp_path: Path, make, error_line) -> None:
     bgs, fgs = inputs
     good = (bgs / "bg0.png").read_bytes()
     (bgs / "trunc.png").write_bytes(good[: len(good) // 3])
@@ -295,7 +303,7 @@ def test_bad_image_files_are_named_or_skipped(inputs, tmp_path: Path) -> None:
     assert tree_digest(bgs) == before
 
 
-def test_every_background_mode_is_usable(tmp_path: Path) -> None:
+def test_every_background_mode_is_usable(tmp_path: Path, make) -> None:
     bgs, fgs = tmp_path / "bgs", tmp_path / "fgs"
     bgs.mkdir()
     fgs.mkdir()
@@ -329,7 +337,9 @@ def test_every_background_mode_is_usable(tmp_path: Path) -> None:
         (lambda p: draw_car(120, 40, (1, 2, 3)).save(p), "larger than the backgrounds"),
     ],
 )
-def test_unusable_foregrounds(inputs, tmp_path: Path, make_fg, expect: str) -> None:
+def test_unusable_foregrounds(
+    inputs, tmp_path: Path, make_fg, expect: str, make, error_line
+) -> None:
     bgs, fgs = inputs
     make_fg(fgs / "bad.png")
     line = error_line(make(bgs, fgs, tmp_path / "ds", "--workers", "1"))
@@ -338,7 +348,7 @@ def test_unusable_foregrounds(inputs, tmp_path: Path, make_fg, expect: str) -> N
     assert res.exit_code == 0 and "bad.png" in res.output
 
 
-def test_decompression_bomb(inputs, tmp_path: Path) -> None:
+def test_decompression_bomb(inputs, tmp_path: Path, make, error_line) -> None:
     from test_images import png_header_only
 
     bgs, fgs = inputs
@@ -347,7 +357,7 @@ def test_decompression_bomb(inputs, tmp_path: Path) -> None:
     assert "too large" in line and "bomb.png" in line
 
 
-def test_folder_errors(inputs, tmp_path: Path) -> None:
+def test_folder_errors(inputs, tmp_path: Path, make, error_line) -> None:
     bgs, fgs = inputs
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -357,7 +367,8 @@ def test_folder_errors(inputs, tmp_path: Path) -> None:
     a_file = tmp_path / "file.txt"
     a_file.write_text("x")
     assert "is a file" in error_line(make(bgs, fgs, a_file))
-    assert "cannot write to output folder" in error_line(make(bgs, fgs, a_file / "sub"))
+    line = error_line(make(bgs, fgs, a_file / "sub"))
+    assert "cannot write" in line and "sub" in line and "not a folder" in line
     other = tmp_path / "holiday_photos"
     other.mkdir()
     (other / "keep.txt").write_text("mine")
@@ -366,7 +377,7 @@ def test_folder_errors(inputs, tmp_path: Path) -> None:
     assert (other / "keep.txt").read_text() == "mine"
 
 
-def test_backgrounds_of_mixed_sizes(inputs, tmp_path: Path) -> None:
+def test_backgrounds_of_mixed_sizes(inputs, tmp_path: Path, make, error_line, cli_run) -> None:
     bgs, fgs = inputs
     draw_background(120, 90, 9).save(bgs / "big.png")
     line = error_line(make(bgs, fgs, tmp_path / "a"))
@@ -374,11 +385,11 @@ def test_backgrounds_of_mixed_sizes(inputs, tmp_path: Path) -> None:
     res = make(bgs, fgs, tmp_path / "b", "--size", "96x64", "--positions", "1", "--workers", "1")
     assert res.exit_code == 0, res.output
     assert open_dataset(tmp_path / "b").backgrounds.shape == (4, 64, 96, 3)
-    bad_size = run("overlay", "-b", bgs, "-f", fgs, "--out", tmp_path / "c", "--size", "0x1")
+    bad_size = cli_run("overlay", "-b", bgs, "-f", fgs, "--out", tmp_path / "c", "--size", "0x1")
     assert bad_size.exit_code == 2 and "size" in bad_size.output
 
 
-def test_resume_with_other_settings_is_refused(inputs, tmp_path: Path) -> None:
+def test_resume_with_other_settings_is_refused(inputs, tmp_path: Path, make, error_line) -> None:
     bgs, fgs = inputs
     out = tmp_path / "ds"
     assert make(bgs, fgs, out, "--positions", "2", "--workers", "1").exit_code == 0
