@@ -111,102 +111,99 @@ def seed_overlay(n: int) -> tuple[float, float]:
     return n / seconds, total / n / 1000
 
 
+Rows = list[tuple[str, str]]
+
+
+def overlay_args(out: Path, *backend: str) -> list[str]:
+    """`cli.py overlay` on the shared images, mirrored, at BENCH_POSITIONS."""
+    images = ["-b", str(SHARED / "backgrounds"), "-f", str(SHARED / "foregrounds")]
+    return [
+        "overlay",
+        *images,
+        "--mirror",
+        "--positions",
+        str(POSITIONS),
+        *backend,
+        "--out",
+        str(out),
+    ]
+
+
+def bench_seed(rows: Rows, results: dict[str, object]) -> None:
+    rate, kb = seed_overlay(300)
+    name = "seed overlay (PIL paste + PNG files), 1 core"
+    rows.append((name, f"{rate:,.0f} samples/s, {kb:.0f} KB/composite"))
+    results["seed_overlay"] = {"samples_per_s": rate, "kb_per_composite": kb}
+
+
+def bench_overlay(w: int, rows: Rows, results: dict[str, object]) -> Path:
+    ds = OUT / f"overlay_w{w}"
+    shutil.rmtree(ds, ignore_errors=True)
+    secs, rss, _ = run_cli(overlay_args(ds, "--workers", str(w)))
+    n = json.loads((ds / "manifest.json").read_text())["num_samples"]
+    size = sum(p.stat().st_size for p in ds.rglob("*") if p.is_file())
+    per_sample = sum(p.stat().st_size for p in (ds / "shards").iterdir()) / n / 1000
+    rows.append(
+        (
+            f"overlay, {w} worker(s), {n:,} samples",
+            f"{n / secs:,.0f} samples/s ({secs:.1f} s incl. start-up), "
+            f"{per_sample:.1f} KB/sample, {size / 1e6:,.0f} MB, peak RSS {rss:.0f} MB",
+        )
+    )
+    results[f"overlay_w{w}"] = {
+        "samples": n,
+        "seconds": secs,
+        "kb_per_sample": per_sample,
+        "peak_rss_mb": rss,
+    }
+    return ds
+
+
+def bench_dask(ds: Path, n: int, rows: Rows, results: dict[str, object]) -> None:
+    """Overlay on a 2-worker local Dask cluster; its shards must equal the local run's."""
+    dk = OUT / "overlay_dask2"
+    shutil.rmtree(dk, ignore_errors=True)
+    secs, _, _ = run_cli(overlay_args(dk, "--backend", "dask", "--workers", "2"))
+    same = all(
+        (dk / "shards" / p.name).read_bytes() == p.read_bytes()
+        for p in sorted((ds / "shards").iterdir())
+    )
+    rows.append(
+        (
+            f"overlay, Dask local cluster of 2 workers, {n:,} samples",
+            f"{n / secs:,.0f} samples/s ({secs:.1f} s incl. cluster start), "
+            f"identical to local: {same}",
+        )
+    )
+    results["overlay_dask2"] = {"seconds": secs, "samples_per_s": n / secs, "identical": same}
+    shutil.rmtree(dk, ignore_errors=True)
+
+
+def bench_readers(ds: Path, n: int, rows: Rows, results: dict[str, object]) -> None:
+    """stats at each worker count, verify at the largest."""
+    for w in WORKERS:
+        secs, rss, _ = run_cli(["stats", str(ds), "--workers", str(w)])
+        rate = f"{n / secs:,.0f} samples/s ({n / secs / w:,.0f} per core)"
+        rows.append((f"stats, {w} worker(s)", f"{rate}, peak RSS {rss:.0f} MB"))
+        results[f"stats_w{w}"] = {"seconds": secs, "samples_per_s": n / secs, "peak_rss_mb": rss}
+    secs, _, _ = run_cli(["verify", str(ds), "--workers", str(max(WORKERS))])
+    rows.append((f"verify, {max(WORKERS)} worker(s)", f"{n / secs:,.0f} samples/s"))
+    results["verify"] = {"seconds": secs, "samples_per_s": n / secs}
+
+
 def main() -> None:
     if not SHARED.is_dir():
         raise SystemExit(f"benchmarks need the real images in {SHARED}")
     OUT.mkdir(parents=True, exist_ok=True)
-    rows: list[tuple[str, str]] = []
-    rate, kb = seed_overlay(300)
-    rows.append(
-        (
-            "seed overlay (PIL paste + PNG files), 1 core",
-            f"{rate:,.0f} samples/s, {kb:.0f} KB/composite",
-        )
-    )
-    results: dict[str, object] = {"seed_overlay": {"samples_per_s": rate, "kb_per_composite": kb}}
-    ds = None
-    for w in WORKERS:
-        ds = OUT / f"overlay_w{w}"
-        shutil.rmtree(ds, ignore_errors=True)
-        secs, rss, _ = run_cli(
-            [
-                "overlay",
-                "-b",
-                str(SHARED / "backgrounds"),
-                "-f",
-                str(SHARED / "foregrounds"),
-                "--mirror",
-                "--positions",
-                str(POSITIONS),
-                "--workers",
-                str(w),
-                "--out",
-                str(ds),
-            ]
-        )
-        n = json.loads((ds / "manifest.json").read_text())["num_samples"]
-        size = sum(p.stat().st_size for p in ds.rglob("*") if p.is_file())
-        per_sample = sum(p.stat().st_size for p in (ds / "shards").iterdir()) / n / 1000
-        rows.append(
-            (
-                f"overlay, {w} worker(s), {n:,} samples",
-                f"{n / secs:,.0f} samples/s ({secs:.1f} s incl. start-up), "
-                f"{per_sample:.1f} KB/sample, {size / 1e6:,.0f} MB, peak RSS {rss:.0f} MB",
-            )
-        )
-        results[f"overlay_w{w}"] = {
-            "samples": n,
-            "seconds": secs,
-            "kb_per_sample": per_sample,
-            "peak_rss_mb": rss,
-        }
-    assert ds is not None
+    rows: Rows = []
+    results: dict[str, object] = {}
+    bench_seed(rows, results)
+    datasets = [bench_overlay(w, rows, results) for w in WORKERS]
+    ds = datasets[-1]
+    n = json.loads((ds / "manifest.json").read_text())["num_samples"]
     if os.environ.get("BENCH_DASK", "1") == "1":
-        dk = OUT / "overlay_dask2"
-        shutil.rmtree(dk, ignore_errors=True)
-        secs, rss, _ = run_cli(
-            [
-                "overlay",
-                "-b",
-                str(SHARED / "backgrounds"),
-                "-f",
-                str(SHARED / "foregrounds"),
-                "--mirror",
-                "--positions",
-                str(POSITIONS),
-                "--backend",
-                "dask",
-                "--workers",
-                "2",
-                "--out",
-                str(dk),
-            ]
-        )
-        same = all(
-            (dk / "shards" / p.name).read_bytes() == p.read_bytes()
-            for p in sorted((ds / "shards").iterdir())
-        )
-        rows.append(
-            (
-                f"overlay, Dask local cluster of 2 workers, {n:,} samples",
-                f"{n / secs:,.0f} samples/s ({secs:.1f} s incl. cluster start), "
-                f"identical to local: {same}",
-            )
-        )
-        results["overlay_dask2"] = {"seconds": secs, "samples_per_s": n / secs, "identical": same}
-        shutil.rmtree(dk, ignore_errors=True)
-    for w in WORKERS:
-        secs, rss, _ = run_cli(["stats", str(ds), "--workers", str(w)])
-        rows.append(
-            (
-                f"stats, {w} worker(s)",
-                f"{n / secs:,.0f} samples/s ({n / secs / w:,.0f} per core), peak RSS {rss:.0f} MB",
-            )
-        )
-        results[f"stats_w{w}"] = {"seconds": secs, "samples_per_s": n / secs, "peak_rss_mb": rss}
-    secs, rss, _ = run_cli(["verify", str(ds), "--workers", str(max(WORKERS))])
-    rows.append((f"verify, {max(WORKERS)} worker(s)", f"{n / secs:,.0f} samples/s"))
-    results["verify"] = {"seconds": secs, "samples_per_s": n / secs}
+        bench_dask(ds, n, rows, results)
+    bench_readers(ds, n, rows, results)
     (OUT / "results.json").write_text(json.dumps(results, indent=1))
     width = max(len(r[0]) for r in rows)
     print(f"\nsynthcar benchmarks ({os.cpu_count()} CPUs), positions={POSITIONS}")
