@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -397,3 +398,38 @@ def test_resume_with_other_settings_is_refused(inputs, tmp_path: Path, make, err
     assert "other settings" in line and "positions" in line
     draw_car(20, 12, (0, 0, 0)).save(fgs / "new.png")
     assert "other input images" in error_line(make(bgs, fgs, out, "--positions", "2"))
+
+
+def loky_workers() -> list[int]:
+    """Pids of this process's joblib (loky) worker processes."""
+    pids = []
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        pids += [int(p) for p in (task / "children").read_text().split()]
+    return [p for p in pids if b"popen_loky" in Path(f"/proc/{p}/cmdline").read_bytes()]
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_killed_worker_is_one_error_and_a_rerun_resumes(
+    inputs, tmp_path: Path, make, error_line, monkeypatch
+) -> None:
+    from pipeline.progress import Counter
+
+    bgs, fgs = inputs
+    args = ("--positions", 40, "--mirror", "--shard-size", 8, "--workers", 2)
+    assert make(bgs, fgs, tmp_path / "ref", *args).exit_code == 0
+
+    class KillAWorker(Counter):
+        def update(self, n: int) -> None:
+            if self.updates == 0:
+                os.kill(loky_workers()[0], signal.SIGKILL)
+            super().update(n)
+
+    import cli
+
+    monkeypatch.setattr(cli, "progress_bar", lambda *a, **k: contextlib.nullcontext(KillAWorker()))
+    line = error_line(make(bgs, fgs, tmp_path / "ds", *args))
+    assert "a worker process died" in line and "run the same command again to resume" in line
+    monkeypatch.undo()
+    res = make(bgs, fgs, tmp_path / "ds", *args)
+    assert res.exit_code == 0, res.output
+    assert shard_bytes(tmp_path / "ds") == shard_bytes(tmp_path / "ref")
