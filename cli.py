@@ -18,7 +18,10 @@ from typing import Any
 import click
 from tqdm import tqdm
 
-from pipeline.errors import PipelineError
+from pipeline.errors import OnBad, PipelineError
+from pipeline.overlay import FORMATS, SUBSAMPLINGS, OverlayConfig
+from pipeline.prep.dedupe import DedupeConfig
+from pipeline.prep.foregrounds import ForegroundConfig
 from pipeline.runner import BACKENDS, Backend, default_workers
 
 log = logging.getLogger("synthcar")
@@ -230,6 +233,9 @@ def cli(debug: bool, verbose: bool) -> None:
     )
 
 
+OVERLAY = OverlayConfig()
+
+
 @cli.command()
 @click.option(
     "--backgrounds",
@@ -246,41 +252,43 @@ def cli(debug: bool, verbose: bool) -> None:
     type=click.Path(path_type=Path),
     help="Folder of RGBA cutouts; repeat for several folders (e.g. cutouts and mirrors).",
 )
-@click.option(
-    "--out",
-    "-o",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="Dataset folder to make (or to finish, if an earlier run was interrupted).",
-)
+@out_option("Dataset folder to make (or to finish, if an earlier run was interrupted).")
 @click.option(
     "--positions",
-    default=20,
+    default=OVERLAY.positions,
     show_default=True,
     type=int,
     help="Random positions per background x foreground pair.",
 )
-@click.option("--seed", default=0, show_default=True, type=int, help="Random seed.")
-@click.option("--shard-size", default=1000, show_default=True, type=int, help="Samples per shard.")
+@click.option("--seed", default=OVERLAY.seed, show_default=True, type=int, help="Random seed.")
+@click.option(
+    "--shard-size",
+    default=OVERLAY.shard_size,
+    show_default=True,
+    type=int,
+    help="Samples per shard.",
+)
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["jpeg", "png"]),
-    default="jpeg",
+    type=click.Choice(FORMATS),
+    default=OVERLAY.format,
     show_default=True,
     help="Encoding of the composites (png is lossless).",
 )
-@click.option("--quality", default=95, show_default=True, type=int, help="JPEG quality.")
+@click.option(
+    "--quality", default=OVERLAY.quality, show_default=True, type=int, help="JPEG quality."
+)
 @click.option(
     "--subsampling",
-    type=click.Choice(["420", "444"]),
-    default="420",
+    type=click.Choice(SUBSAMPLINGS),
+    default=OVERLAY.subsampling,
     show_default=True,
     help="JPEG chroma subsampling.",
 )
 @click.option(
     "--mirror/--no-mirror",
-    default=False,
+    default=OVERLAY.mirror,
     show_default=True,
     help="Also paste each foreground mirrored left-right (doubles the samples).",
 )
@@ -292,57 +300,30 @@ def cli(debug: bool, verbose: bool) -> None:
     help="Resize and centre-crop backgrounds to this size (default: as they are; "
     "they must then all have one size).",
 )
-@click.option("--skip-bad", is_flag=True, help="Skip unreadable or unusable inputs and list them.")
-@workers_option
-@cluster_options
+@on_bad_option
+@backend_options()
 @handle_errors
 def overlay(
     backgrounds: Path,
     foregrounds: tuple[Path, ...],
     out: Path,
-    positions: int,
-    seed: int,
-    shard_size: int,
-    fmt: str,
-    quality: int,
-    subsampling: str,
-    mirror: bool,
     size: str | None,
-    skip_bad: bool,
-    workers: Backend,
+    fmt: str,
+    backend: Backend,
+    on_bad: Any,
+    **settings: Any,
 ) -> None:
     """Paste every foreground on every background at random positions: B x F x P samples
     (x2 with --mirror), each with its exact mask, written as HDF5 shards."""
-    from pipeline.overlay import OverlayConfig, run_overlay
+    from pipeline.overlay import run_overlay
 
-    config = OverlayConfig(
-        positions=positions,
-        seed=seed,
-        shard_size=shard_size,
-        format=fmt,
-        quality=quality,
-        subsampling=subsampling,
-        mirror=mirror,
-        size=_size_option(size),
-    )
-    bar = _Bar("overlay")
-    try:
-        rep = run_overlay(
-            backgrounds,
-            foregrounds,
-            out,
-            config,
-            workers=workers,
-            skip_bad=skip_bad,
-            progress=bar.update,
-            on_start=bar.start,
-        )
-    finally:
-        bar.close()
+    config = OverlayConfig(format=fmt, size=_size_option(size), **settings)
+    with progress_bar("overlay") as bar:
+        rep = run_overlay(backgrounds, foregrounds, out, config, backend, on_bad, bar)
     rate = f"{rep.samples_made / rep.seconds:,.0f} samples/s" if rep.made else "nothing to do"
     click.echo(
         f"overlay: {rep.num_samples:,} samples ({rep.num_bg} backgrounds x {rep.num_fg} "
-        f"foregrounds{' x 2 mirrored' if mirror else ''} x {positions} positions) "
+        f"foregrounds{' x 2 mirrored' if config.mirror else ''} x {config.positions} positions) "
         f"in {rep.num_shards} shards -> {rep.out}"
     )
     click.echo(f"  shards made {rep.made}, already done {rep.reused}; {rep.seconds:.1f} s ({rate})")
@@ -370,18 +351,14 @@ dataset_arg = click.argument("dataset", type=click.Path(path_type=Path))
 
 @cli.command()
 @dataset_arg
-@workers_option
-@cluster_options
+@backend_options()
 @handle_errors
-def stats(dataset: Path, workers: Backend) -> None:
+def stats(dataset: Path, backend: Backend) -> None:
     """Per-channel mean/std of fg_bg and bg, mask coverage (and depth): DATASET/stats.json."""
     from pipeline.stats import run_stats
 
-    bar = _Bar("stats")
-    try:
-        rep = run_stats(dataset, workers=workers, progress=bar.update, on_start=bar.start)
-    finally:
-        bar.close()
+    with progress_bar("stats") as bar:
+        rep = run_stats(dataset, backend, bar)
     s = rep.stats
     click.echo(
         f"stats: {s['num_samples']:,} samples, {s['image_size'][1]}x{s['image_size'][0]}, "
@@ -418,45 +395,26 @@ def stats(dataset: Path, workers: Backend) -> None:
     type=click.IntRange(min=1),
     help="Samples on the sheet.",
 )
-@click.option(
-    "--out",
-    "-o",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Where to write the PNG (default DATASET/preview.png).",
-)
+@out_option("Where to write the PNG (default DATASET/preview.png).", required=False)
 @handle_errors
 def preview(dataset: Path, n: int, out: Path | None) -> None:
     """A contact sheet of samples: composite | mask overlay (| depth): DATASET/preview.png."""
     from pipeline.preview import run_preview
 
-    try:
-        path = run_preview(dataset, n=n, out=out)
-    except OSError as e:
-        raise PipelineError(f"cannot write the preview: {e}; choose another --out") from None
-    click.echo(f"preview: {min(n, _dataset_len(dataset))} samples -> {path}")
-
-
-def _dataset_len(dataset: Path) -> int:
-    from pipeline.dataset import read_manifest
-
-    return int(read_manifest(dataset)["num_samples"])
+    rep = run_preview(dataset, n=n, out=out)
+    click.echo(f"preview: {rep.samples} samples -> {rep.path}")
 
 
 @cli.command()
 @dataset_arg
-@workers_option
-@cluster_options
+@backend_options()
 @handle_errors
-def verify(dataset: Path, workers: Backend) -> None:
+def verify(dataset: Path, backend: Backend) -> None:
     """Check every shard's checksum and decode every sample; exit 1 listing bad shards."""
     from pipeline.verify import run_verify
 
-    bar = _Bar("verify")
-    try:
-        rep = run_verify(dataset, workers=workers, progress=bar.update, on_start=bar.start)
-    finally:
-        bar.close()
+    with progress_bar("verify") as bar:
+        rep = run_verify(dataset, backend, bar)
     if rep.ok:
         click.echo(f"verify: OK, {rep.shards} shards, {rep.samples:,} samples in {dataset}")
         return
@@ -473,60 +431,54 @@ def verify(dataset: Path, workers: Backend) -> None:
 
 @cli.command()
 @dataset_arg
-@click.option(
-    "--out",
-    "-o",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="Folder to write fg_bg/, mask/, depth/, bg/ and samples.csv into.",
-)
-@workers_option
-@cluster_options
+@out_option("Folder to write fg_bg/, mask/, depth/, bg/ and samples.csv into.")
+@backend_options()
 @handle_errors
-def export(dataset: Path, out: Path, workers: Backend) -> None:
+def export(dataset: Path, out: Path, backend: Backend) -> None:
     """Write the dataset as plain image folders plus samples.csv."""
-    from pipeline.export import run_export
+    from pipeline.exports import run_export
 
-    bar = _Bar("export")
-    try:
-        made = run_export(dataset, out, workers=workers, progress=bar.update, on_start=bar.start)
-    finally:
-        bar.close()
+    with progress_bar("export") as bar:
+        made = run_export(dataset, out, "folders", backend, bar)
     click.echo(f"export: {made:,} samples written (the rest were done earlier) -> {out}")
+
+
+DEDUPE = DedupeConfig()
+FOREGROUNDS = ForegroundConfig()
+
+
+def _size_text(size: tuple[int, int]) -> str:
+    """A (height, width) as --size takes it: N for a square, else WxH."""
+    h, w = size
+    return str(w) if h == w else f"{w}x{h}"
 
 
 @cli.command()
 @click.argument("src", type=click.Path(path_type=Path))
-@click.option(
-    "--out",
-    "-o",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="Folder for the kept backgrounds and report.json (SRC is never changed).",
-)
+@out_option("Folder for the kept backgrounds and report.json (SRC is never changed).")
 @click.option(
     "--threshold",
-    default=10,
+    default=DEDUPE.threshold,
     show_default=True,
     type=int,
     help="Largest pHash Hamming distance (of 64 bits) between duplicates.",
 )
 @click.option(
     "--crop-threshold",
-    default=8,
+    default=DEDUPE.crop_threshold,
     show_default=True,
     type=int,
     help="Largest distance between a picture and a 90% crop window of another.",
 )
 @click.option(
     "--size",
-    default="224",
+    default=_size_text(DEDUPE.size),
     show_default=True,
     metavar="N|WxH",
     help="Resize (keeping aspect) and centre-crop the kept backgrounds to this size.",
 )
-@click.option("--skip-bad", is_flag=True, help="Skip unreadable or unusable inputs and list them.")
-@workers_option
+@on_bad_option
+@backend_options(cluster=False)
 @handle_errors
 def dedupe(
     src: Path,
@@ -534,29 +486,18 @@ def dedupe(
     threshold: int,
     crop_threshold: int,
     size: str,
-    skip_bad: bool,
-    workers: int,
+    on_bad: OnBad,
+    backend: Backend,
 ) -> None:
     """Find clusters of near-duplicate images in SRC (perceptual hashes) and write one keeper
     per cluster (the largest), resized to --size, plus report.json listing every cluster."""
-    from pipeline.dedupe import DedupeConfig, run_dedupe
+    from pipeline.prep.dedupe import run_dedupe
 
     config = DedupeConfig(
         threshold=threshold, crop_threshold=crop_threshold, size=_size_option(size)
     )
-    bar = _Bar("dedupe")
-    try:
-        rep = run_dedupe(
-            src,
-            out,
-            config,
-            workers=workers,
-            skip_bad=skip_bad,
-            progress=bar.update,
-            on_start=bar.start,
-        )
-    finally:
-        bar.close()
+    with progress_bar("dedupe") as bar:
+        rep = run_dedupe(src, out, config, backend, on_bad, bar)
     lines = rep.extra["summary"]
     click.echo(f"dedupe: {lines[0]}; {rep.seconds:.1f} s -> {rep.out}")
     for line in lines[1:11]:
@@ -568,13 +509,7 @@ def dedupe(
 
 @cli.command()
 @click.argument("src", type=click.Path(path_type=Path))
-@click.option(
-    "--out",
-    "-o",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="Folder for the RGBA cutouts and report.json (SRC is never changed).",
-)
+@out_option("Folder for the RGBA cutouts and report.json (SRC is never changed).")
 @click.option(
     "--masks",
     "-m",
@@ -584,41 +519,36 @@ def dedupe(
 )
 @click.option(
     "--size",
-    default=100,
+    default=FOREGROUNDS.size,
     show_default=True,
     type=click.IntRange(min=1),
     help="Longest side of the cutouts, in pixels (aspect ratio kept).",
 )
 @click.option(
     "--upscale/--no-upscale",
-    default=False,
+    default=FOREGROUNDS.upscale,
     show_default=True,
     help="Also enlarge cutouts smaller than --size.",
 )
-@click.option("--skip-bad", is_flag=True, help="Skip unreadable or unusable inputs and list them.")
-@workers_option
+@on_bad_option
+@backend_options(cluster=False)
 @handle_errors
 def foregrounds(
-    src: Path, out: Path, masks: Path | None, size: int, upscale: bool, skip_bad: bool, workers: int
+    src: Path,
+    out: Path,
+    masks: Path | None,
+    size: int,
+    upscale: bool,
+    on_bad: OnBad,
+    backend: Backend,
 ) -> None:
     """Clean RGBA cutouts from transparent PNGs, or from RGB photos plus --masks: cropped to
     the car and fitted into --size keeping the aspect ratio."""
-    from pipeline.foregrounds import ForegroundConfig, run_foregrounds
+    from pipeline.prep.foregrounds import run_foregrounds
 
-    bar = _Bar("foregrounds")
-    try:
-        rep = run_foregrounds(
-            src,
-            out,
-            masks,
-            ForegroundConfig(size=size, upscale=upscale),
-            workers=workers,
-            skip_bad=skip_bad,
-            progress=bar.update,
-            on_start=bar.start,
-        )
-    finally:
-        bar.close()
+    config = ForegroundConfig(size=size, upscale=upscale)
+    with progress_bar("foregrounds") as bar:
+        rep = run_foregrounds(src, out, masks, config, backend, on_bad, bar)
     from_masks = sum(1 for r in rep.outputs if r["mask"])
     click.echo(
         f"foregrounds: {len(rep.outputs)} cutouts ({from_masks} from photo + mask, "
@@ -630,28 +560,17 @@ def foregrounds(
 
 @cli.command()
 @click.argument("src", type=click.Path(path_type=Path))
-@click.option(
-    "--out",
-    "-o",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="Folder for the mirrored cutouts (<stem>_flip.png) and report.json.",
-)
-@click.option("--skip-bad", is_flag=True, help="Skip unreadable or unusable inputs and list them.")
-@workers_option
+@out_option("Folder for the mirrored cutouts (<stem>_flip.png) and report.json.")
+@on_bad_option
+@backend_options(cluster=False)
 @handle_errors
-def flip(src: Path, out: Path, skip_bad: bool, workers: int) -> None:
+def flip(src: Path, out: Path, on_bad: OnBad, backend: Backend) -> None:
     """The left-right mirror of every RGBA cutout in SRC, alpha included; give overlay both
     folders to double the foregrounds."""
-    from pipeline.flip import run_flip
+    from pipeline.prep.flip import run_flip
 
-    bar = _Bar("flip")
-    try:
-        rep = run_flip(
-            src, out, workers=workers, skip_bad=skip_bad, progress=bar.update, on_start=bar.start
-        )
-    finally:
-        bar.close()
+    with progress_bar("flip") as bar:
+        rep = run_flip(src, out, backend, on_bad, bar)
     click.echo(f"flip: {len(rep.outputs)} mirrored cutouts in {rep.seconds:.1f} s -> {rep.out}")
     _echo_skipped(rep.skipped, rep.ignored)
 
@@ -680,6 +599,22 @@ class _DownloadBar:
             self.bar.close()
 
 
+@contextlib.contextmanager
+def download_bar() -> Iterator[Callable[[int, int | None], None]]:
+    """The `on_download` callback of a checkpoint download, its bar closed however it ends."""
+    bar = _DownloadBar()
+    try:
+        yield bar.update
+    finally:
+        bar.close()
+
+
+def _precisions() -> list[str]:
+    from densedepth.inference import PRECISIONS
+
+    return list(PRECISIONS)
+
+
 weights_option = click.option(
     "--weights",
     "-w",
@@ -699,11 +634,12 @@ input_scale_option = click.option(
 )
 precision_option = click.option(
     "--precision",
-    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+    type=click.Choice(_precisions()),
     default="auto",
     show_default=True,
-    help="Arithmetic of the model. auto: float32 on a CPU; float16 on a GPU, checked against "
-    "float32 on the first batch.",
+    help="Arithmetic of the model. auto: float16 on a GPU, checked against float32 on the "
+    "first batch (float32 if it strays); float32 on a CPU. Decided where the model runs (with "
+    "--backend dask, on each worker).",
 )
 
 
@@ -727,8 +663,12 @@ precision_option = click.option(
     help="With --backend dask: the Dask worker resource each shard task needs (one task at a "
     "time per worker started with `--resources GPU=1`); 'none' for CPU workers.",
 )
-@workers_option
-@cluster_options
+@backend_options(
+    workers_help="Locally: threads that decode composites and write finished shards while the "
+    "model runs (on a CPU one writer, so compression takes no cores from the model; the model "
+    "itself uses TensorFlow's threads: every core, or the GPU). With --backend dask and no "
+    "--scheduler: worker processes of the local cluster."
+)
 @handle_errors
 def depth(
     dataset: Path,
@@ -738,10 +678,12 @@ def depth(
     precision: str,
     xla: bool | None,
     worker_resource: str,
-    workers: Backend,
+    backend: Backend,
 ) -> None:
     """Add a DenseDepth depth map to every composite of DATASET (in its shards, pixel-aligned,
     resumable). Stats and preview include it once they are run again."""
+    import dataclasses
+
     from pipeline.depth import DepthConfig, run_depth
 
     config = DepthConfig(
@@ -751,21 +693,14 @@ def depth(
         precision=precision,
         xla=xla,
     )
-    bar, download = _Bar("depth"), _DownloadBar()
-    try:
-        resources = None if worker_resource.lower() == "none" else {worker_resource: 1}
-        rep = run_depth(
-            dataset,
-            config,
-            progress=bar.update,
-            on_start=bar.start,
-            on_download=download.update,
-            cluster=workers if workers.kind == "dask" else None,
-            resources=resources,
-        )
-    finally:
-        download.close()
-        bar.close()
+    if backend.is_cluster and worker_resource.lower() != "none":
+        backend = dataclasses.replace(backend, resources={worker_resource: 1})
+    with progress_bar("depth") as bar, download_bar() as on_download:
+        rep = run_depth(dataset, config, backend, progress=bar, on_download=on_download)
+    _echo_depth(rep)
+
+
+def _echo_depth(rep: Any) -> None:
     s = rep.settings
     click.echo(f"depth: {rep.samples:,} samples in {rep.shards} shards -> {rep.root}")
     if not rep.made:
@@ -792,23 +727,12 @@ def depth(
 
 @cli.command("depth-image")
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option(
-    "--out",
-    "-o",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="Folder for <name>.depth.png (16-bit, depth x 65535), <name>.depth_color.png and "
-    "montage.png.",
+@out_option(
+    "Folder for <name>.depth.png (16-bit, depth x 65535), <name>.depth_color.png and montage.png."
 )
 @weights_option
 @input_scale_option
-@click.option(
-    "--precision",
-    type=click.Choice(["float32", "bfloat16", "float16"]),
-    default="float32",
-    show_default=True,
-    help="Arithmetic of the model.",
-)
+@precision_option
 @click.option(
     "--max-side",
     type=click.IntRange(min=32),
@@ -817,7 +741,7 @@ def depth(
     help="Largest side of the model's input: larger images are shrunk for the model and the "
     "depth enlarged back.",
 )
-@click.option("--skip-bad", is_flag=True, help="Skip unreadable images and list them.")
+@on_bad_option
 @handle_errors
 def depth_image(
     images: tuple[Path, ...],
@@ -826,28 +750,18 @@ def depth_image(
     input_scale: str,
     precision: str,
     max_side: int,
-    skip_bad: bool,
+    on_bad: Any,
 ) -> None:
     """DenseDepth depth for ordinary image files of any size (edge-padded to multiples of 32
     for the model, then cropped and resized back to each image's size)."""
-    from pipeline.depth import DepthConfig, run_depth_images
+    from pipeline.depth import DepthConfig
+    from pipeline.depth_image import run_depth_images
 
     config = DepthConfig(weights=weights_spec, input_scale=int(input_scale), precision=precision)
-    bar, download = _Bar("depth-image"), _DownloadBar()
-    try:
+    with progress_bar("depth-image") as bar, download_bar() as on_download:
         rep = run_depth_images(
-            list(images),
-            out,
-            config,
-            max_side=max_side,
-            skip_bad=skip_bad,
-            progress=bar.update,
-            on_download=download.update,
-            on_start=bar.start,
+            list(images), out, config, max_side, on_bad, progress=bar, on_download=on_download
         )
-    finally:
-        download.close()
-        bar.close()
     click.echo(
         f"depth-image: {len(rep.written)} depth maps in {rep.seconds:.1f} s -> {out} "
         f"(montage: {rep.montage.name if rep.montage else 'none'})"
@@ -866,16 +780,13 @@ def weights() -> None:
 def weights_fetch(name: str | None) -> None:
     """Download checkpoint NAME into the cache (default: $DENSEDEPTH_WEIGHTS if set, else nyu);
     a finished download is kept, a partial one resumed. Prints the file's path."""
-    from densedepth.checkpoint import sha256_of
     from densedepth.weights import resolve_weights
+    from pipeline.files import sha256_file
 
-    download = _DownloadBar()
-    try:
-        path = resolve_weights(name, download=True, progress=download.update)
-    finally:
-        download.close()
+    with download_bar() as on_download:
+        path = resolve_weights(name, download=True, progress=on_download)
     size = path.stat().st_size
-    click.echo(f"weights: {path} ({_human_bytes(size)}, sha256 {sha256_of(path)})")
+    click.echo(f"weights: {path} ({_human_bytes(size)}, sha256 {sha256_file(path)})")
 
 
 @cli.command()
@@ -889,14 +800,7 @@ def weights_fetch(name: str | None) -> None:
     help="Training config (JSON, see configs/train.json); default: the built-in "
     "defaults. With --resume the run's own saved config is used.",
 )
-@click.option(
-    "--out",
-    "-o",
-    type=click.Path(path_type=Path),
-    default=Path("runs/train"),
-    show_default=True,
-    help="Run folder: checkpoints, history.csv, curves.png, logs/.",
-)
+@out_option("Run folder: checkpoints, history.csv, curves.png, logs/.", default=Path("runs/train"))
 @click.option("--resume", is_flag=True, help="Continue the run in --out where it stopped.")
 @click.option(
     "--time-limit",
@@ -926,53 +830,16 @@ def train(
     from trainer.train import run_train
 
     cfg = load_config(config_path)
-    bar: list[tqdm] = []
-
-    def on_event(kind: str, p: dict[str, Any]) -> None:
-        if kind == "start":
-            r = p["record"]
-            s = r["split"]
-            h, w = r["image_size"]
-            click.echo(
-                f"train: {r['dataset']['num_samples']:,} samples; {s['n_train']:,} train / "
-                f"{s['n_val']:,} validation (held-out backgrounds: {len(s['val_backgrounds'])}); "
-                f"images {w}x{h}; model {r['config']['model']['name']} base "
-                f"{r['config']['model']['base_filters']} ({p['params']:,} parameters)"
-            )
-            if p["mask_only"]:
-                why = "the dataset has no depth yet" if not p["has_depth"] else "depth weight 0"
-                click.echo(f"  mask-only training: {why} (depth head not trained)")
-            if p["resume"]:
-                click.echo(f"  resuming at epoch {p['start_epoch'] + 1}")
-        elif kind == "epoch_start":
-            bar.append(
-                tqdm(
-                    total=p["steps"],
-                    desc=f"epoch {p['epoch']}",
-                    unit="batch",
-                    leave=False,
-                    dynamic_ncols=True,
-                    file=sys.stderr,
-                )
-            )
-        elif kind == "batch" and bar:
-            bar[-1].update(1)
-        elif kind == "epoch":
-            if bar:
-                bar.pop().close()
-            click.echo(_epoch_line(p))
-
-    rep = run_train(
-        dataset,
-        cfg,
-        out,
-        resume=resume,
-        time_limit=time_limit * 60 if time_limit else None,
-        on_event=on_event,
-        epochs=epochs,
-    )
-    for b in bar:
-        b.close()
+    with _TrainEcho() as on_event:
+        rep = run_train(
+            dataset,
+            cfg,
+            out,
+            resume=resume,
+            time_limit=time_limit * 60 if time_limit else None,
+            on_event=on_event,
+            epochs=epochs,
+        )
     best = f"{rep.best:.4f}" if rep.best is not None else "n/a"
     click.echo(
         f"train: {rep.epochs_done} epoch(s) done in {rep.seconds:.0f} s; best "
@@ -980,6 +847,62 @@ def train(
     )
     if rep.stopped_early:
         click.echo(f"  stopped: {rep.stopped_early}")
+
+
+class _TrainEcho:
+    """Training's events on the terminal: the run's summary at the start, a bar of batches per
+    epoch (gone once the epoch's line is printed), one line per finished epoch. A context
+    manager: the bar is closed however training ends."""
+
+    def __init__(self) -> None:
+        self.bar: tqdm | None = None
+
+    def __enter__(self) -> _TrainEcho:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def __call__(self, kind: str, p: dict[str, Any]) -> None:
+        if kind == "start":
+            _echo_train_start(p)
+        elif kind == "epoch_start":
+            self.close()
+            self.bar = tqdm(
+                total=p["steps"],
+                desc=f"epoch {p['epoch']}",
+                unit="batch",
+                leave=False,
+                dynamic_ncols=True,
+                file=sys.stderr,
+            )
+        elif kind == "batch" and self.bar is not None:
+            self.bar.update(1)
+        elif kind == "epoch":
+            self.close()
+            click.echo(_epoch_line(p))
+
+
+def _echo_train_start(p: dict[str, Any]) -> None:
+    r = p["record"]
+    s = r["split"]
+    h, w = r["image_size"]
+    click.echo(
+        f"train: {r['dataset']['num_samples']:,} samples; {s['n_train']:,} train / "
+        f"{s['n_val']:,} validation (held-out backgrounds: {len(s['val_backgrounds'])}); "
+        f"images {w}x{h}; model {r['config']['model']['name']} base "
+        f"{r['config']['model']['base_filters']} ({p['params']:,} parameters)"
+    )
+    if p["mask_only"]:
+        why = "the dataset has no depth yet" if not p["has_depth"] else "depth weight 0"
+        click.echo(f"  mask-only training: {why} (depth head not trained)")
+    if p["resume"]:
+        click.echo(f"  resuming at epoch {p['start_epoch'] + 1}")
 
 
 def _epoch_line(p: dict[str, Any]) -> str:
@@ -1026,13 +949,7 @@ checkpoint_option = click.option(
     default=None,
     help="Default: the run's validation batch size.",
 )
-@click.option(
-    "--out",
-    "-o",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="JSON file to write (default RUN_DIR/eval/<dataset>_<split>.json).",
-)
+@out_option("JSON file to write (default RUN_DIR/eval/<dataset>_<split>.json).", required=False)
 @handle_errors
 def evaluate(
     run_dir: Path,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import sys
 import tempfile
 import time
@@ -29,7 +30,8 @@ from PIL import Image, ImageDraw
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.dedupe import (  # noqa: E402
+from pipeline.images import list_images, read_rgb  # noqa: E402
+from pipeline.prep.dedupe import (  # noqa: E402
     DedupeConfig,
     cluster_labels,
     find_pairs,
@@ -37,7 +39,7 @@ from pipeline.dedupe import (  # noqa: E402
     hash_folder,
     image_hashes,
 )
-from pipeline.images import list_images, read_rgb  # noqa: E402
+from pipeline.runner import Backend  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 FOLDERS = [
@@ -45,21 +47,9 @@ FOLDERS = [
     DATA / "s15ab" / "backgrounds_raw",
     ROOT / "assets" / "backgrounds",
 ]
-# Same photo, different files: found by low pHash distance and checked by looking at them.
-KNOWN = [
-    ("464250.png", "image14.png"),
-    ("an-empty-road.png", "images194.png"),
-    ("empty-road-1475053606qLb.png", "images45.png"),
-    ("empty-road-heading-to-the-mountains-vector-18885001.png", "images85.png"),
-    ("empty-road-stock-image__k62739831.png", "images34.png"),
-    ("empty-road-through-forest-1488040173Vlt.png", "image22.png"),
-    ("IMG_1256.jpg", "images154.jpg"),
-    ("Malls1.jpg", "image18.jpeg"),
-    ("images123.jpg", "pawn-shop-1024x683.jpg"),
-    ("images125.jpg", "outside-the-antique-shop-tyra-obryant.jpg"),
-    ("images183.jpg", "yl5-2324212.jpg"),  # stock watermark moved
-    ("road_03.jpg", "road_03_copy.jpg"),
-]
+# Same photo, different files, checked by eye (tests/test_dedupe.py uses them too).
+LABELS = json.loads((ROOT / "bench" / "dedupe_known_pairs.json").read_text())
+KNOWN = [tuple(pair) for folder, pairs in LABELS.items() if folder != "about" for pair in pairs]
 
 
 def _jpeg(im: Image.Image, q: int) -> Image.Image:
@@ -140,6 +130,10 @@ def evaluate(group: list[int], kinds: list[str], hashes: np.ndarray, limits) -> 
         kind = "same photo, two files" if kind == "original" else kind
         total[kind] += 1
         missed[kind] += int(lab[a] != lab[b])
+    return _scores(tp, fp, fn, missed, total)
+
+
+def _scores(tp: int, fp: int, fn: int, missed: Counter[str], total: Counter[str]) -> dict:
     return {
         "tp": tp,
         "fp": fp,
@@ -155,15 +149,7 @@ def _pool(results: list[dict]) -> dict:
     tp, fp, fn = (sum(r[k] for r in results) for k in ("tp", "fp", "fn"))
     missed: Counter[str] = sum((r["missed"] for r in results), Counter())
     total: Counter[str] = sum((r["total"] for r in results), Counter())
-    return {
-        "tp": tp,
-        "fp": fp,
-        "fn": fn,
-        "precision": tp / max(tp + fp, 1),
-        "recall": tp / max(tp + fn, 1),
-        "missed": missed,
-        "total": total,
-    }
+    return _scores(tp, fp, fn, missed, total)
 
 
 GRID = [(t, c) for t in (8, 10, 12) for c in (6, 8, 10)]
@@ -219,21 +205,21 @@ def timing(n: int, workers: int) -> None:
     print(f"\n## Speed ({workers} workers, synthetic 224x224 JPEGs)\n")
     print("| images | hashing (s) | clustering (s) | total (s) |")
     print("| --- | --- | --- | --- |")
-    limits = DedupeConfig().limits
+    limits, backend = DedupeConfig().limits, Backend.local(workers)
     with tempfile.TemporaryDirectory() as tmp:
         _synthetic(Path(tmp), n, 0)
         t0 = time.perf_counter()
-        hashed = hash_folder(list_images(tmp).images, workers, skip_bad=False)
+        hashed = hash_folder(list_images(tmp).images, backend)
         t_hash = time.perf_counter() - t0
     t0 = time.perf_counter()
-    find_pairs_parallel(hashed.hashes, limits, workers)
+    find_pairs_parallel(hashed.hashes, limits, backend)
     t_pairs = time.perf_counter() - t0
     print(f"| {n:,} | {t_hash:.1f} | {t_pairs:.1f} | {t_hash + t_pairs:.1f} |")
     rng = np.random.default_rng(1)
     for m in (20_000, 40_000):
         h = rng.integers(0, 2**63, (m, hashed.hashes.shape[1]), dtype=np.int64).view(np.uint64)
         t0 = time.perf_counter()
-        find_pairs_parallel(h, limits, workers)
+        find_pairs_parallel(h, limits, backend)
         t = time.perf_counter() - t0
         print(f"| {m:,} (hashes only) | {t_hash * m / n:.0f} (linear estimate) | {t:.1f} | |")
     est_h, est_c = t_hash * 100_000 / n, t * (100_000 / 40_000) ** 2

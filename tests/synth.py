@@ -49,6 +49,16 @@ def draw_car(w: int, h: int, color: tuple[int, int, int]) -> Image.Image:
     return big.resize((w, h), Image.LANCZOS)
 
 
+def in_mode(img: Image.Image, mode: str) -> Image.Image:
+    """A picture in one of the Pillow modes users' files come in: RGBA, LA, RGB, L, P (16
+    colours, no transparency), CMYK or I;16 (16-bit grey, scaled)."""
+    if mode == "I;16":
+        return Image.fromarray(np.asarray(img.convert("L")).astype(np.uint16) * 257)
+    if mode == "P":
+        return img.convert("RGB").quantize(16)
+    return img.convert(mode) if mode in ("L", "LA", "RGBA") else img.convert("RGB").convert(mode)
+
+
 CARS = ((30, 18, (200, 30, 30), "red"), (22, 20, (30, 60, 220), "blue"))
 
 

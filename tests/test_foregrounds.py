@@ -1,20 +1,18 @@
-"""foregrounds: clean cutouts from transparent images or photos + masks, and every bad input."""
+"""foregrounds: clean cutouts from transparent images or photos + masks, and every bad input
+(bad files and output folders of every prep stage: test_prep.py)."""
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from PIL import Image
-from synth import draw_car, tree_digest
+from synth import draw_car, in_mode, tree_digest
 
-from cli import cli
-from pipeline.foregrounds import (
+from pipeline.prep.foregrounds import (
     ForegroundConfig,
     alpha_bbox,
     check_mask,
@@ -44,28 +42,6 @@ def photo_and_mask(w: int = 90, h: int = 60) -> tuple[Image.Image, Image.Image]:
     return Image.fromarray(photo), mask.resize((100, 100), Image.BILINEAR)
 
 
-def run(*args: object) -> object:
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-BAD_KINDS = ("zero", "corrupt", "truncated", "text")
-
-
-def write_bad(path: Path, kind: str) -> Path:
-    """A file with an image extension that is not a usable image."""
-    if kind == "zero":
-        path.write_bytes(b"")
-    elif kind == "corrupt":
-        path.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
-    elif kind == "truncated":
-        buf = io.BytesIO()
-        Image.fromarray(car_rgba()).save(buf, format="PNG")
-        path.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
-    else:
-        path.write_text("this is not an image\n")
-    return path
-
-
 def save_mode(path: Path, mode: str) -> Path:
     """A car picture saved in the given Pillow mode."""
     rgba = Image.fromarray(car_rgba())
@@ -76,17 +52,18 @@ def save_mode(path: Path, mode: str) -> Path:
         idx = int(np.asarray(img)[0, 0])
         img.save(path, transparency=idx)
         return path
-    img = {
-        "RGBA": rgba,
-        "LA": rgba.convert("LA"),
-        "RGB": rgba.convert("RGB"),
-        "L": rgba.convert("L"),
-        "P": rgba.convert("RGB").quantize(16),
-        "CMYK": rgba.convert("RGB").convert("CMYK"),
-        "I;16": Image.fromarray(np.asarray(rgba.convert("L")).astype(np.uint16) * 257),
-    }[mode]
+    img = in_mode(rgba, mode)
     img.save(path)
     return path
+
+
+@pytest.fixture
+def photos(tmp_path: Path) -> tuple[Path, Path, Image.Image, Image.Image]:
+    """Empty folders for photos and masks, and a photo with its mask to put there."""
+    src, masks = tmp_path / "photos", tmp_path / "masks"
+    src.mkdir()
+    masks.mkdir()
+    return src, masks, *photo_and_mask()
 
 
 # ------------------------------------------------------------------------ pure functions
@@ -151,12 +128,12 @@ def test_check_mask():
 
 
 @pytest.mark.parametrize("mode", ["RGBA", "LA", "P+t"])
-def test_transparent_images_are_used_as_they_are(tmp_path, mode):
+def test_transparent_images_are_used_as_they_are(tmp_path, cli_run, mode):
     src = tmp_path / "src"
     src.mkdir()
     save_mode(src / "car.png", mode)
     before = tree_digest(src)
-    res = run("foregrounds", src, "--out", tmp_path / "out", "--workers", 1)
+    res = cli_run("foregrounds", src, "--out", tmp_path / "out", "--workers", 1)
     assert res.exit_code == 0, res.output
     out = Image.open(tmp_path / "out" / "car.png")
     assert out.mode == "RGBA" and 55 <= out.width <= 60 and 26 <= out.height <= 30
@@ -164,34 +141,23 @@ def test_transparent_images_are_used_as_they_are(tmp_path, mode):
 
 
 @pytest.mark.parametrize("mode", ["RGB", "L", "P", "CMYK", "I;16"])
-def test_photo_without_mask_is_refused(tmp_path, mode):
+def test_photo_without_mask_is_refused(tmp_path, cli_run, error_line, mode):
     src = tmp_path / "src"
     src.mkdir()
     ext = "tif" if mode == "CMYK" else "png"
     save_mode(src / f"car.{ext}", mode)
-    res = run("foregrounds", src, "--out", tmp_path / "out")
-    assert res.exit_code == 1
-    assert res.output.count("Error:") == 1
-    assert "no transparency and no mask" in res.output and f"car.{ext}" in res.output
-    assert "--masks" in res.output and "Traceback" not in res.output
+    line = error_line(cli_run("foregrounds", src, "--out", tmp_path / "out"))
+    assert "no transparency and no mask" in line and f"car.{ext}" in line and "--masks" in line
 
 
 @pytest.mark.parametrize("mode", ["RGB", "L", "CMYK", "I;16"])
-def test_photo_with_mask_in_every_mode(tmp_path, mode):
-    src, masks = tmp_path / "photos", tmp_path / "masks"
-    src.mkdir()
-    masks.mkdir()
-    photo, mask = photo_and_mask()
+def test_photo_with_mask_in_every_mode(tmp_path, cli_run, photos, mode):
+    src, masks, photo, mask = photos
     ext = "jpg" if mode == "CMYK" else "png"
-    img = (
-        photo.convert(mode)
-        if mode != "I;16"
-        else Image.fromarray(np.asarray(photo.convert("L")).astype(np.uint16) * 257)
-    )
-    img.save(src / f"car.{ext}")
+    in_mode(photo, mode).save(src / f"car.{ext}")
     mask.save(masks / "car.jpg", quality=60)  # noisy JPEG edges, as in real data
     before = tree_digest(src), tree_digest(masks)
-    res = run("foregrounds", src, "--masks", masks, "--out", tmp_path / "out")
+    res = cli_run("foregrounds", src, "--masks", masks, "--out", tmp_path / "out")
     assert res.exit_code == 0, res.output
     out = np.asarray(Image.open(tmp_path / "out" / "car.png"))
     h, w = out.shape[:2]
@@ -203,17 +169,14 @@ def test_photo_with_mask_in_every_mode(tmp_path, mode):
     assert (tree_digest(src), tree_digest(masks)) == before
 
 
-def test_mask_without_photo_and_skip_bad(tmp_path):
-    src, masks = tmp_path / "photos", tmp_path / "masks"
-    src.mkdir()
-    masks.mkdir()
-    photo, mask = photo_and_mask()
+def test_mask_without_photo_and_skip_bad(tmp_path, cli_run, photos):
+    src, masks, photo, mask = photos
     photo.save(src / "a.jpg")
     mask.save(masks / "a.png")
     mask.save(masks / "orphan.png")
-    res = run("foregrounds", src, "--masks", masks, "--out", tmp_path / "out")
+    res = cli_run("foregrounds", src, "--masks", masks, "--out", tmp_path / "out")
     assert res.exit_code == 1 and "mask has no photo" in res.output and "orphan.png" in res.output
-    res = run("foregrounds", src, "--masks", masks, "--out", tmp_path / "out", "--skip-bad")
+    res = cli_run("foregrounds", src, "--masks", masks, "--out", tmp_path / "out", "--skip-bad")
     assert res.exit_code == 0, res.output
     assert "skipped 1 bad input" in res.output and "orphan.png" in res.output
     report = json.loads((tmp_path / "out" / "report.json").read_text())
@@ -221,69 +184,30 @@ def test_mask_without_photo_and_skip_bad(tmp_path):
     assert [o["out"] for o in report["outputs"]] == ["a.png"]
 
 
-def test_mask_for_another_picture_is_refused(tmp_path):
-    src, masks = tmp_path / "photos", tmp_path / "masks"
-    src.mkdir()
-    masks.mkdir()
-    photo, _ = photo_and_mask()
+def test_mask_for_another_picture_is_refused(tmp_path, cli_run, photos):
+    src, masks, photo, _ = photos
     photo.save(src / "a.png")
     Image.new("L", (100, 100), 0).save(masks / "a.png")
-    res = run("foregrounds", src, "--masks", masks, "--out", tmp_path / "out")
+    res = cli_run("foregrounds", src, "--masks", masks, "--out", tmp_path / "out")
     assert res.exit_code == 1 and "mask is nearly empty" in res.output
 
 
-@pytest.mark.parametrize("kind", BAD_KINDS)
-def test_bad_files(tmp_path, kind):
-    src = tmp_path / "src"
-    src.mkdir()
-    save_mode(src / "good.png", "RGBA")
-    write_bad(src / "bad.png", kind)
-    before = tree_digest(src)
-    res = run("foregrounds", src, "--out", tmp_path / "out")
-    assert res.exit_code == 1
-    assert res.output.startswith("Error:") or "\nError:" in res.output
-    assert "bad.png" in res.output and "--skip-bad" in res.output
-    res = run("foregrounds", src, "--out", tmp_path / "out", "--skip-bad")
-    assert res.exit_code == 0, res.output
-    assert "bad.png" in res.output
-    report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert [Path(s["file"]).name for s in report["skipped"]] == ["bad.png"]
-    assert tree_digest(src) == before
-
-
-def test_empty_folder_and_bad_out(tmp_path):
-    (tmp_path / "empty").mkdir()
-    (tmp_path / "empty" / "notes.txt").write_text("x")
-    res = run("foregrounds", tmp_path / "empty", "--out", tmp_path / "out")
-    assert res.exit_code == 1 and "no images" in res.output
-    src = tmp_path / "src"
-    src.mkdir()
-    save_mode(src / "car.png", "RGBA")
-    (tmp_path / "file").write_text("x")
-    res = run("foregrounds", src, "--out", tmp_path / "file")
-    assert res.exit_code == 1 and "is a file" in res.output
-    res = run("foregrounds", src, "--out", tmp_path / "file" / "sub")
-    assert res.exit_code == 1 and "Error: cannot make output folder" in res.output
-    res = run("foregrounds", src, "--out", src)
-    assert res.exit_code == 1 and "input folder" in res.output
-
-
-def test_rerun_overwrites_own_outputs_and_keeps_foreign_files(tmp_path):
+def test_rerun_overwrites_own_outputs_and_keeps_foreign_files(tmp_path, cli_run):
     src, out = tmp_path / "src", tmp_path / "out"
     src.mkdir()
     save_mode(src / "a.png", "RGBA")
     save_mode(src / "b.png", "RGBA")
-    assert run("foregrounds", src, "--out", out).exit_code == 0
+    assert cli_run("foregrounds", src, "--out", out).exit_code == 0
     (out / "mine.txt").write_text("keep me")
     (src / "b.png").unlink()
-    assert run("foregrounds", src, "--out", out).exit_code == 0
+    assert cli_run("foregrounds", src, "--out", out).exit_code == 0
     assert sorted(p.name for p in out.iterdir()) == ["a.png", "mine.txt", "report.json"]
 
 
 @pytest.mark.shared_data
-def test_real_photos_and_masks(tmp_path, shared_data):
+def test_real_photos_and_masks(tmp_path, cli_run, shared_data):
     photos, masks = shared_data / "s15ab" / "car_photos", shared_data / "s15ab" / "car_masks"
-    res = run("foregrounds", photos, "--masks", masks, "--out", tmp_path / "out", "--skip-bad")
+    res = cli_run("foregrounds", photos, "--masks", masks, "--out", tmp_path / "out", "--skip-bad")
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert len(report["outputs"]) == 100
@@ -291,5 +215,5 @@ def test_real_photos_and_masks(tmp_path, shared_data):
     assert len(skipped) == 7 and all(s.startswith("399") for s in skipped)
     for rec in report["outputs"]:
         assert max(rec["size"]) <= 100
-    res = run("foregrounds", photos, "--masks", masks, "--out", tmp_path / "out2")
+    res = cli_run("foregrounds", photos, "--masks", masks, "--out", tmp_path / "out2")
     assert res.exit_code == 1 and "mask has no photo" in res.output

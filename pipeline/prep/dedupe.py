@@ -20,10 +20,10 @@ Invariants: SRC is never written; outputs are atomic; a rerun overwrites this st
 
 from __future__ import annotations
 
-import logging
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,21 +31,19 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
-from .dataset import atomic_write_bytes
-from .errors import BadImageError, InputFolderError, PipelineError
-from .foregrounds import (
-    REPORT,
+from ..errors import OnBad, PipelineError
+from ..images import fit_crop, list_images, read_rgb
+from ..progress import NO_PROGRESS, Progress
+from ..runner import Backend, map_shards
+from .common import (
+    PrepRun,
+    Record,
     StageReport,
-    encode_png,
+    ignored_files,
     output_names,
-    prepare_out,
-    process_jobs,
-    write_report,
+    require_some,
+    run_items,
 )
-from .images import fit_crop, list_images, read_rgb
-from .runner import map_shards
-
-log = logging.getLogger(__name__)
 
 THUMB = 128  # hashes are taken on a thumbnail this long: decoding size does not matter
 WINDOW = 0.9  # side of the crop windows, as a fraction of the image's
@@ -58,6 +56,7 @@ NUM_HASHES = 1 + len(GRID) ** 2 + 1
 # for two different roads to look alike (two of the sample roads meet at 10).
 DEFAULT_THRESHOLD = 10
 DEFAULT_CROP_THRESHOLD = 8
+HASH_CHUNK = 64  # files per hashing task: a hash costs far less than writing a keeper
 
 
 @dataclass(frozen=True)
@@ -238,19 +237,17 @@ def pick_keeper(
 # ------------------------------------------------------------------------ the stage (I/O)
 
 
-def _hash_chunk(jobs: Sequence[tuple[int, str]]) -> list[dict[str, Any]]:
-    results: list[dict[str, Any]] = []
-    for index, path in jobs:
-        try:
-            rgb = read_rgb(path)
-        except BadImageError as e:
-            results.append({"error": [e.path, e.reason, str(e)]})
-            continue
-        h, w = rgb.shape[:2]
-        results.append(
-            {"file": Path(path).name, "index": index, "size": [w, h], "hashes": image_hashes(rgb)}
-        )
-    return results
+def hash_item(job: tuple[int, str]) -> tuple[None, Record]:
+    """One (index, path): its size and hashes (nothing to write); raises BadImageError."""
+    index, path = job
+    rgb = read_rgb(path)
+    h, w = rgb.shape[:2]
+    return None, {
+        "file": Path(path).name,
+        "index": index,
+        "size": [w, h],
+        "hashes": image_hashes(rgb),
+    }
 
 
 def _pairs_task(hashes: NDArray[np.uint64], limits: tuple, first: int, last: int) -> list:
@@ -260,27 +257,20 @@ def _pairs_task(hashes: NDArray[np.uint64], limits: tuple, first: int, last: int
 def find_pairs_parallel(
     hashes: NDArray[np.uint64],
     limits: tuple[int, int, int],
-    workers: int,
+    backend: Backend = Backend(),
     rows_per_task: int = 2048,
 ) -> NDArray[np.int64]:
     """find_pairs over row ranges with map_shards; the same pairs whatever the worker count."""
     n = len(hashes)
     tasks = [(hashes, limits, a, min(a + rows_per_task, n)) for a in range(0, n, rows_per_task)]
-    parts = [p for res in map_shards(_pairs_task, tasks, workers) for p in res]
+    parts = [p for res in map_shards(_pairs_task, tasks, backend, writes=False) for p in res]
     return _canonical(np.concatenate(parts) if parts else np.zeros((0, 4), np.int64))
 
 
-def _write_chunk(jobs: Sequence[tuple[str, str]], size: tuple[int, int], out: str) -> list:
-    results: list[dict[str, Any]] = []
-    for path, name in jobs:
-        try:
-            rgb = fit_crop(read_rgb(path), *size)
-        except BadImageError as e:
-            results.append({"error": [e.path, e.reason, str(e)]})
-            continue
-        atomic_write_bytes(Path(out) / name, encode_png(rgb))
-        results.append({"file": Path(path).name, "out": name})
-    return results
+def keeper_item(job: tuple[str, str], size: tuple[int, int]) -> tuple[NDArray[np.uint8], Record]:
+    """One keeper (path, output name) resized and centre-cropped to size (height, width)."""
+    path, name = job
+    return fit_crop(read_rgb(path), *size), {"file": Path(path).name, "out": name}
 
 
 @dataclass
@@ -288,26 +278,22 @@ class Hashed:
     paths: list[Path]
     sizes: list[tuple[int, int]]  # (width, height)
     hashes: NDArray[np.uint64]
-    skipped: list[dict[str, str]] = field(default_factory=list)
 
 
 def hash_folder(
     paths: Sequence[Path],
-    workers: int,
-    skip_bad: bool,
-    progress: Callable[[int], None] | None = None,
-    on_start: Callable[[int, int], None] | None = None,
+    backend: Backend = Backend(),
+    on_bad: OnBad | None = None,
+    progress: Progress = NO_PROGRESS,
 ) -> Hashed:
-    """Hash every image, in parallel over chunks of files; results in file-name order."""
+    """Hash every image, in parallel over chunks of files; results in file-name order.
+    Unreadable files go to on_bad (default: stop at the first)."""
     jobs = [(i, str(p)) for i, p in enumerate(paths)]
-    done, skipped = process_jobs(
-        _hash_chunk, jobs, (), workers, skip_bad, progress, on_start, chunk=64
-    )
+    on_bad = on_bad or OnBad()
+    done = run_items(hash_item, jobs, None, backend, on_bad, progress, chunk=HASH_CHUNK)
     done.sort(key=lambda r: r["index"])
     hashes = np.stack([r["hashes"] for r in done]) if done else np.zeros((0, NUM_HASHES), np.uint64)
-    return Hashed(
-        [paths[r["index"]] for r in done], [tuple(r["size"]) for r in done], hashes, skipped
-    )
+    return Hashed([paths[r["index"]] for r in done], [tuple(r["size"]) for r in done], hashes)
 
 
 def _clusters(hashed: Hashed, pairs: NDArray[np.int64]) -> list[dict[str, Any]]:
@@ -350,35 +336,25 @@ def run_dedupe(
     src: Path,
     out: Path,
     config: DedupeConfig | None = None,
-    workers: int = 1,
-    skip_bad: bool = False,
-    progress: Callable[[int], None] | None = None,
-    on_start: Callable[[int, int], None] | None = None,
+    backend: Backend = Backend(),
+    on_bad: OnBad | None = None,
+    progress: Progress = NO_PROGRESS,
 ) -> StageReport:
     """Cluster the near-duplicates of src and write one resized keeper per cluster to out."""
-    t0 = time.perf_counter()
     config = config or DedupeConfig()
-    src, out = Path(src), Path(out)
-    prepare_out(out, [src])
+    src = Path(src)
+    run = PrepRun(out, [src], backend, on_bad)
     listing = list_images(src, "backgrounds")
-    hashed = hash_folder(listing.images, workers, skip_bad, progress, on_start)
-    if not hashed.paths:
-        raise InputFolderError(f"no usable backgrounds in {src} (all were skipped as bad)")
-    t_hash = time.perf_counter() - t0
-    pairs = find_pairs_parallel(hashed.hashes, config.limits, workers)
-    clusters = _clusters(hashed, pairs)
-    t_cluster = time.perf_counter() - t0 - t_hash
-    keepers = [hashed.paths[c["keeper_index"]] for c in clusters]
+    hashed = hash_folder(listing.images, backend, run.on_bad, progress)
+    require_some(hashed.paths, "backgrounds", src)
+    t_hash = time.perf_counter() - run.t0
+    clusters = _clusters(hashed, find_pairs_parallel(hashed.hashes, config.limits, backend))
+    t_cluster = time.perf_counter() - run.t0 - t_hash
+    keepers = [hashed.paths[c.pop("keeper_index")] for c in clusters]
     names = output_names(keepers)
     jobs = [(str(p), names[p]) for p in keepers]
-    outputs, bad = process_jobs(
-        _write_chunk, jobs, (config.size, str(out)), workers, skip_bad, None, None
-    )
-    for c in clusters:
-        del c["keeper_index"]
+    outputs = run.map(partial(keeper_item, size=config.size), jobs)
     summary = _summary(clusters, len(hashed.paths), config.threshold)
-    ignored = [str(p) for p in listing.ignored if p.name != REPORT]
-    skipped = hashed.skipped + bad
     report = {
         "stage": "dedupe",
         "config": {
@@ -391,10 +367,9 @@ def run_dedupe(
         "clusters": [c for c in clusters if len(c["members"]) > 1],
         "unique": [c["members"][0] for c in clusters if len(c["members"]) == 1],
         "outputs": outputs,
-        "skipped": skipped,
-        "ignored": ignored,
+        "skipped": run.skipped,
+        "ignored": ignored_files(listing),
         "seconds": {"hash": round(t_hash, 3), "cluster": round(t_cluster, 3)},
     }
-    write_report(out, report)
     extra = {"summary": summary, "clusters": report["clusters"], "images": len(hashed.paths)}
-    return StageReport(out, outputs, skipped, ignored, time.perf_counter() - t0, extra)
+    return run.finish(report, extra)

@@ -15,35 +15,33 @@ so transparent pixels cannot bleed a dark (or checkerboard) fringe into the edge
 transparent pixels get RGB 0. Outputs are written atomically; a rerun overwrites this stage's own
 outputs and removes the ones an earlier run listed that this run no longer makes, and leaves any
 other file alone.
-
-The helpers at the end (output folder, report, --skip-bad policy, output names) are shared by
-the preparation stages `dedupe`, `foregrounds` and `flip`.
 """
 
 from __future__ import annotations
 
-import io
-import json
-import logging
-import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 from numpy.typing import NDArray
-from PIL import Image
 
-from .dataset import atomic_write_bytes, write_json
-from .errors import BadImageError, InputFolderError, OutputError, PipelineError
-from .images import SKIP_HINT, _normalise_mode, list_images, open_image
-from .runner import map_shards
+from ..errors import BadImageError, OnBad, PipelineError
+from ..images import SKIP_HINT, _normalise_mode, list_images, open_image
+from ..progress import NO_PROGRESS, Progress
+from ..runner import Backend
+from .common import (
+    PrepRun,
+    Record,
+    StageReport,
+    by_stem,
+    ignored_files,
+    output_names,
+    require_some,
+)
 
-log = logging.getLogger(__name__)
-
-REPORT = "report.json"
 # A mask's coverage outside these bounds means it was drawn for another picture, or is blank.
 MIN_COVERAGE, MAX_COVERAGE = 0.01, 0.98
 # A mask may be square (drawn on the squashed 100x100 picture, as in the real data) or have the
@@ -212,31 +210,15 @@ def make_cutout(job: Job, config: ForegroundConfig) -> NDArray[np.uint8]:
         raise BadImageError(path, str(e), SKIP_HINT) from None
 
 
-def _run_chunk(jobs: Sequence[Job], config: ForegroundConfig, out: str) -> list[dict[str, Any]]:
-    """Make and write a chunk of cutouts; errors come back as data (exceptions with extra
-    constructor arguments do not survive pickling between processes)."""
-    results = []
-    for job in jobs:
-        try:
-            cut = make_cutout(job, config)
-        except BadImageError as e:
-            results.append({"error": [e.path, e.reason, str(e)]})  # str(e) names the fix
-            continue
-        atomic_write_bytes(Path(out) / job.out_name, encode_png(cut))
-        rec = {"file": Path(job.path).name, "mask": job.mask and Path(job.mask).name}
-        rec.update(out=job.out_name, size=[int(cut.shape[1]), int(cut.shape[0])])
-        results.append(rec)
-    return results
+def cutout_item(job: Job, config: ForegroundConfig) -> tuple[NDArray[np.uint8], Record]:
+    """One input's cutout and its record for report.json; raises BadImageError."""
+    cut = make_cutout(job, config)
+    rec = {"file": Path(job.path).name, "mask": job.mask and Path(job.mask).name}
+    rec.update(out=job.out_name, size=[int(cut.shape[1]), int(cut.shape[0])])
+    return cut, rec
 
 
 # ------------------------------------------------------------------------ pairing (I/O)
-
-
-def _by_stem(paths: Iterable[Path]) -> dict[str, list[Path]]:
-    groups: dict[str, list[Path]] = {}
-    for p in paths:
-        groups.setdefault(p.stem, []).append(p)
-    return groups
 
 
 def _find_mask(photo: Path, same_stem: list[Path], masks: dict[str, list[Path]]) -> Path | None:
@@ -260,28 +242,26 @@ def _find_mask(photo: Path, same_stem: list[Path], masks: dict[str, list[Path]])
 @dataclass
 class Pairing:
     jobs: list[Job]
-    skipped: list[dict[str, str]]
     ignored: list[str]
 
 
-def pair_inputs(src: Path, masks: Path | None, skip_bad: bool) -> Pairing:
-    """Match every image of src with its mask; refuse masks that match no image."""
+def pair_inputs(src: Path, masks: Path | None, on_bad: OnBad) -> Pairing:
+    """Match every image of src with its mask; refuse masks that match no image (on_bad)."""
     listing = list_images(src, "foregrounds")
-    skipped: list[dict[str, str]] = []
-    ignored = [str(p) for p in listing.ignored if p.name != REPORT]
+    ignored = ignored_files(listing)
     mask_groups: dict[str, list[Path]] = {}
     if masks is not None:
         mlist = list_images(masks, "masks")
         ignored += [str(p) for p in mlist.ignored]
-        mask_groups = _by_stem(mlist.images)
-    photo_groups = _by_stem(listing.images)
+        mask_groups = by_stem(mlist.images)
+    photo_groups = by_stem(listing.images)
     names = output_names(listing.images)
     jobs, used = [], set()
     for p in listing.images:
         try:
             m = _find_mask(p, photo_groups[p.stem], mask_groups)
         except BadImageError as e:
-            skip_or_raise(e, skip_bad, skipped)
+            on_bad(e)
             continue
         if m is not None:
             used.add(m)
@@ -294,23 +274,11 @@ def pair_inputs(src: Path, masks: Path | None, skip_bad: bool) -> Pairing:
                     "mask has no photo of the same name in " + str(src),
                     "add its photo, remove the mask, or pass --skip-bad to skip it",
                 )
-                skip_or_raise(err, skip_bad, skipped)
-    return Pairing(jobs, skipped, ignored)
+                on_bad(err)
+    return Pairing(jobs, ignored)
 
 
 # ------------------------------------------------------------------------ the stage
-
-
-@dataclass
-class StageReport:
-    """What a preparation stage did; `outputs` are the records written to report.json."""
-
-    out: Path
-    outputs: list[dict[str, Any]]
-    skipped: list[dict[str, str]]
-    ignored: list[str]
-    seconds: float
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def run_foregrounds(
@@ -318,131 +286,24 @@ def run_foregrounds(
     out: Path,
     masks: Path | None = None,
     config: ForegroundConfig | None = None,
-    workers: int = 1,
-    skip_bad: bool = False,
-    progress: Callable[[int], None] | None = None,
-    on_start: Callable[[int, int], None] | None = None,
+    backend: Backend = Backend(),
+    on_bad: OnBad | None = None,
+    progress: Progress = NO_PROGRESS,
 ) -> StageReport:
     """Make a clean cutout of every image in src (with its mask) into out."""
-    t0 = time.perf_counter()
     config = config or ForegroundConfig()
-    src, out = Path(src), Path(out)
-    prepare_out(out, [src] + ([Path(masks)] if masks else []))
-    pairing = pair_inputs(src, Path(masks) if masks else None, skip_bad)
-    outputs, skipped = process_jobs(
-        _run_chunk, pairing.jobs, (config, str(out)), workers, skip_bad, progress, on_start
-    )
-    skipped = pairing.skipped + skipped
-    if not outputs:
-        raise InputFolderError(f"no usable foregrounds in {src} (all were skipped as bad)")
-    report = {
+    src, masks = Path(src), Path(masks) if masks else None
+    run = PrepRun(out, [src] + ([masks] if masks else []), backend, on_bad)
+    pairing = pair_inputs(src, masks, run.on_bad)
+    outputs = run.map(partial(cutout_item, config=config), pairing.jobs, progress)
+    require_some(outputs, "foregrounds", src)
+    report: dict[str, Any] = {
         "stage": "foregrounds",
         "config": asdict(config),
         "source": str(src),
         "masks": str(masks) if masks else None,
         "outputs": outputs,
-        "skipped": skipped,
+        "skipped": run.skipped,
         "ignored": pairing.ignored,
     }
-    write_report(out, report)
-    return StageReport(out, outputs, skipped, pairing.ignored, time.perf_counter() - t0)
-
-
-# ------------------------------------------- helpers shared by dedupe, foregrounds and flip
-
-
-def process_jobs(
-    fn: Callable[..., list[dict[str, Any]]],
-    jobs: Sequence[Any],
-    args: tuple[Any, ...],
-    workers: int,
-    skip_bad: bool,
-    progress: Callable[[int], None] | None,
-    on_start: Callable[[int, int], None] | None,
-    chunk: int = 16,
-) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
-    """Run fn(chunk_of_jobs, *args) over chunks with map_shards; split results from errors.
-
-    Without skip_bad the first error (by file name, whatever the worker count) is raised.
-    """
-    if on_start:
-        on_start(len(jobs), 0)
-    chunks = [(jobs[i : i + chunk], *args) for i in range(0, len(jobs), chunk)]
-    outputs, errors = [], []
-    for results in map_shards(fn, chunks, workers):
-        for r in results:
-            (errors if "error" in r else outputs).append(r)
-        if progress:
-            progress(len(results))
-    outputs.sort(key=lambda r: r["file"])
-    errors.sort(key=lambda r: r["error"][0])
-    if errors and not skip_bad:
-        raise PipelineError(errors[0]["error"][2])
-    for e in errors:
-        log.warning("skipped %s", e["error"][2])
-    return outputs, [{"file": e["error"][0], "reason": e["error"][1]} for e in errors]
-
-
-def skip_or_raise(err: BadImageError, skip_bad: bool, skipped: list[dict[str, str]]) -> None:
-    """The --skip-bad policy: raise, or record the file and reason and go on."""
-    if not skip_bad:
-        raise err
-    log.warning("skipped %s", err)
-    skipped.append({"file": err.path, "reason": err.reason})
-
-
-def output_names(paths: Sequence[Path], suffix: str = "") -> dict[Path, str]:
-    """`<stem><suffix>.png` per input; `<stem>_<ext><suffix>.png` where stems collide."""
-    stems = _by_stem(paths)
-    return {
-        p: f"{p.stem}{suffix}.png"
-        if len(stems[p.stem]) == 1
-        else f"{p.stem}_{p.suffix.lstrip('.').lower()}{suffix}.png"
-        for p in paths
-    }
-
-
-def encode_png(arr: NDArray[np.uint8]) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def prepare_out(out: Path, inputs: Sequence[Path]) -> None:
-    """Make the output folder; refuse a file, an unwritable place, or an input folder."""
-    out = Path(out)
-    for folder in inputs:
-        if folder.exists() and out.resolve() == Path(folder).resolve():
-            raise OutputError(
-                f"output folder is an input folder: {out}; choose another --out "
-                "(inputs are never written)"
-            )
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"output path is a file, not a folder: {out}; choose another --out")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OutputError(
-            f"cannot make output folder: {out} ({e.strerror or e}); choose another --out"
-        ) from None
-
-
-def write_report(out: Path, report: dict[str, Any]) -> None:
-    """Write report.json, first removing outputs an earlier run of the same stage listed that
-    this run did not make (so the folder holds exactly this run's outputs plus foreign files)."""
-    path = Path(out) / REPORT
-    new = {r["out"] for r in report["outputs"]}
-    try:
-        old = json.loads(path.read_text())
-    except (OSError, ValueError):
-        old = {}
-    if isinstance(old, dict) and old.get("stage") == report["stage"]:
-        for rec in old.get("outputs", []):
-            name = rec.get("out") if isinstance(rec, dict) else None
-            if isinstance(name, str) and name not in new and "/" not in name:
-                (Path(out) / name).unlink(missing_ok=True)
-    try:
-        write_json(path, report)
-    except OSError as e:
-        msg = f"cannot write {path} ({e.strerror or e}); choose another --out"
-        raise OutputError(msg) from None
+    return run.finish(report)
