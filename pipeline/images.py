@@ -8,7 +8,6 @@ orientation is applied.
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -56,14 +55,6 @@ def list_images(folder: str | Path, what: str = "images") -> Listing:
             f"expected {', '.join(sorted(IMAGE_EXTENSIONS))} files"
         )
     return Listing(tuple(images), tuple(ignored))
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def open_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
