@@ -7,10 +7,14 @@ prediction.
                                                   # -> (N, H/2, W/2) float32, upstream's
                                                   #    clip(1000 / y, 10, 1000) / 1000
 
+    engine = densedepth.load_engine("nyu.h5")     # what the depth stage, its cluster workers,
+    depth = engine(uint8_images)                  # depth-image and the benchmarks all use
+
 Modules: `model` (the network), `checkpoint` (reading the published Keras 2.2.4 files and the
-project's own), `weights` (where the files are, cache, download), `inference` (predict and the
-depth stage's compiled engine). TensorFlow is imported only when a model is built or loaded, so
-`weights` (and `cli.py weights fetch`) start fast.
+project's own), `weights` (where the files are, cache, download), `inference` (predict, and
+`load_engine`: one loader with one meaning of `auto` precision, float16 on a GPU checked against
+float32 on the first batch, float32 on a CPU). TensorFlow is imported only when a model is
+built or loaded, so `weights` (and `cli.py weights fetch`) start fast.
 """
 
 from __future__ import annotations
@@ -19,16 +23,20 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointError, InferenceError, WeightsError
+from .inference import PRECISIONS, Engine
 from .weights import CHECKPOINTS, cache_dir, fetch, resolve_weights
 
 __all__ = [
     "CHECKPOINTS",
     "CheckpointError",
+    "PRECISIONS",
+    "Engine",
     "InferenceError",
     "WeightsError",
     "build_model",
     "cache_dir",
     "fetch",
+    "load_engine",
     "load_model",
     "predict",
     "resolve_weights",
@@ -46,6 +54,15 @@ def load_model(
 
     path = resolve_weights(None if name_or_path is None else str(name_or_path), download=download)
     return load_checkpoint(path, precision=precision)
+
+
+def load_engine(
+    weights: str | Path, precision: str = "auto", device: str | None = None, **kw: Any
+) -> Engine:
+    """The depth engine for a checkpoint file (see `densedepth.inference.load_engine`)."""
+    from .inference import load_engine as _load
+
+    return _load(weights, precision, device, **kw)
 
 
 def predict(

@@ -20,7 +20,6 @@ real files cannot be downloaded everywhere).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -46,14 +45,6 @@ def keras3_name(keras2: str) -> str:
 
 def keras2_name(keras3: str) -> str:
     return KERAS2_NAMES.get(keras3, keras3)
-
-
-def sha256_of(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass

@@ -5,7 +5,10 @@ upstream's `predict`: depth = clip(maxDepth / output, minDepth, maxDepth) / maxD
 minDepth 10 and maxDepth 1000, a "normalised depth" in [0.01, 1] (x 10 m).
 
 `DepthEngine` runs the same maths inside one `tf.function` per (batch, height, width): uint8
-images in, normalised depth at the input's own resolution out. `input_scale=2` feeds the image
+images in, normalised depth at the input's own resolution out. `load_engine` is how every
+caller (the depth stage here and on cluster workers, `depth-image`, the benchmarks) gets one: it
+loads a checkpoint, chooses the precision for the device it runs on, and checks a reduced
+precision against float32 on the first batch. `input_scale=2` feeds the image
 enlarged 2x (bilinear, half-pixel centres) so the half-resolution output lands exactly on the
 input's pixel grid; `input_scale=1` feeds it as it is and enlarges the output 2x the same way.
 Either way output pixel (i, j) is the depth at input pixel (i, j).
@@ -13,8 +16,11 @@ Either way output pixel (i, j) is the depth at input pixel (i, j).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,6 +32,10 @@ log = logging.getLogger(__name__)
 
 MIN_DEPTH = 10.0
 MAX_DEPTH = 1000.0
+PRECISIONS = ("auto", "float32", "bfloat16", "float16")
+# Mean |depth difference| against float32 above which a reduced precision counts as inaccurate
+# (normalised units: 0.01 is 10 cm).
+PRECISION_TOLERANCE = 0.01
 
 
 def depth_from_output(
@@ -85,12 +95,6 @@ def gpu_available() -> bool:
     import tensorflow as tf
 
     return bool(tf.config.list_physical_devices("GPU"))
-
-
-def default_precision() -> str:
-    """float32 on a CPU; on a GPU the fastest accurate choice: float16 (checked against float32
-    when the engine starts, falling back to float32 if it strays)."""
-    return "float16" if gpu_available() else "float32"
 
 
 @dataclass(frozen=True)
@@ -158,8 +162,6 @@ def compare_precisions(
 ) -> dict[str, float]:
     """Mean and max |depth difference| of a low-precision engine (`engine`, else one made for
     model_lp) against float32 on a batch."""
-    import dataclasses
-
     ref = DepthEngine(model32, dataclasses.replace(settings, precision="float32", xla=False))
     low = (engine or DepthEngine(model_lp, settings))(images)
     ref = ref(images)
@@ -169,3 +171,132 @@ def compare_precisions(
         "mean_abs_diff": float(diff.mean()) if finite else float("inf"),
         "max_abs_diff": float(diff.max()) if finite else float("inf"),
     }
+
+
+# ----------------------------------------------------------------------- the one loader
+
+
+def choose_precision(precision: str, gpu: bool) -> str:
+    """The one meaning of `auto`: float16 on a GPU (its fast path, checked against float32 on
+    the first batch, see `Engine`), float32 on a CPU (where reduced precision is no faster)."""
+    if precision not in PRECISIONS:
+        raise InferenceError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision}")
+    if precision == "auto":
+        return "float16" if gpu else "float32"
+    return precision
+
+
+def judge_precision(diff: dict[str, float], precision: str, auto: bool) -> bool:
+    """Whether a reduced precision whose depth differs from float32 by `diff` must fall back to
+    float32: only an automatic choice falls back; an explicit one that overflows is an error,
+    one that merely strays a warning."""
+    mean = diff["mean_abs_diff"]
+    bad = not np.isfinite(mean) or mean > PRECISION_TOLERANCE
+    if bad and not auto:
+        if not np.isfinite(mean):
+            raise InferenceError(
+                f"the model overflows in {precision} (non-finite depth); use "
+                "--precision bfloat16 or float32"
+            )
+        log.warning("%s depth differs from float32 by %.4f on average", precision, mean)
+    return bad and auto
+
+
+class Engine:
+    """A loaded checkpoint ready for depth (made by `load_engine`): uint8 (N, H, W, 3) ->
+    normalised depth (N, H, W) as `dtype`, at the precision chosen for its device.
+
+    A reduced precision is compared with float32 on the first batch (`check_precision`, or the
+    first call); the float32 model is kept until then and dropped after. When `auto` chose it and
+    it strays (mean |diff| > PRECISION_TOLERANCE, or non-finite), the engine falls back to
+    float32; `check` keeps the differences either way."""
+
+    def __init__(
+        self,
+        model32: Any,
+        precision: str,
+        auto: bool,
+        settings: EngineSettings,
+        dtype: str,
+        gpu: bool,
+    ) -> None:
+        from .model import architecture_of, rebuild
+
+        arch = architecture_of(model32)
+        self.name = f"DenseDepth {arch.encoder} F={arch.filters}"
+        self.gpu, self.auto, self.dtype = gpu, auto, dtype
+        self.check: dict[str, float] | None = None
+        self.device: str | None = None  # an explicit device that every call is pinned to
+        settings = dataclasses.replace(settings, precision=precision)
+        model = model32 if precision == "float32" else rebuild(model32, precision)
+        self._run = DepthEngine(model, settings, dtype=dtype)
+        self._model32 = None if precision == "float32" else model32
+
+    @property
+    def precision(self) -> str:
+        return self._run.settings.precision
+
+    @property
+    def xla(self) -> bool:
+        return self._run.settings.xla
+
+    @property
+    def settings(self) -> EngineSettings:
+        return self._run.settings
+
+    @property
+    def model(self) -> Any:
+        return self._run.model
+
+    def check_precision(self, images: NDArray[np.uint8]) -> dict[str, float] | None:
+        """Compare with float32 on `images` (once; later calls return the first result)."""
+        if self._model32 is None:
+            return self.check
+        model32, self._model32 = self._model32, None
+        self.check = compare_precisions(model32, self.model, images, self.settings, self._run)
+        if judge_precision(self.check, self.precision, self.auto):
+            log.warning("%s strays from float32 (%s); using float32", self.precision, self.check)
+            settings = dataclasses.replace(self.settings, precision="float32")
+            self._run = DepthEngine(model32, settings, dtype=self.dtype)
+        return self.check
+
+    def __call__(self, images: NDArray[np.uint8]) -> NDArray[Any]:
+        with _on(self.device):
+            self.check_precision(images)
+            return self._run(images)
+
+
+def load_engine(
+    weights: str | Path,
+    precision: str = "auto",
+    device: str | None = None,
+    *,
+    input_scale: int = 2,
+    xla: bool | None = None,
+    dtype: str = "float32",
+) -> Engine:
+    """The depth engine for a checkpoint file, run on `device` ("gpu", "cpu"; None: a GPU when
+    TensorFlow sees one). Called where the model runs (on a cluster worker, the worker), since
+    the device decides: precision `auto` (see `choose_precision`) and xla None mean float16
+    and XLA on a GPU, float32 and no XLA on a CPU."""
+    from .checkpoint import load_checkpoint
+
+    if device not in (None, "gpu", "cpu"):
+        raise InferenceError(f"device must be gpu or cpu, got {device}")
+    gpu = gpu_available() if device is None else device == "gpu"
+    chosen = choose_precision(precision, gpu)
+    settings = EngineSettings(input_scale, chosen, gpu if xla is None else xla)
+    with _on(device):
+        model32 = load_checkpoint(weights)
+        engine = Engine(model32, chosen, precision == "auto", settings, dtype, gpu)
+    engine.device = device
+    return engine
+
+
+def _on(device: str | None) -> Any:
+    """A TensorFlow device scope for an explicit device ("cpu" on a machine with a GPU)."""
+    if device is None:
+        return contextlib.nullcontext()
+    import tensorflow as tf
+
+    return tf.device("/GPU:0" if device == "gpu" else "/CPU:0")

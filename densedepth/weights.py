@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import html
 import http.client
 import logging
@@ -30,6 +29,8 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from pipeline.files import sha256_file
 
 from .errors import WeightsError
 
@@ -255,14 +256,6 @@ def _download(
                 time.sleep(min(2.0, 0.2 * tries))
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _check(part: Path, source: Source, total: int | None) -> None:
     size = part.stat().st_size
     want = source.size or total
@@ -273,7 +266,7 @@ def _check(part: Path, source: Source, total: int | None) -> None:
         if f.read(8) != HDF5_SIGNATURE:
             part.unlink()
             raise OSError("the downloaded file is not an HDF5 file")
-    if source.sha256 and _sha256(part) != source.sha256:
+    if source.sha256 and sha256_file(part) != source.sha256:
         part.unlink()
         raise OSError("sha256 of the download does not match the published one")
 

@@ -11,11 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 import densedepth.weights as w
-from cli import cli
 from densedepth.errors import WeightsError
+from pipeline.files import sha256_file
 
 PAYLOAD = w.HDF5_SIGNATURE + np.random.default_rng(0).bytes(300_000)
 S3_PATH = "/s3-eu-west-1.amazonaws.com/densedepth/test.h5"
@@ -174,7 +173,7 @@ def test_google_drive_confirmation_page_is_followed(server: Server) -> None:
     assert any("confirm=t" in p and "uuid=abc" in p for p in paths)
 
 
-def test_offline_error_says_how_to_get_the_file(monkeypatch, tmp_path: Path) -> None:
+def test_offline_error_says_how_to_get_the_file(monkeypatch, tmp_path: Path, cli_run) -> None:
     monkeypatch.setenv(w.URL_BASE_ENV, "http://127.0.0.1:9")  # nothing listens there
     monkeypatch.setenv(w.CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.delenv(w.WEIGHTS_ENV, raising=False)
@@ -184,7 +183,7 @@ def test_offline_error_says_how_to_get_the_file(monkeypatch, tmp_path: Path) -> 
     msg = str(e.value)
     assert "https://s3-eu-west-1.amazonaws.com/densedepth/nyu.h5" in msg
     assert f"save it as {dest}" in msg and "DENSEDEPTH_WEIGHTS" in msg and "--weights" in msg
-    res = CliRunner().invoke(cli, ["weights", "fetch", "nyu"])
+    res = cli_run("weights", "fetch", "nyu")
     assert res.exit_code == 1 and res.output.startswith("Error: cannot download nyu.h5")
 
 
@@ -209,12 +208,15 @@ def test_resolution_order_and_cache_folder(monkeypatch, tmp_path: Path) -> None:
         w.resolve_weights("nyu", download=False)
 
 
-def test_cli_fetch_downloads_with_a_progress_bar(server: Server, monkeypatch, tmp_path) -> None:
+def test_cli_fetch_downloads_with_a_progress_bar(
+    server: Server, monkeypatch, tmp_path, cli_run
+) -> None:
     monkeypatch.setitem(w.CHECKPOINTS, "nyu", source())
-    res = CliRunner().invoke(cli, ["weights", "fetch", "nyu"])
+    res = cli_run("weights", "fetch", "nyu")
     assert res.exit_code == 0, res.output
-    assert "weights: " in res.output and "sha256" in res.output
-    assert (tmp_path / "cache" / "densedepth" / "test.h5").read_bytes() == PAYLOAD
+    path = tmp_path / "cache" / "densedepth" / "test.h5"
+    assert "weights: " in res.output and f"sha256 {sha256_file(path)}" in res.output
+    assert path.read_bytes() == PAYLOAD
 
 
 def test_published_table() -> None:

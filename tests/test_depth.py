@@ -4,6 +4,7 @@ Keras 2.2.4 layout (test_densedepth_fixtures); images are 96x64 so the model run
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 from pathlib import Path
@@ -12,50 +13,28 @@ import cv2
 import h5py
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from test_densedepth_fixtures import half_checkpoint, half_model
 
-from cli import cli
-from densedepth.checkpoint import sha256_of
 from densedepth.inference import depth_from_output
 from pipeline import dataset as fmt
 from pipeline.dataset import open_dataset
-from pipeline.depth import DepthConfig, image_input, pad_to_multiple, run_depth
+from pipeline.depth import DepthConfig, pad_batch, run_depth
+from pipeline.depth_image import image_input, pad_to_multiple
+from pipeline.files import sha256_file, writing
 from pipeline.verify import run_verify
 
 pytest.importorskip("tensorflow")
 
-
-def run(*args: object):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-
-
-@pytest.fixture(scope="module")
-def plain(tmp_path_factory) -> Path:
-    """12 samples of 96x64 in 3 shards (5, 5, 2), no depth yet."""
-    from synth import draw_background, draw_car
-
-    from pipeline.overlay import OverlayConfig, run_overlay
-
-    tmp = tmp_path_factory.mktemp("plain")
-    bgs, fgs = tmp / "bgs", tmp / "fgs"
-    bgs.mkdir()
-    fgs.mkdir()
-    for i in range(3):
-        draw_background(96, 64, i).save(bgs / f"bg{i}.png")
-    draw_car(30, 18, (200, 30, 30)).save(fgs / "red.png")
-    draw_car(22, 20, (30, 60, 220)).save(fgs / "blue.png")
-    run_overlay(bgs, [fgs], tmp / "ds", OverlayConfig(positions=2, shard_size=5))
-    return tmp / "ds"
+# The settings every test dataset with depth is made with: --input-scale 1 --batch-size 4.
+SETTINGS = ("--input-scale", "1", "--batch-size", "4")
 
 
 @pytest.fixture(scope="module")
-def with_depth(plain: Path, tmp_path_factory) -> tuple[Path, str]:
+def with_depth(small_dataset: Path, tmp_path_factory, cli_run) -> tuple[Path, str]:
+    """A copy of small_dataset (12 samples of 96x64 in shards of 5, 5, 2) with depth."""
     root = tmp_path_factory.mktemp("depth") / "ds"
-    shutil.copytree(plain, root)
-    res = run(
-        "depth", root, "--weights", half_checkpoint(), "--input-scale", "1", "--batch-size", "4"
-    )
+    shutil.copytree(small_dataset, root)
+    res = cli_run("depth", root, "--weights", half_checkpoint(), *SETTINGS)
     assert res.exit_code == 0, res.output
     return root, res.output
 
@@ -102,13 +81,13 @@ def test_depth_is_upstreams_predict_at_the_composites_resolution(with_depth) -> 
     assert np.ptp(ref, axis=(1, 2)).min() > 0.01  # a misplaced map would not pass
 
 
-def test_manifest_shard_attributes_and_other_stages(with_depth, tmp_path: Path) -> None:
+def test_manifest_shard_attributes_and_other_stages(with_depth, tmp_path: Path, cli_run) -> None:
     root, _ = with_depth
     manifest = json.loads((root / "manifest.json").read_text())
     stage = manifest["stages"]["depth"]
     assert stage["status"] == "complete"
     cfg = stage["config"]
-    assert cfg["checkpoint_sha256"] == sha256_of(half_checkpoint())
+    assert cfg["checkpoint_sha256"] == sha256_file(half_checkpoint())
     assert (cfg["input_scale"], cfg["precision"], cfg["batch_size"]) == (1, "float32", 4)
     assert cfg["model"] == "DenseDepth densenet169 F=832"
     with h5py.File(root / "shards/00001.h5") as f:
@@ -118,19 +97,19 @@ def test_manifest_shard_attributes_and_other_stages(with_depth, tmp_path: Path) 
         assert d.attrs["checkpoint_sha256"] == cfg["checkpoint_sha256"]
         assert set(f) == {"fg_bg", "fg_bg_offsets", "mask", "meta", "depth"}
     assert run_verify(root).ok  # shard records (bytes, sha256) follow the rewritten shards
-    res = run("stats", root, "--workers", "1")
+    res = cli_run("stats", root, "--workers", "1")
     assert res.exit_code == 0 and "depth    mean" in res.output
     d = json.loads((root / "stats.json").read_text())["depth"]
     assert 0.01 <= d["min"] <= d["mean"] <= d["max"] <= 1
-    assert run("preview", root, "--n", "2", "--out", tmp_path / "p.png").exit_code == 0
+    assert cli_run("preview", root, "--n", "2", "--out", tmp_path / "p.png").exit_code == 0
     assert cv2.imread(str(tmp_path / "p.png")).shape[1] > 3 * 96  # a depth tile per sample
 
 
-def test_default_feeds_the_composite_at_twice_its_size(with_depth, copy_of) -> None:
+def test_default_feeds_the_composite_at_twice_its_size(with_depth, copy_of, cli_run) -> None:
     """--input-scale 2 (the default): the half-resolution output is the composite's size.
     Other settings than the stored ones mean every shard is made again."""
     root = copy_of(with_depth[0])
-    res = run("depth", root, "--weights", half_checkpoint(), "--batch-size", "5")
+    res = cli_run("depth", root, "--weights", half_checkpoint(), "--batch-size", "5")
     assert res.exit_code == 0, res.output
     assert "shards made 3, already done 0" in res.output
     with open_dataset(root) as ds:
@@ -146,9 +125,9 @@ def test_default_feeds_the_composite_at_twice_its_size(with_depth, copy_of) -> N
 # ---------------------------------------------------------------------------------- resume
 
 
-def test_rerun_resumes_and_repairs(with_depth, copy_of) -> None:
+def test_rerun_resumes_and_repairs(with_depth, copy_of, cli_run) -> None:
     root = copy_of(with_depth[0])
-    res = run("depth", root, "--weights", half_checkpoint(), "--input-scale", "1")
+    res = cli_run("depth", root, "--weights", half_checkpoint(), "--input-scale", "1")
     assert res.exit_code == 0 and "nothing to do" in res.output
     before = open_dataset(root)[7].depth
     # As if killed: shard 1 lost its depth, shard 2 was renamed into place with depth but the
@@ -174,44 +153,44 @@ def test_rerun_resumes_and_repairs(with_depth, copy_of) -> None:
 # -------------------------------------------------------------------------------- bad input
 
 
-def test_bad_input_is_one_clear_error(plain: Path, tmp_path: Path, monkeypatch) -> None:
+def test_bad_input_is_one_clear_error(small_dataset: Path, tmp_path: Path, monkeypatch, cli_run):
     ckpt = half_checkpoint()
-    res = run("depth", tmp_path / "nope", "--weights", ckpt)
+    res = cli_run("depth", tmp_path / "nope", "--weights", ckpt)
     assert res.exit_code == 1 and "Error: dataset folder does not exist" in res.output
     unfinished = tmp_path / "unfinished"
-    shutil.copytree(plain, unfinished)
+    shutil.copytree(small_dataset, unfinished)
     manifest = fmt.read_manifest(unfinished)
     manifest["stages"]["overlay"]["status"] = "running"
     fmt.write_manifest(unfinished, manifest)
-    res = run("depth", unfinished, "--weights", ckpt)
+    res = cli_run("depth", unfinished, "--weights", ckpt)
     assert res.exit_code == 1 and "Error: unfinished dataset" in res.output
-    res = run("depth", plain, "--weights", tmp_path / "missing.h5")
+    res = cli_run("depth", small_dataset, "--weights", tmp_path / "missing.h5")
     assert res.exit_code == 1 and "Error: weights file not found" in res.output
     monkeypatch.setenv("DENSEDEPTH_URL_BASE", "http://127.0.0.1:9")
     monkeypatch.setenv("SYNTHCAR_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("DENSEDEPTH_WEIGHTS", raising=False)
-    res = run("depth", plain)
+    res = cli_run("depth", small_dataset)
     assert res.exit_code == 1 and "Error: cannot download nyu.h5" in res.output
     assert f"save it as {tmp_path / 'cache' / 'densedepth' / 'nyu.h5'}" in res.output
     truncated = tmp_path / "truncated.h5"
     truncated.write_bytes(ckpt.read_bytes()[:2_000_000])
-    res = run("depth", plain, "--weights", truncated)
+    res = cli_run("depth", small_dataset, "--weights", truncated)
     assert res.exit_code == 1 and res.output.startswith("Error: ")
     assert "truncated" in res.output or "damaged" in res.output
     assert "Traceback" not in res.output
 
 
-def test_wrong_shaped_layer_names_the_layer(plain: Path, tmp_path: Path) -> None:
+def test_wrong_shaped_layer_names_the_layer(small_dataset: Path, tmp_path: Path, cli_run):
     bad = tmp_path / "bad.h5"
     shutil.copy(half_checkpoint(), bad)
     with h5py.File(bad, "r+") as f:
         name = "model_weights/up4_convB/up4_convB/bias:0"
         del f[name]
         f.create_dataset(name, data=np.zeros(7, np.float32))
-    res = run("depth", plain, "--weights", bad)
+    res = cli_run("depth", small_dataset, "--weights", bad)
     assert res.exit_code == 1
     assert "layer 'up4_convB' weight 'bias' has shape (7,), the model expects (52,)" in res.output
-    assert not fmt.read_manifest(plain)["stages"].get("depth")  # nothing was written
+    assert not fmt.read_manifest(small_dataset)["stages"].get("depth")  # nothing was written
 
 
 def test_out_of_memory_suggests_a_smaller_batch() -> None:
@@ -235,7 +214,7 @@ def test_image_input_pads_and_scales() -> None:
     assert hw == (480, 640) and x.shape == (480, 640, 3)
 
 
-def test_depth_image_writes_16bit_maps_and_a_montage(tmp_path: Path) -> None:
+def test_depth_image_writes_16bit_maps_and_a_montage(tmp_path: Path, cli_run) -> None:
     from synth import draw_background
 
     a, b, bad = tmp_path / "a.png", tmp_path / "b.jpg", tmp_path / "bad.jpg"
@@ -243,9 +222,9 @@ def test_depth_image_writes_16bit_maps_and_a_montage(tmp_path: Path) -> None:
     draw_background(70, 45, 1).convert("RGB").save(b)
     bad.write_bytes(b"\xff\xd8 not really a jpeg")
     out = tmp_path / "out"
-    res = run("depth-image", a, bad, "--out", out, "--weights", half_checkpoint())
+    res = cli_run("depth-image", a, bad, "--out", out, "--weights", half_checkpoint())
     assert res.exit_code == 1 and res.output.startswith("Error: ") and "bad.jpg" in res.output
-    res = run(
+    res = cli_run(
         "depth-image",
         a,
         b,
@@ -274,22 +253,78 @@ def test_reduced_precision_is_checked_against_float32(monkeypatch) -> None:
     """The first batch is compared with float32: automatic precision falls back when it
     strays; an explicit one that overflows is an error, one that merely strays a warning."""
     import densedepth.inference as inference
-    from pipeline.depth import _check_precision
     from pipeline.errors import PipelineError
 
-    class Engine:
-        settings = inference.EngineSettings(1, "float16")
-        model = None
-
-    def diff(value):
-        monkeypatch.setattr(inference, "compare_precisions", lambda *a, **k: value)
-
     small = {"mean_abs_diff": 1e-4, "max_abs_diff": 1e-3}
-    diff(small)
-    assert _check_precision(None, Engine(), None, auto=True) == (small, False)
-    diff({"mean_abs_diff": 0.05, "max_abs_diff": 0.5})
-    assert _check_precision(None, Engine(), None, auto=True)[1] is True
-    assert _check_precision(None, Engine(), None, auto=False)[1] is False
-    diff({"mean_abs_diff": float("inf"), "max_abs_diff": float("inf")})
+    assert inference.judge_precision(small, "float16", auto=True) is False
+    strays = {"mean_abs_diff": 0.05, "max_abs_diff": 0.5}
+    assert inference.judge_precision(strays, "float16", auto=True) is True
+    assert inference.judge_precision(strays, "float16", auto=False) is False
+    inf = {"mean_abs_diff": float("inf"), "max_abs_diff": float("inf")}
     with pytest.raises(PipelineError, match="overflows in float16"):
-        _check_precision(None, Engine(), None, auto=False)
+        inference.judge_precision(inf, "float16", auto=False)
+    # The engine acts on the verdict: an automatic float16 that strays runs in float32 after.
+    monkeypatch.setattr(inference, "compare_precisions", lambda *a, **k: strays)
+    settings = inference.EngineSettings(1, "float16")
+    engine = inference.Engine(half_model(), "float16", True, settings, "float32", gpu=True)
+    assert (engine.precision, engine.check) == ("float16", None)
+    engine(np.zeros((1, 32, 32, 3), np.uint8))
+    assert (engine.precision, engine.check) == ("float32", strays)
+
+
+def test_auto_means_the_same_everywhere() -> None:
+    from densedepth.inference import choose_precision
+
+    assert choose_precision("auto", gpu=True) == "float16"
+    assert choose_precision("auto", gpu=False) == "float32"
+    assert choose_precision("bfloat16", gpu=False) == "bfloat16"
+
+
+def test_a_short_xla_batch_repeats_its_last_image() -> None:
+    images = np.arange(2 * 2 * 2 * 3, dtype=np.uint8).reshape(2, 2, 2, 3)
+    padded = pad_batch(images, 4)
+    assert padded.shape == (4, 2, 2, 3)
+    np.testing.assert_array_equal(padded[:2], images)
+    np.testing.assert_array_equal(padded[2], images[1])
+    np.testing.assert_array_equal(padded[3], images[1])
+    assert pad_batch(images, 2) is images
+
+
+# ------------------------------------------------------------------------------ full disk
+
+
+def test_a_full_disk_is_one_error_and_a_rerun_resumes(
+    with_depth, small_dataset: Path, tmp_path: Path, monkeypatch, cli_run
+) -> None:
+    """The second shard's write fails with ENOSPC in the writer thread: the run stops with one
+    `Error:` line naming the shard and the fix, leaves no temporary file, and the same command
+    run again (with room) finishes with the depth an uninterrupted run gives."""
+    root = tmp_path / "ds"
+    shutil.copytree(small_dataset, root)
+    real, calls = fmt.write_shard, []
+
+    def full_disk(path: Path, shard, first: int) -> int:
+        calls.append(path)
+        if len(calls) == 1:
+            return real(path, shard, first)
+        with writing(path) as tmp:
+            tmp.write_bytes(b"half a shard")
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fmt, "write_shard", full_disk)
+    args = ("depth", root, "--weights", half_checkpoint(), *SETTINGS)
+    res = cli_run(*args)
+    assert res.exit_code == 1
+    errors = [line for line in res.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, res.output
+    assert "00001.h5" in errors[0]
+    assert "free space, then run the same command again to resume" in errors[0]
+    assert "Traceback" not in res.output
+    assert not list(root.rglob("*.tmp*"))
+    monkeypatch.setattr(fmt, "write_shard", real)
+    res = cli_run(*args)
+    assert res.exit_code == 0 and "shards made 2, already done 1" in res.output, res.output
+    assert run_verify(root).ok
+    with open_dataset(root) as ds, open_dataset(with_depth[0]) as ref:
+        for i in range(len(ref)):
+            np.testing.assert_allclose(ds[i].depth, ref[i].depth, atol=1e-3, rtol=0)
