@@ -147,48 +147,29 @@ def stored_depth(ds: Path) -> np.ndarray:
         return np.stack([d[i].depth for i in range(len(d))])
 
 
-def main() -> None:
-    from densedepth.checkpoint import load_checkpoint
-    from densedepth.model import rebuild
+def precision_row(
+    ckpt: Path, model32: Any, base: Path, images: np.ndarray, precision: str, upstream: float
+) -> tuple[dict[str, Any], np.ndarray]:
+    """The model alone and the stage in one precision; (results, the depth the stage stored)."""
+    import densedepth
 
-    OUT.mkdir(parents=True, exist_ok=True)
-    ckpt = full_width_checkpoint(OUT)
-    base = make_dataset(OUT / "f32", N_BG, N_FG)
-    images = composites(base)
-    model32 = load_checkpoint(ckpt)
-    results: dict[str, Any] = {
-        "composites": len(images),
-        "batch": BATCH,
-        "input": "224x224",
-        "cpus": os.cpu_count(),
-    }
-    results["upstream_predict_b2"] = upstream_predict(model32, images)
-    print(f"upstream predict (batch 2): {results['upstream_predict_b2']:.2f}/s", flush=True)
-    depth = {}
-    for precision in PRECISIONS:
-        model = model32 if precision == "float32" else rebuild(model32, precision)
-        alone = model_alone(model, images, BATCH)
-        print(f"{precision} model alone (batch {BATCH}): {alone:.2f}/s", flush=True)
-        ds = base if precision == "float32" else make_dataset(OUT / precision, N_BG, N_FG)
-        st = stage(ds, ckpt, precision, BATCH)
-        st["model_alone"] = alone
-        st["stage_over_model"] = st["steady_rate"] / alone
-        st["stage_over_upstream"] = st["steady_rate"] / results["upstream_predict_b2"]
-        print(
-            f"{precision} stage: {st['steady_rate']:.2f}/s steady, {st['overall_rate']:.2f}/s "
-            f"overall ({st['stage_over_model']:.0%} of the model alone)",
-            flush=True,
-        )
-        results[precision] = st
-        depth[precision] = stored_depth(ds)
-    for precision in PRECISIONS:
-        if precision != "float32" and "float32" in depth:
-            diff = np.abs(depth[precision].astype(np.float64) - depth["float32"])
-            results[precision]["vs_float32"] = {
-                "mean_abs": float(diff.mean()),
-                "max_abs": float(diff.max()),
-            }
-    (OUT / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    engine = densedepth.load_engine(model32, precision, "cpu", input_scale=1, xla=False)
+    alone = model_alone(engine.model, images, BATCH)
+    print(f"{precision} model alone (batch {BATCH}): {alone:.2f}/s", flush=True)
+    ds = base if precision == "float32" else make_dataset(OUT / precision, N_BG, N_FG)
+    st = stage(ds, ckpt, precision, BATCH)
+    st["model_alone"] = alone
+    st["stage_over_model"] = st["steady_rate"] / alone
+    st["stage_over_upstream"] = st["steady_rate"] / upstream
+    print(
+        f"{precision} stage: {st['steady_rate']:.2f}/s steady, {st['overall_rate']:.2f}/s "
+        f"overall ({st['stage_over_model']:.0%} of the model alone)",
+        flush=True,
+    )
+    return st, stored_depth(ds)
+
+
+def print_table(results: dict[str, Any]) -> None:
     print()
     print(
         "| precision | upstream predict b2 | model alone | stage steady | stage overall | "
@@ -204,6 +185,38 @@ def main() -> None:
             f"| {r['steady_rate']:.2f}/s | {r['overall_rate']:.2f}/s | "
             f"{r['stage_over_model']:.0%} | {r['stage_over_upstream']:.2f}x | {diff} |"
         )
+
+
+def main() -> None:
+    import densedepth
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    ckpt = full_width_checkpoint(OUT)
+    base = make_dataset(OUT / "f32", N_BG, N_FG)
+    images = composites(base)
+    model32 = densedepth.load_engine(ckpt, "float32", "cpu").model
+    results: dict[str, Any] = {
+        "composites": len(images),
+        "batch": BATCH,
+        "input": "224x224",
+        "cpus": os.cpu_count(),
+    }
+    results["upstream_predict_b2"] = upstream = upstream_predict(model32, images)
+    print(f"upstream predict (batch 2): {upstream:.2f}/s", flush=True)
+    depth = {}
+    for precision in PRECISIONS:
+        results[precision], depth[precision] = precision_row(
+            ckpt, model32, base, images, precision, upstream
+        )
+    for precision in PRECISIONS:
+        if precision != "float32" and "float32" in depth:
+            diff = np.abs(depth[precision].astype(np.float64) - depth["float32"])
+            results[precision]["vs_float32"] = {
+                "mean_abs": float(diff.mean()),
+                "max_abs": float(diff.max()),
+            }
+    (OUT / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    print_table(results)
 
 
 if __name__ == "__main__":

@@ -143,6 +143,68 @@ def emit(results: list[dict[str, Any]], row: dict[str, Any]) -> None:
     (OUT / "results.json").write_text(json.dumps(results, indent=1) + "\n")
 
 
+def model_rows(results: list[dict[str, Any]], model32: Any, scale: int, xla: bool) -> None:
+    """The engine alone at one input scale, in each of PRECISIONS (each checked against
+    float32 first, as the stage does)."""
+    import densedepth
+
+    images = np.random.default_rng(0).integers(0, 256, (BATCH[scale], 224, 224, 3), np.uint8)
+    for precision in PRECISIONS:
+        row: dict[str, Any] = {"what": "model", "input": 224 * scale, "precision": precision}
+        try:
+            engine = densedepth.load_engine(
+                model32, precision, input_scale=scale, xla=xla, dtype="float16"
+            )
+            t = time.perf_counter()
+            check = engine.check_precision(images)  # traces the engine (and float32's) first
+            check_s = time.perf_counter() - t
+            with GpuSampler() as gpu:
+                rate, compile_s = model_alone(engine, images, SECONDS)
+        except Exception as e:  # noqa: BLE001 - report and go on (e.g. out of memory)
+            emit(results, {**row, "error": str(e)[:300]})
+            continue
+        row.update(
+            xla=xla,
+            batch=len(images),
+            composites_per_s=rate,
+            gpu_util=gpu.util,
+            gpu_peak_mib=gpu.peak_mib,
+            compile_s=compile_s + check_s,  # the first batch, float32 check included
+        )
+        if check is not None:
+            row["vs_float32_mean_abs"] = check["mean_abs_diff"]
+        emit(results, row)
+
+
+def stage_row(results: list[dict[str, Any]], ds: Path, ckpt: Path, scale: int) -> None:
+    """The depth stage end to end with the automatic settings."""
+    from pipeline.depth import DepthConfig, run_depth
+
+    config = DepthConfig(str(ckpt), BATCH[scale], scale, "auto")
+    with GpuSampler() as gpu:
+        t = time.perf_counter()
+        rep = run_depth(ds, config)
+        wall = time.perf_counter() - t
+    emit(
+        results,
+        {
+            "what": "stage",
+            "input": 224 * scale,
+            "precision": rep.settings.get("precision"),
+            "xla": rep.settings.get("xla"),
+            "batch": BATCH[scale],
+            "samples": rep.samples,
+            "steady_per_s": rep.steady_rate,
+            "overall_per_s": rep.samples / wall,
+            "model_seconds": rep.model_seconds,
+            "wall_seconds": wall,
+            "gpu_util": gpu.util,
+            "gpu_peak_mib": gpu.peak_mib,
+            "precision_check": rep.settings.get("precision_check"),
+        },
+    )
+
+
 def main() -> None:
     import tensorflow as tf
 
@@ -157,10 +219,7 @@ def main() -> None:
         tf.config.experimental.set_memory_growth(g, True)
     from bench_depth import full_width_checkpoint
 
-    from densedepth.checkpoint import load_checkpoint
-    from densedepth.inference import DepthEngine, EngineSettings
-    from densedepth.model import rebuild
-    from pipeline.depth import DepthConfig, run_depth
+    import densedepth
 
     OUT.mkdir(parents=True, exist_ok=True)
     results: list[dict[str, Any]] = []
@@ -169,70 +228,10 @@ def main() -> None:
     ckpt = full_width_checkpoint(OUT)
     ds = make_assets_dataset(OUT, SAMPLES)
     emit(results, {"what": "setup", "device": name, "seconds": time.perf_counter() - t})
-    model32 = load_checkpoint(ckpt)
-    rng = np.random.default_rng(0)
-    xla = bool(gpus)
+    model32 = densedepth.load_engine(ckpt, "float32").model
     for scale in SCALES:
-        images = rng.integers(0, 256, (BATCH[scale], 224, 224, 3), dtype=np.uint8)
-        ref = None
-        for precision in PRECISIONS:
-            model = model32 if precision == "float32" else rebuild(model32, precision)
-            engine = DepthEngine(model, EngineSettings(scale, precision, xla), dtype="float16")
-            try:
-                with GpuSampler() as gpu:
-                    rate, compile_s = model_alone(engine, images, SECONDS)
-            except Exception as e:  # noqa: BLE001 - report and go on (e.g. out of memory)
-                emit(
-                    results,
-                    {
-                        "what": "model",
-                        "input": 224 * scale,
-                        "precision": precision,
-                        "error": str(e)[:300],
-                    },
-                )
-                continue
-            out = engine(images).astype(np.float64)
-            if precision == "float32":
-                ref = out
-            row = {
-                "what": "model",
-                "input": 224 * scale,
-                "precision": precision,
-                "xla": xla,
-                "batch": len(images),
-                "composites_per_s": rate,
-                "gpu_util": gpu.util,
-                "gpu_peak_mib": gpu.peak_mib,
-                "compile_s": compile_s,
-            }
-            if ref is not None and precision != "float32":
-                row["vs_float32_mean_abs"] = float(np.abs(out - ref).mean())
-            emit(results, row)
-        for precision in ("auto",):
-            config = DepthConfig(str(ckpt), BATCH[scale], scale, precision)
-            with GpuSampler() as gpu:
-                t = time.perf_counter()
-                rep = run_depth(ds, config)
-                wall = time.perf_counter() - t
-            emit(
-                results,
-                {
-                    "what": "stage",
-                    "input": 224 * scale,
-                    "precision": rep.settings.get("precision"),
-                    "xla": rep.settings.get("xla"),
-                    "batch": BATCH[scale],
-                    "samples": rep.samples,
-                    "steady_per_s": rep.steady_rate,
-                    "overall_per_s": rep.samples / wall,
-                    "model_seconds": rep.model_seconds,
-                    "wall_seconds": wall,
-                    "gpu_util": gpu.util,
-                    "gpu_peak_mib": gpu.peak_mib,
-                    "precision_check": rep.settings.get("precision_check"),
-                },
-            )
+        model_rows(results, model32, scale, xla=bool(gpus))
+        stage_row(results, ds, ckpt, scale)
     print(f"results: {OUT / 'results.json'}")
 
 

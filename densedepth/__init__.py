@@ -57,9 +57,10 @@ def load_model(
 
 
 def load_engine(
-    weights: str | Path, precision: str = "auto", device: str | None = None, **kw: Any
+    weights: str | Path | Any, precision: str = "auto", device: str | None = None, **kw: Any
 ) -> Engine:
-    """The depth engine for a checkpoint file (see `densedepth.inference.load_engine`)."""
+    """The depth engine for a checkpoint file or a loaded float32 model (see
+    `densedepth.inference.load_engine`)."""
     from .inference import load_engine as _load
 
     return _load(weights, precision, device, **kw)

@@ -267,7 +267,7 @@ class Engine:
 
 
 def load_engine(
-    weights: str | Path,
+    weights: str | Path | Any,
     precision: str = "auto",
     device: str | None = None,
     *,
@@ -275,10 +275,11 @@ def load_engine(
     xla: bool | None = None,
     dtype: str = "float32",
 ) -> Engine:
-    """The depth engine for a checkpoint file, run on `device` ("gpu", "cpu"; None: a GPU when
-    TensorFlow sees one). Called where the model runs (on a cluster worker, the worker), since
-    the device decides: precision `auto` (see `choose_precision`) and xla None mean float16
-    and XLA on a GPU, float32 and no XLA on a CPU."""
+    """The depth engine for a checkpoint file (or a float32 DenseDepth model already loaded),
+    run on `device` ("gpu", "cpu"; None: a GPU when TensorFlow sees one). Called where the model
+    runs (on a cluster worker, the worker), since the device decides: precision `auto` (see
+    `choose_precision`) and xla None mean float16 and XLA on a GPU, float32 and no XLA on a
+    CPU. dtype: of the depth returned (float16 halves what a GPU sends back)."""
     from .checkpoint import load_checkpoint
 
     if device not in (None, "gpu", "cpu"):
@@ -287,7 +288,7 @@ def load_engine(
     chosen = choose_precision(precision, gpu)
     settings = EngineSettings(input_scale, chosen, gpu if xla is None else xla)
     with _on(device):
-        model32 = load_checkpoint(weights)
+        model32 = load_checkpoint(weights) if isinstance(weights, str | Path) else weights
         engine = Engine(model32, chosen, precision == "auto", settings, dtype, gpu)
     engine.device = device
     return engine
