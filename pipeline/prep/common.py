@@ -125,10 +125,9 @@ class PrepRun:
         items: Sequence[Any],
         progress: Progress = NO_PROGRESS,
         chunk: int = CHUNK,
-        write: bool = True,
     ) -> list[Record]:
-        out = self.out if write else None
-        return run_items(make, items, out, self.backend, self.on_bad, progress, chunk)
+        """run_items into this run's output folder, with its workers and policy."""
+        return run_items(make, items, self.out, self.backend, self.on_bad, progress, chunk)
 
     def finish(self, report: dict[str, Any], extra: dict[str, Any] | None = None) -> StageReport:
         """Write report.json (keys: stage, outputs, skipped, ignored, ...) and sum up."""
