@@ -290,6 +290,16 @@ def test_a_short_xla_batch_repeats_its_last_image() -> None:
     assert pad_batch(images, 2) is images
 
 
+def test_the_local_reader_pads_by_the_same_rule(small_dataset: Path) -> None:
+    from pipeline.depth import _read_batches
+
+    recs = sorted(fmt.read_manifest(small_dataset)["shards"], key=lambda r: r["first"])
+    *full, last = _read_batches(small_dataset, recs, (64, 96), 5, pad=True, threads=2)
+    assert [b.n for b in full] == [5, 5] and last.n == 2 and len(last.images) == 5
+    assert last.parts == [(2, 0, 2, 0)]  # the two samples of the third shard
+    np.testing.assert_array_equal(last.images[2:], np.repeat(last.images[1:2], 3, axis=0))
+
+
 # ------------------------------------------------------------------------------ full disk
 
 
@@ -313,7 +323,7 @@ def test_a_full_disk_is_one_error_and_a_rerun_resumes(
 
     monkeypatch.setattr(fmt, "write_shard", full_disk)
     args = ("depth", root, "--weights", half_checkpoint(), *SETTINGS)
-    res = cli_run(*args)
+    res = cli_run(*args, "--workers", "1")  # one decoding thread: the same depth
     assert res.exit_code == 1
     errors = [line for line in res.output.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1, res.output

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from synth import local_cluster
 from test_densedepth_fixtures import half_checkpoint
 from test_depth import with_depth  # noqa: F401  (a module fixture)
 
@@ -29,15 +30,7 @@ def _engine_loads() -> int:
 
 @pytest.fixture(scope="module")
 def gpu_cluster():
-    with distributed.LocalCluster(
-        n_workers=1,
-        threads_per_worker=1,
-        processes=True,
-        host="127.0.0.1",
-        dashboard_address=None,
-        silence_logs=40,
-        resources={"GPU": 1},
-    ) as cluster:
+    with local_cluster(n_workers=1, resources={"GPU": 1}) as cluster:
         yield cluster
 
 
