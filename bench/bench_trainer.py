@@ -84,7 +84,7 @@ def bench_training(ds_path: Path, size: int, base: int, steps: int) -> dict:
 
     from pipeline.dataset import open_dataset
     from trainer.config import ModelConfig, TrainConfig
-    from trainer.data import load_normalisation, make_split, train_dataset
+    from trainer.data import load_normalisation, make_split, resolve_pos_weight, train_dataset
     from trainer.model import build_model
     from trainer.train import compile_model
 
@@ -94,7 +94,8 @@ def bench_training(ds_path: Path, size: int, base: int, steps: int) -> dict:
     split = make_split(ds, cfg)
     keras.utils.set_random_seed(0)
     full = build_model(cfg.model, load_normalisation(ds, False))
-    model = compile_model(full, ["mask"], cfg, ds, steps)
+    pos_weight = resolve_pos_weight(cfg.loss.mask_pos_weight, ds.root)
+    model = compile_model(full, ["mask"], cfg, pos_weight, steps)
     data = train_dataset(ds, cfg, split, False)
     model.fit(data, epochs=1, steps_per_epoch=3, verbose=0)  # trace
     t0, c0 = time.perf_counter(), cpu()

@@ -5,16 +5,17 @@ Everything runs on a 64-sample dataset of 96x64 pictures and a U-Net with 4 base
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from synth import add_depth, make_inputs
 
-from cli import cli
 from pipeline.dataset import open_dataset
 from pipeline.errors import ConfigError, DatasetError, RunError
 
@@ -29,52 +30,49 @@ TINY = {
     "model": {"name": "unet", "base_filters": 4},
     "scheduler": {"name": "step", "step_epochs": 2, "gamma": 0.5},
     # Small graphs trace faster (tracing, not computing, is most of a tiny run's time); the
-    # other losses are checked on their own below.
-    "loss": {"mask": "bce", "depth": "l1"},
+    # other losses are checked on their own below. An integer pos_weight: evaluate once read
+    # only a float one.
+    "loss": {"mask": "bce", "depth": "l1", "mask_pos_weight": 3},
     "tensorboard_images": 2,
+    # XLA's compile costs twice a tiny run's own time; `make bench` trains with it (the default).
+    "jit_compile": False,
 }
 
 
-def run(*args: object):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-
-
-def make_dataset(tmp: Path, depth: bool) -> Path:
-    from synth import draw_background, draw_car
-
-    bgs, fgs = tmp / "bgs", tmp / "fgs"
-    bgs.mkdir()
-    fgs.mkdir()
-    for i in range(4):
-        draw_background(96, 64, i).save(bgs / f"bg{i}.png")
-    draw_car(30, 18, (200, 30, 30)).save(fgs / "red.png")
-    draw_car(22, 20, (30, 60, 220)).save(fgs / "blue.png")
-    ds = tmp / "ds"
-    args = ["overlay", "-b", bgs, "-f", fgs, "--out", ds, "--positions", 4, "--mirror"]
-    res = run(*args, "--shard-size", 16, "--workers", 1)
-    assert res.exit_code == 0, res.output
-    if depth:
-        from synth import add_depth
-
-        add_depth(ds)
-    assert run("stats", ds, "--workers", 1).exit_code == 0
-    return ds
-
-
 @pytest.fixture(scope="module")
-def ds_plain(tmp_path_factory) -> Path:
+def ds_plain(tmp_path_factory, cli_run) -> Path:
     """64 samples (4 backgrounds x 2 cars x 2 mirrors x 4 positions), no depth, with stats."""
-    return make_dataset(tmp_path_factory.mktemp("plain"), depth=False)
+    tmp = tmp_path_factory.mktemp("plain")
+    bgs, fgs = make_inputs(tmp, num_bg=4)
+    args = ["overlay", "-b", bgs, "-f", fgs, "--out", tmp / "ds", "--positions", 4, "--mirror"]
+    res = cli_run(*args, "--shard-size", 16, "--workers", 1)
+    assert res.exit_code == 0, res.output
+    assert cli_run("stats", tmp / "ds", "--workers", 1).exit_code == 0
+    return tmp / "ds"
 
 
 @pytest.fixture(scope="module")
-def ds_depth(tmp_path_factory) -> Path:
-    return make_dataset(tmp_path_factory.mktemp("depth"), depth=True)
+def ds_depth(ds_plain: Path, tmp_path_factory, cli_run) -> Path:
+    """ds_plain with depth (and its stats again)."""
+    ds = tmp_path_factory.mktemp("depth") / "ds"
+    shutil.copytree(ds_plain, ds)
+    add_depth(ds)
+    assert cli_run("stats", ds, "--workers", 1).exit_code == 0
+    return ds
 
 
 def write_config(path: Path, **over: object) -> Path:
     path.write_text(json.dumps({**TINY, **over}))
     return path
+
+
+def error_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith("Error:")]
+
+
+def leftovers(folder: Path) -> list[Path]:
+    """Temporary files of atomic writes left behind."""
+    return [p for p in folder.rglob("*") if ".tmp" in p.name or p.name.startswith("tmp")]
 
 
 # ------------------------------------------------------------------------------------ config
@@ -129,33 +127,30 @@ def test_config_errors_name_the_key(tmp_path: Path, raw: object, words: list[str
     assert str(p) in str(e.value)
 
 
-def test_dataset_size_that_the_model_cannot_take(tmp_path: Path) -> None:
-    from synth import draw_background, draw_car
-
-    bgs, fgs, ds = tmp_path / "bgs", tmp_path / "fgs", tmp_path / "ds"
-    bgs.mkdir()
-    fgs.mkdir()
-    for i in range(2):
-        draw_background(80, 48, i).save(bgs / f"bg{i}.png")  # multiples of 16, not of 32
-    draw_car(20, 12, (200, 30, 30)).save(fgs / "red.png")
-    assert run("overlay", "-b", bgs, "-f", fgs, "--out", ds, "--positions", 2).exit_code == 0
-    assert run("stats", ds).exit_code == 0
+def test_dataset_size_that_the_model_cannot_take(tmp_path: Path, cli_run) -> None:
+    ds = tmp_path / "ds"
+    # multiples of 16, not of 32
+    bgs, fgs = make_inputs(
+        tmp_path, num_bg=2, bg_size=(80, 48), cars=((20, 12, (200, 30, 30), "red"),)
+    )
+    assert cli_run("overlay", "-b", bgs, "-f", fgs, "--out", ds, "--positions", 2).exit_code == 0
+    assert cli_run("stats", ds).exit_code == 0
     cfg = write_config(tmp_path / "c.json", model={"name": "unet", "stem_stride": 2})
-    res = run("train", ds, "--config", cfg, "--out", tmp_path / "r")
+    res = cli_run("train", ds, "--config", cfg, "--out", tmp_path / "r")
     assert res.exit_code == 1
     assert res.output.startswith("Error: the model needs image sides that are multiples of 32")
     assert "48x80" in res.output and "'image_size'" in res.output and "[32, 64]" in res.output
     assert not (tmp_path / "r" / "checkpoints").exists()
 
 
-def test_config_file_errors_on_the_cli(ds_plain: Path, tmp_path: Path) -> None:
-    res = run("train", ds_plain, "--config", tmp_path / "none.json", "--out", tmp_path / "r")
+def test_config_file_errors_on_the_cli(ds_plain: Path, tmp_path: Path, cli_run) -> None:
+    res = cli_run("train", ds_plain, "--config", tmp_path / "none.json", "--out", tmp_path / "r")
     assert res.exit_code == 1 and res.output.startswith("Error: config file does not exist")
     (tmp_path / "junk.json").write_text("{seed: 1")
-    res = run("train", ds_plain, "--config", tmp_path / "junk.json", "--out", tmp_path / "r")
+    res = cli_run("train", ds_plain, "--config", tmp_path / "junk.json", "--out", tmp_path / "r")
     assert res.exit_code == 1 and "is not valid JSON" in res.output
     bad = write_config(tmp_path / "bad.json", epochs="ten")
-    res = run("train", ds_plain, "--config", bad, "--out", tmp_path / "r")
+    res = cli_run("train", ds_plain, "--config", bad, "--out", tmp_path / "r")
     assert res.exit_code == 1 and "Error: config" in res.output and "'epochs'" in res.output
     assert len(res.output.strip().splitlines()) == 1
     assert not (tmp_path / "r").exists()
@@ -279,7 +274,7 @@ def test_models_have_two_inputs_and_two_heads(name: str) -> None:
 def test_unet_options_difference_and_half_resolution_stem() -> None:
     from trainer.config import ModelConfig, divisor
     from trainer.model import Normalisation, build_model
-    from trainer.predict import model_size
+    from trainer.run import model_size
 
     norm = Normalisation((0.4,) * 3, (0.3,) * 3, (0.4,) * 3, (0.3,) * 3)
     cfg = ModelConfig(base_filters=4, difference=True, stem_stride=2)
@@ -351,17 +346,17 @@ def test_curves_picture() -> None:
 
 
 @pytest.fixture(scope="module")
-def trained(ds_depth: Path, tmp_path_factory) -> Path:
+def trained(ds_depth: Path, tmp_path_factory, cli_run) -> Path:
     """3 epochs x 4 steps, both heads."""
     tmp = tmp_path_factory.mktemp("run")
     cfg = write_config(tmp / "train.json")
-    res = run("train", ds_depth, "--config", cfg, "--out", tmp / "run")
+    res = cli_run("train", ds_depth, "--config", cfg, "--out", tmp / "run")
     assert res.exit_code == 0, res.output
     return tmp / "run"
 
 
 def test_training_learns_and_writes_its_run(trained: Path) -> None:
-    from trainer.train import read_history
+    from trainer.run import read_history
 
     rows = read_history(trained)
     assert [r["epoch"] for r in rows] == [1, 2, 3]
@@ -382,23 +377,65 @@ def test_training_learns_and_writes_its_run(trained: Path) -> None:
         assert list((trained / "logs" / sub).glob("events.out.tfevents.*"))
     state = json.loads((trained / "state.json").read_text())
     assert state["epoch"] == 3 and state["best_epoch"] in (1, 2, 3)
+    assert not leftovers(trained)
 
 
-def test_resume_continues_where_it_stopped(ds_depth: Path, trained: Path, tmp_path: Path) -> None:
-    from trainer.config import load_config
-    from trainer.train import read_history, run_train
+def fill_disk_when(monkeypatch, full: Callable[[Path], bool]) -> None:
+    """Every write the trainer makes (run-folder files through pipeline.files, checkpoints
+    through Keras) fails with ENOSPC once `full(path)` says so, after writing part of the file,
+    as on a disk that has just filled up."""
+    import keras
 
-    cfg = load_config(write_config(tmp_path / "train.json"))
+    from pipeline import files
+
+    def partial_then_full(path: Path) -> None:
+        Path(path).write_bytes(b"\0" * 64)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def open_(path, mode="r", *a, **kw):
+        if "w" in mode and full(Path(path)):
+            partial_then_full(path)
+        return open(path, mode, *a, **kw)
+
+    save_weights = keras.Model.save_weights
+
+    def save_weights_(self, path, *a, **kw):
+        if full(Path(path)):
+            partial_then_full(path)
+        return save_weights(self, path, *a, **kw)
+
+    monkeypatch.setattr(files, "open", open_, raising=False)
+    monkeypatch.setattr(keras.Model, "save_weights", save_weights_)
+
+
+def test_full_disk_then_resume_continues_where_it_stopped(
+    ds_depth: Path, trained: Path, tmp_path: Path, cli_run, monkeypatch
+) -> None:
+    from trainer.run import read_history
+
+    cfg = write_config(tmp_path / "train.json")
     out = tmp_path / "run"
-
-    def stop_after_one(kind: str, p: dict) -> None:
-        if kind == "epoch" and p["epoch"] == 1:
-            raise KeyboardInterrupt  # as if killed once epoch 1 was saved
-
-    with pytest.raises(KeyboardInterrupt):
-        run_train(ds_depth, cfg, out, on_event=stop_after_one)
-    assert json.loads((out / "state.json").read_text())["epoch"] == 1
-    res = run("train", ds_depth, "--out", out, "--resume")
+    train = ["train", ds_depth, "--config", cfg, "--out", out]
+    # The disk is full when epoch 1 writes its history: no epoch finished, nothing to resume.
+    fill_disk_when(monkeypatch, lambda p: p.name.startswith("history.csv"))
+    res = cli_run(*train)
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    (line,) = error_lines(res.output)
+    assert f"cannot write {out / 'history.csv'}: No space left on device" in line
+    assert "free space, then run the same command again, without --resume" in line
+    assert not (out / "state.json").exists() and not leftovers(out)
+    # The same command again; this time the disk fills once epoch 1 is saved.
+    monkeypatch.undo()
+    fill_disk_when(monkeypatch, lambda p: p.suffix == ".h5" and (out / "state.json").is_file())
+    res = cli_run(*train)
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    (line,) = error_lines(res.output)
+    assert line == res.output.strip().splitlines()[-1]
+    assert "weights.h5: No space left on device; free space, then run the same command" in line
+    assert "with --resume" in line
+    assert json.loads((out / "state.json").read_text())["epoch"] == 1 and not leftovers(out)
+    monkeypatch.undo()
+    res = cli_run("train", ds_depth, "--out", out, "--resume")
     assert res.exit_code == 0, res.output
     assert "resuming at epoch 2" in res.output and "epoch 3/3" in res.output
     assert "epoch 1/3" not in res.output
@@ -408,12 +445,13 @@ def test_resume_continues_where_it_stopped(ds_depth: Path, trained: Path, tmp_pa
     for a, b in zip(resumed, straight, strict=True):
         assert a["lr"] == pytest.approx(b["lr"])
         assert a["loss"] == pytest.approx(b["loss"], rel=2e-2)
-    res = run("train", ds_depth, "--out", out, "--resume")
+    res = cli_run("train", ds_depth, "--out", out, "--resume")
     assert res.exit_code == 0 and "all epochs were already done" in res.output
+    assert not leftovers(out)
 
 
 def test_mask_only_when_the_dataset_has_no_depth(
-    ds_plain: Path, trained: Path, tmp_path: Path
+    ds_plain: Path, trained: Path, tmp_path: Path, cli_run
 ) -> None:
     from trainer.config import load_config
     from trainer.train import run_train
@@ -429,78 +467,113 @@ def test_mask_only_when_the_dataset_has_no_depth(
                   on_event=stop_at_start)  # fmt: skip
     assert seen["mask_only"] and not seen["has_depth"] and seen["record"]["heads"] == ["mask"]
     # predict leaves depth out for a run whose depth head was not trained
-    shutil.copytree(trained, tmp_path / "run")
-    record = json.loads((tmp_path / "run/config.json").read_text())
-    (tmp_path / "run/config.json").write_text(json.dumps(record | {"heads": ["mask"]}))
+    shutil.copytree(trained, tmp_path / "run", ignore=shutil.ignore_patterns("logs"))
+    edit_record(tmp_path / "run", lambda r: r.update(heads=["mask"]))
     s = open_dataset(ds_plain)[0]
     cv2.imwrite(str(tmp_path / "bg.png"), s.bg[..., ::-1])
     cv2.imwrite(str(tmp_path / "scene.png"), s.fg_bg[..., ::-1])
-    res = run("predict", tmp_path / "run", "--bg", tmp_path / "bg.png", "--input",
+    res = cli_run("predict", tmp_path / "run", "--bg", tmp_path / "bg.png", "--input",
               tmp_path / "scene.png")  # fmt: skip
     assert res.exit_code == 0, res.output
     assert (tmp_path / "scene_OUT_mask.png").is_file()
     assert not (tmp_path / "scene_OUT_depth.png").exists()
 
 
-def test_evaluate_prints_and_saves(trained: Path, ds_depth: Path, tmp_path: Path) -> None:
-    res = run("evaluate", trained, ds_depth, "--split", "val", "--out", tmp_path / "e.json")
+def test_evaluate_prints_and_saves(trained: Path, ds_depth: Path, tmp_path: Path, cli_run) -> None:
+    from trainer.run import read_history
+
+    res = cli_run("evaluate", trained, ds_depth, "--split", "val", "--out", tmp_path / "e.json")
     assert res.exit_code == 0, res.output
     r = json.loads((tmp_path / "e.json").read_text())
     assert r["num_samples"] == 16 and r["split"] == "val"
     assert set(r["metrics"]) >= {"mask_iou", "mask_dice", "depth_rmse", "depth_delta1"}
     assert f"{r['metrics']['mask_iou']:.4f}" in res.output
-    # the same figure as the last validation of training (same samples, same weights)
-    from trainer.train import read_history
-
-    best = json.loads((trained / "state.json").read_text())["best"]
-    assert r["metrics"]["mask_iou"] == pytest.approx(best, abs=1e-4)
-    res = run("evaluate", trained, ds_depth)
+    # the same figures as the best epoch's validation in training (same samples, same weights,
+    # same losses: the mask loss with training's integer pos_weight, 3)
+    state = json.loads((trained / "state.json").read_text())
+    assert r["metrics"]["mask_iou"] == pytest.approx(state["best"], abs=1e-4)
+    row = read_history(trained)[state["best_epoch"] - 1]
+    assert r["metrics"]["mask_loss"] == pytest.approx(row["val_mask_loss"], rel=1e-4)
+    res = cli_run("evaluate", trained, ds_depth)
     assert res.exit_code == 0 and (trained / "eval" / "ds_all.json").is_file()
     assert read_history(trained)  # untouched
 
 
-def test_predict_files(trained: Path, ds_depth: Path, tmp_path: Path) -> None:
+def edit_record(run: Path, edit: Callable[[dict], object]) -> None:
+    record = json.loads((run / "config.json").read_text())
+    edit(record)
+    (run / "config.json").write_text(json.dumps(record))
+
+
+def test_evaluate_uses_the_stats_pos_weight_of_training(
+    trained: Path, ds_depth: Path, tmp_path: Path, cli_run
+) -> None:
+    """A run trained with pos_weight "stats" is evaluated with its training dataset's value."""
+    from trainer.run import read_history
+
+    train_ds = tmp_path / "train_ds"  # a training dataset whose stats say 3, as TINY does
+    train_ds.mkdir()
+    stats = json.loads((ds_depth / "stats.json").read_text())
+    stats["mask"]["pos_weight"] = 3.0
+    (train_ds / "stats.json").write_text(json.dumps(stats))
+    run = tmp_path / "run"
+    shutil.copytree(trained, run, ignore=shutil.ignore_patterns("logs", "eval"))
+
+    def use_stats(record: dict) -> None:
+        record["config"]["loss"]["mask_pos_weight"] = "stats"
+        record["dataset"]["path"] = str(train_ds)
+
+    edit_record(run, use_stats)
+    res = cli_run("evaluate", run, ds_depth, "--split", "val", "--out", tmp_path / "e.json")
+    assert res.exit_code == 0, res.output
+    loss = json.loads((tmp_path / "e.json").read_text())["metrics"]["mask_loss"]
+    best_epoch = json.loads((run / "state.json").read_text())["best_epoch"]
+    assert loss == pytest.approx(read_history(run)[best_epoch - 1]["val_mask_loss"], rel=1e-4)
+
+
+def test_evaluate_a_stem_stride_2_run_on_a_240_wide_dataset(
+    trained: Path, tmp_path: Path, cli_run
+) -> None:
+    """240 is a multiple of 16, not of 32: the model runs at 256 and scores at 240."""
+    from pipeline.overlay import OverlayConfig, run_overlay
+    from trainer.config import ModelConfig
+    from trainer.model import Normalisation, build_model
+
+    bgs, fgs = make_inputs(tmp_path, num_bg=2, bg_size=(240, 64))
+    run_overlay(bgs, [fgs], tmp_path / "wide", OverlayConfig(positions=1))
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    model = {"name": "unet", "base_filters": 4, "stem_stride": 2}
+
+    def stem_stride_2(record: dict) -> None:
+        record["config"]["model"] = model
+
+    shutil.copy(trained / "config.json", run / "config.json")
+    edit_record(run, stem_stride_2)
+    norm = json.loads((run / "config.json").read_text())["normalisation"]
+    full = build_model(ModelConfig(**model), Normalisation.from_dict(norm))
+    full.save_weights(run / "checkpoints" / "best.weights.h5")
+    res = cli_run("evaluate", run, tmp_path / "wide", "--out", tmp_path / "e.json")
+    assert res.exit_code == 0, res.output
+    r = json.loads((tmp_path / "e.json").read_text())
+    assert r["image_size"] == [64, 240] and r["model_input_size"] == [64, 256]
+    assert r["num_samples"] == 4 and 0 <= r["metrics"]["mask_iou"] <= 1
+
+
+def test_predict_files(trained: Path, ds_depth: Path, tmp_path: Path, cli_run) -> None:
     ds = open_dataset(ds_depth)
     s = ds[5]
     cv2.imwrite(str(tmp_path / "bg.png"), s.bg[..., ::-1])
     cv2.imwrite(str(tmp_path / "a.jpg"), s.fg_bg[..., ::-1])
     cv2.imwrite(str(tmp_path / "b.png"), s.fg_bg[..., ::-1])
-    res = run(
-        "predict",
-        trained,
-        "--bg",
-        tmp_path / "bg.png",
-        "--input",
-        tmp_path / "a.jpg",
-        "--input",
-        tmp_path / "b.png",
-        "--output",
-        tmp_path / "out" / "first",
-        "--output",
-        tmp_path / "second.png",
-        "--viz",
-        "--mask-threshold",
-        0.4,
-    )
+    two = ["predict", trained, "--bg", tmp_path / "bg.png",
+           "--input", tmp_path / "a.jpg", "--input", tmp_path / "b.png",
+           "--output", tmp_path / "out" / "first", "--output", tmp_path / "second.png",
+           "--viz", "--mask-threshold", 0.4]  # fmt: skip
+    res = cli_run(*two)
     assert res.exit_code == 1 and "cannot write" in res.output  # folder out/ does not exist
     (tmp_path / "out").mkdir()
-    res = run(
-        "predict",
-        trained,
-        "--bg",
-        tmp_path / "bg.png",
-        "--input",
-        tmp_path / "a.jpg",
-        "--input",
-        tmp_path / "b.png",
-        "--output",
-        tmp_path / "out" / "first",
-        "--output",
-        tmp_path / "second.png",
-        "--viz",
-        "--mask-threshold",
-        0.4,
-    )
+    res = cli_run(*two)
     assert res.exit_code == 0, res.output
     mask = cv2.imread(str(tmp_path / "out/first_mask.png"), cv2.IMREAD_UNCHANGED)
     assert mask.shape == (64, 96) and mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 255}
@@ -510,7 +583,7 @@ def test_predict_files(trained: Path, ds_depth: Path, tmp_path: Path) -> None:
     assert cv2.imread(str(tmp_path / "out/first_viz.png")).shape == (64, 4 * 96, 3)
     assert (tmp_path / "second_mask.png").is_file() and (tmp_path / "second_viz.png").is_file()
     # --scale runs the model on a smaller picture; outputs keep the input's size
-    res = run(
+    res = cli_run(
         "predict",
         trained,
         "--bg",
@@ -532,7 +605,7 @@ def test_predict_files(trained: Path, ds_depth: Path, tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------- bad input
 
 
-def test_bad_input_errors(trained: Path, ds_plain: Path, tmp_path: Path) -> None:
+def test_bad_input_errors(trained: Path, ds_plain: Path, tmp_path: Path, cli_run) -> None:
     ok = cv2.imencode(".png", np.zeros((64, 96, 3), np.uint8))[1].tobytes()
     (tmp_path / "bg.png").write_bytes(ok)
     (tmp_path / "img.png").write_bytes(ok)
@@ -583,13 +656,13 @@ def test_bad_input_errors(trained: Path, ds_plain: Path, tmp_path: Path) -> None
         ),
     ]
     for args, words in cases:
-        res = run(*args)
+        res = cli_run(*args)
         assert res.exit_code == 1, (args, res.output)
         assert res.output.startswith("Error: ") and words in res.output, (args, res.output)
         assert "Traceback" not in res.output
     # an output name that would overwrite an input is refused
     shutil.copy(tmp_path / "bg.png", tmp_path / "x_mask.png")
-    res = run(
+    res = cli_run(
         "predict",
         trained,
         "--bg",
@@ -603,34 +676,30 @@ def test_bad_input_errors(trained: Path, ds_plain: Path, tmp_path: Path) -> None
 
 
 def test_evaluate_val_split_needs_the_runs_backgrounds(
-    trained: Path, ds_plain: Path, tmp_path: Path
+    trained: Path, ds_plain: Path, tmp_path: Path, cli_run
 ) -> None:
-    shutil.copytree(trained, tmp_path / "run")
-    record = json.loads((tmp_path / "run/config.json").read_text())
-    record["split"]["val_background_names"] = ["elsewhere.png"]
-    (tmp_path / "run/config.json").write_text(json.dumps(record))
-    res = run("evaluate", tmp_path / "run", ds_plain, "--split", "val")
+    shutil.copytree(trained, tmp_path / "run", ignore=shutil.ignore_patterns("logs"))
+    edit_record(tmp_path / "run", lambda r: r["split"].update(val_background_names=["x.png"]))
+    res = cli_run("evaluate", tmp_path / "run", ds_plain, "--split", "val")
     assert res.exit_code == 1 and "needs the dataset the run was trained on" in res.output
 
 
-def test_stats_missing_or_stale(ds_plain: Path, tmp_path: Path) -> None:
+def test_stats_missing_or_stale(ds_plain: Path, tmp_path: Path, cli_run) -> None:
     from trainer.data import load_normalisation
 
     copy = tmp_path / "ds"
     shutil.copytree(ds_plain, copy)
     (copy / "stats.json").unlink()
-    res = run("train", copy, "--out", tmp_path / "r")
+    res = cli_run("train", copy, "--out", tmp_path / "r")
     assert res.exit_code == 1 and "no stats.json" in res.output and "cli.py stats" in res.output
     shutil.copy(ds_plain / "stats.json", copy / "stats.json")
-    from synth import add_depth
-
     add_depth(copy)  # rewrites the shards: the stats no longer describe them
     with pytest.raises(DatasetError, match="out of date"):
         load_normalisation(open_dataset(copy), True)
 
 
 def test_run_without_checkpoint(tmp_path: Path, trained: Path) -> None:
-    from trainer.train import checkpoint_path
+    from trainer.run import checkpoint_path
 
     shutil.copytree(trained, tmp_path / "run")
     (tmp_path / "run/checkpoints/best.weights.h5").unlink()

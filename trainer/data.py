@@ -24,6 +24,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from multiprocessing.pool import ThreadPool
+from pathlib import Path
 from typing import Any
 
 import cv2
@@ -118,9 +119,20 @@ def load_normalisation(ds: Dataset, with_depth: bool) -> Normalisation:
         raise DatasetError(f"damaged {path} ({e!r}); {hint} again") from None
 
 
-def pos_weight_from_stats(ds: Dataset) -> float:
-    stats = json.loads((ds.root / STATS).read_text())
-    pw = stats["mask"]["pos_weight"]
+def resolve_pos_weight(setting: float | str | None, dataset_root: Path) -> float:
+    """The weight of car pixels in the mask BCE for a config's `loss.mask_pos_weight`: "stats"
+    reads it from DATASET_ROOT/stats.json (1.0 where that has none), a number is itself, None
+    is 1.0. The one rule for training and evaluate: evaluate passes the run's training dataset."""
+    if setting != "stats":
+        return float(setting or 1.0)
+    path = dataset_root / STATS
+    try:
+        pw = json.loads(path.read_text())["mask"]["pos_weight"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DatasetError(
+            f"'loss.mask_pos_weight' is \"stats\", and {path} cannot be read ({e}); "
+            f"run `cli.py stats {dataset_root}`"
+        ) from None
     return float(pw) if pw else 1.0
 
 

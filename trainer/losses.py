@@ -17,6 +17,8 @@ import keras
 import tensorflow as tf
 from keras import ops
 
+from .config import TrainConfig
+
 EPS = 1e-6
 DEPTH_FLOOR = 1e-3  # depth ratios need positive values; DenseDepth's minDepth/maxDepth is 0.01
 
@@ -115,38 +117,44 @@ class MaskIoU(keras.metrics.Metric):
         return {**super().get_config(), "dice": self.dice}
 
 
-class DepthRMSE(keras.metrics.Metric):
+class _PixelMean(keras.metrics.Metric):
+    """The mean of a per-pixel value over every pixel seen since the last reset."""
+
+    def __init__(self, name: str, **kw: Any) -> None:
+        super().__init__(name=name, **kw)
+        self.total = self.add_variable((), "zeros", name="total", dtype="float64")
+        self.n = self.add_variable((), "zeros", name="n", dtype="float64")
+
+    def add(self, values: Any) -> None:
+        self.total.assign_add(ops.sum(ops.cast(values, "float64")))
+        self.n.assign_add(ops.cast(ops.size(values), "float64"))
+
+    def result(self) -> Any:
+        return ops.cast(self.total / ops.maximum(self.n, 1.0), "float32")
+
+
+class DepthRMSE(_PixelMean):
     def __init__(self, name: str = "rmse", **kw: Any) -> None:
         super().__init__(name=name, **kw)
-        self.sq = self.add_variable((), "zeros", name="sq", dtype="float64")
-        self.n = self.add_variable((), "zeros", name="n", dtype="float64")
 
     def update_state(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> None:
         d = ops.cast(y_pred, "float64") - ops.cast(y_true, "float64")
-        self.sq.assign_add(ops.sum(d * d))
-        self.n.assign_add(ops.cast(ops.size(d), "float64"))
+        self.add(d * d)
 
     def result(self) -> Any:
-        return ops.cast(ops.sqrt(self.sq / ops.maximum(self.n, 1.0)), "float32")
+        return ops.cast(ops.sqrt(self.total / ops.maximum(self.n, 1.0)), "float32")
 
 
-class DepthDelta(keras.metrics.Metric):
+class DepthDelta(_PixelMean):
     """Fraction of pixels with max(pred/true, true/pred) < 1.25 (both floored at 1e-3)."""
 
     def __init__(self, name: str = "delta1", **kw: Any) -> None:
         super().__init__(name=name, **kw)
-        self.hit = self.add_variable((), "zeros", name="hit", dtype="float64")
-        self.n = self.add_variable((), "zeros", name="n", dtype="float64")
 
     def update_state(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> None:
         t = ops.maximum(_f32(y_true), DEPTH_FLOOR)
         p = ops.maximum(_f32(y_pred), DEPTH_FLOOR)
-        ratio = ops.maximum(p / t, t / p)
-        self.hit.assign_add(ops.sum(ops.cast(ratio < 1.25, "float64")))
-        self.n.assign_add(ops.cast(ops.size(ratio), "float64"))
-
-    def result(self) -> Any:
-        return ops.cast(self.hit / ops.maximum(self.n, 1.0), "float32")
+        self.add(ops.maximum(p / t, t / p) < 1.25)
 
 
 def mask_metrics() -> list[keras.metrics.Metric]:
@@ -155,3 +163,17 @@ def mask_metrics() -> list[keras.metrics.Metric]:
 
 def depth_metrics() -> list[keras.metrics.Metric]:
     return [DepthRMSE("rmse"), DepthDelta("delta1")]
+
+
+def build_losses(
+    cfg: TrainConfig, heads: list[str], pos_weight: float
+) -> tuple[dict[str, Any], dict[str, list[keras.metrics.Metric]]]:
+    """(losses, metrics) per head, as `model.compile` takes them: the configured mask loss with
+    `pos_weight` on car pixels (see `data.resolve_pos_weight`), and the depth loss and metrics
+    when `heads` has depth. Training and evaluate both compile with these."""
+    loss: dict[str, Any] = {"mask": mask_loss(cfg.loss.mask, pos_weight)}
+    metrics = {"mask": mask_metrics()}
+    if "depth" in heads:
+        loss["depth"] = DEPTH_LOSSES[cfg.loss.depth]
+        metrics["depth"] = depth_metrics()
+    return loss, metrics

@@ -8,8 +8,8 @@ size of BG: the model compares them pixel by pixel). Output, per input, from a b
     <base>_depth_color.png  the depth as a colour map (near = bright)
     <base>_viz.png          with viz: bg | input | mask overlay (| depth) side by side
 Depth files only when the run trained its depth head. The model runs at the input's size times
-the run's training scale times `scale` (rounded to multiples of 16, or of 32 for the models
-that need it); outputs are resized back.
+the run's training scale times `scale`, fitted to the sides the model takes (`run.model_size`:
+multiples of 16, or of 32 for the models that need it); outputs are resized back.
 Input files are never overwritten.
 """
 
@@ -24,13 +24,12 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
-from pipeline.dataset import atomic_write_bytes
+from pipeline.codec import depth_to_u16, write_png
 from pipeline.errors import BadImageError, OutputError, PipelineError
 from pipeline.images import read_rgb
 from pipeline.preview import depth_colormap, mask_overlay
 
-from .config import ModelConfig, divisor
-from .evaluate import load_run_model
+from .run import load_run_model, model_size
 
 
 @dataclass
@@ -39,18 +38,6 @@ class Prediction:
     car_fraction: float
     seconds: float
     written: list[Path] = field(default_factory=list)
-
-
-def model_size(shape: tuple[int, int], record: dict[str, Any], scale: float) -> tuple[int, int]:
-    """(h, w) the model runs at for an input of `shape`: the run's training scale times `scale`,
-    rounded to multiples of what the model needs (16 or 32)."""
-    k = divisor(ModelConfig(**record["config"]["model"]))
-    train = record["image_size"]
-    native = record["dataset"]["image_size"]
-    return tuple(  # type: ignore[return-value]
-        max(k, round(s * t / n * scale / k) * k)
-        for s, t, n in zip(shape, train, native, strict=True)
-    )
 
 
 def predict_arrays(
@@ -78,17 +65,6 @@ def predict_arrays(
         if (mh, mw) != (h, w):
             depth = cv2.resize(depth, (w, h), interpolation=cv2.INTER_LINEAR)
     return prob.astype(np.float32), depth
-
-
-def _png(path: Path, img: NDArray[Any]) -> None:
-    arr = img[..., ::-1] if img.ndim == 3 else img
-    ok, buf = cv2.imencode(".png", arr)
-    if not ok:
-        raise OutputError(f"PNG encoding failed for {path}")
-    try:
-        atomic_write_bytes(path, buf.tobytes())
-    except OSError as e:
-        raise OutputError(f"cannot write {path} ({e.strerror or e})") from None
 
 
 def _bases(inputs: list[Path], outputs: list[Path] | None) -> list[Path]:
@@ -134,9 +110,8 @@ def run_predict(
         if save:
             files["mask"] = mask
             if depth is not None:
-                d = np.clip(depth, 0.0, 1.0)
-                files["depth"] = np.rint(d * 65535).astype(np.uint16)
-                files["depth_color"] = depth_colormap(d)
+                files["depth"] = depth_to_u16(depth)
+                files["depth_color"] = depth_colormap(np.clip(depth, 0.0, 1.0))
         if viz:
             tiles = [bg, img, mask_overlay(img, mask)]
             if depth is not None:
@@ -147,7 +122,7 @@ def run_predict(
             path = Path(f"{base}_{kind}.png")
             if path.resolve() in protected:
                 raise OutputError(f"refusing to overwrite an input file: {path}")
-            _png(path, arr)
+            write_png(path, arr)
             rec.written.append(path)
         rec.seconds = time.perf_counter() - t0
         results.append(rec)

@@ -1,51 +1,63 @@
 """train: fit the two-head U-Net on a dataset's shards; resumable.
 
-Input: a finished dataset with stats.json, a TrainConfig. Output, the run folder:
-    config.json          the config, the dataset, the normalisation, the held-out backgrounds
-    checkpoints/         last.weights.h5 + last.optimizer.npz (every epoch), best.weights.h5
-    state.json           next epoch, best score, scheduler state, learning rate
-    history.csv          one row per epoch: learning rate, time, losses, validation metrics
-    curves.png           the curves of history.csv
-    logs/                TensorBoard scalars (train/, validation/) and image samples (samples/)
+Input: a finished dataset with stats.json, a TrainConfig. Output: the run folder (its layout
+and files: `trainer/run.py`), and TensorBoard logs in logs/ (`trainer/tensorboard.py`).
 
 Invariants: every file is written atomically, state.json last, so a run killed at any moment
-resumes from its last finished epoch. The batches of epoch e, their augmentations and the
-held-out backgrounds are functions of (seed, e) alone (see data.py), and the optimizer state is
-restored, so `--resume` continues the run it interrupted. Mask-only training when the dataset has
-no depth yet (the depth head is built but not trained, and predict leaves it out).
+resumes from its last finished epoch; a run that never finished an epoch (no state.json) is
+started again by the same command. A failed write (a full disk) is one error that says which of
+the two to do. The batches of epoch e, their augmentations and the held-out backgrounds are
+functions of (seed, e) alone (see data.py), and the optimizer state is restored, so `--resume`
+continues the run it interrupted. Mask-only training when the dataset has no depth yet (the
+depth head is built but not trained, and predict leaves it out).
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import logging
 import math
-import os
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline.dataset import Dataset, atomic_write_bytes, open_dataset, write_json
+from pipeline.dataset import Dataset, open_dataset
 from pipeline.errors import OutputError, RunError
+from pipeline.files import RESUME, make_folder, write_error
 
 from . import data
 from .config import TrainConfig, divisor
 from .model import Normalisation
+from .run import (
+    CKPT,
+    STATE,
+    checkpoint_path,
+    fit_sides,
+    load_optimizer,
+    make_record,
+    normalise_logs,
+    read_history,
+    read_run,
+    read_state,
+    run_config,
+    save_optimizer,
+    save_weights,
+    write_curves,
+    write_history,
+    write_run,
+    write_state,
+)
 
 log = logging.getLogger(__name__)
 
-CONFIG = "config.json"
-STATE = "state.json"
-HISTORY = "history.csv"
-CURVES = "curves.png"
-CKPT = "checkpoints"
 HIGHER_IS_BETTER = {"val_mask_iou": True, "val_loss": False, "val_depth_rmse": False}
+# What to do after a failed write, in place of files.RESUME (which says "the same command").
+RESUME_RUN = "run the same command with --resume to continue from the last finished epoch"
+RESTART_RUN = "run the same command again, without --resume (no epoch had finished)"
 
 Event = Callable[[str, dict[str, Any]], None]
 
@@ -61,59 +73,40 @@ class TrainReport:
     stopped_early: str | None
 
 
-# ------------------------------------------------------------------------------- run folder
+@dataclass(frozen=True)
+class TrainPlan:
+    """What a run of a config on a dataset will do, settled before anything is built."""
+
+    with_depth: bool
+    norm: Normalisation
+    split: data.Split
+    steps: int
+    heads: list[str]
+    record: dict[str, Any]
+
+
+@dataclass
+class RunContext:
+    """What the per-epoch callback reads (the run's fixed facts) and updates (state.json's
+    content, the history rows, the last row, why it stopped early)."""
+
+    cfg: TrainConfig
+    full: Any  # the model with both heads, whose weights the checkpoints hold
+    heads: list[str]
+    run_dir: Path
+    steps: int
+    event: Event
+    time_limit: float | None  # seconds since t0
+    t0: float
+    state: dict[str, Any]
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    last: dict[str, float] = field(default_factory=dict)
+    stopped_early: str | None = None
+    epoch_seconds: list[float] = field(default_factory=list)
 
 
 def run_heads(with_depth: bool, cfg: TrainConfig) -> list[str]:
     return ["mask", "depth"] if with_depth and cfg.loss_weights.depth > 0 else ["mask"]
-
-
-def read_run(run_dir: str | Path) -> dict[str, Any]:
-    """The run record (config.json) of a run folder, or a RunError saying what is missing."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise RunError(f"run folder does not exist: {run_dir}")
-    path = run_dir / CONFIG
-    if not path.is_file():
-        raise RunError(f"not a training run (no {CONFIG}): {run_dir}; make one with `cli.py train`")
-    try:
-        return json.loads(path.read_text())
-    except ValueError as e:
-        raise RunError(f"damaged run record: {path} ({e})") from None
-
-
-def checkpoint_path(run_dir: Path, which: str) -> Path:
-    path = run_dir / CKPT / f"{which}.weights.h5"
-    if not path.is_file():
-        raise RunError(
-            f"run has no {which} checkpoint: {path} (training stopped before its first epoch "
-            "ended?)"
-        )
-    return path
-
-
-def _save_weights(model: Any, path: Path) -> None:
-    tmp = path.with_name(f"tmp-{path.name}")  # Keras wants the .weights.h5 suffix
-    model.save_weights(tmp)
-    os.replace(tmp, path)
-
-
-def _save_optimizer(optimizer: Any, path: Path) -> None:
-    buf = io.BytesIO()
-    np.savez(buf, *[np.asarray(v.numpy()) for v in optimizer.variables])
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def _load_optimizer(optimizer: Any, model: Any, path: Path) -> None:
-    optimizer.build(model.trainable_variables)
-    with np.load(path) as z:
-        values = [z[f"arr_{i}"] for i in range(len(z.files))]
-    if len(values) != len(optimizer.variables):
-        raise RunError(f"optimizer state does not match the model: {path}")
-    for var, value in zip(optimizer.variables, values, strict=True):
-        if tuple(var.shape) != value.shape:
-            raise RunError(f"optimizer state does not match the model: {path}")
-        var.assign(value)
 
 
 # ------------------------------------------------------------------------ optimizer, schedule
@@ -183,21 +176,18 @@ def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> Any:
     return cls(beta_1=o.beta_1, beta_2=o.beta_2, epsilon=o.epsilon, weight_decay=wd, **common)
 
 
-def compile_model(full: Any, heads: list[str], cfg: TrainConfig, ds: Dataset, steps: int) -> Any:
+def compile_model(
+    full: Any, heads: list[str], cfg: TrainConfig, pos_weight: float, steps: int
+) -> Any:
     """The training view of the model (only the heads that have targets) compiled with the
-    configured losses, weights, metrics and optimizer. It shares every layer with `full`."""
+    configured losses, weights, metrics and optimizer. It shares every layer with `full`.
+    pos_weight: `data.resolve_pos_weight` of the config."""
     import keras
 
-    from . import losses
+    from .losses import build_losses
 
     model = keras.Model(full.inputs, {h: full.get_layer(h).output for h in heads}, name="train")
-    pw = cfg.loss.mask_pos_weight
-    pos_weight = data.pos_weight_from_stats(ds) if pw == "stats" else float(pw or 1.0)
-    loss = {"mask": losses.mask_loss(cfg.loss.mask, pos_weight)}
-    metrics = {"mask": losses.mask_metrics()}
-    if "depth" in heads:
-        loss["depth"] = losses.DEPTH_LOSSES[cfg.loss.depth]
-        metrics["depth"] = losses.depth_metrics()
+    loss, metrics = build_losses(cfg, heads, pos_weight)
     weights = {"mask": cfg.loss_weights.mask, "depth": cfg.loss_weights.depth}
     model.compile(
         optimizer=make_optimizer(cfg, steps),
@@ -209,427 +199,8 @@ def compile_model(full: Any, heads: list[str], cfg: TrainConfig, ds: Dataset, st
     return model
 
 
-# ----------------------------------------------------------------------------------- logging
-
-
-def normalise_logs(logs: dict[str, Any], heads: list[str], weight: float = 1.0) -> dict[str, float]:
-    """Keras names per-head metrics differently with one output ("iou") and two ("mask_iou");
-    history.csv always says head_metric."""
-    out: dict[str, float] = {}
-    for key, value in logs.items():
-        prefix, name = ("val_", key[4:]) if key.startswith("val_") else ("", key)
-        if len(heads) == 1 and name in ("iou", "dice"):
-            name = f"mask_{name}"
-        out[prefix + name] = float(value)
-    if len(heads) == 1:
-        for p in ("", "val_"):
-            if f"{p}loss" in out:
-                out.setdefault(f"{p}mask_loss", out[f"{p}loss"] / weight)
-    return out
-
-
-def _columns(heads: list[str]) -> list[str]:
-    cols = ["epoch", "lr", "seconds", "samples_per_s", "loss", "mask_loss"]
-    if "depth" in heads:
-        cols.append("depth_loss")
-    cols += ["val_loss", "val_mask_loss", "val_mask_iou", "val_mask_dice"]
-    if "depth" in heads:
-        cols += ["val_depth_loss", "val_depth_rmse", "val_depth_delta1"]
-    return cols + ["mask_iou", "mask_dice"] + (["depth_rmse"] if "depth" in heads else [])
-
-
-def _write_history(run_dir: Path, rows: list[dict[str, Any]], heads: list[str]) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=_columns(heads), extrasaction="ignore", restval="")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-    atomic_write_bytes(run_dir / HISTORY, buf.getvalue().encode())
-
-
-def read_history(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / HISTORY
-    if not path.is_file():
-        return []
-    with open(path, newline="") as f:
-        return [
-            {k: (float(v) if v not in ("", None) and k != "epoch" else v) for k, v in r.items()}
-            | {"epoch": int(r["epoch"])}
-            for r in csv.DictReader(f)
-        ]
-
-
-def _write_curves(run_dir: Path, rows: list[dict[str, Any]]) -> None:
-    import cv2
-
-    from .plot import draw_curves
-
-    ok, buf = cv2.imencode(".png", draw_curves(rows)[..., ::-1])
-    if ok:
-        atomic_write_bytes(run_dir / CURVES, buf.tobytes())
-
-
-# --------------------------------------------------------------------------------- callbacks
-
-
-def _callback_class() -> type:
-    import keras
-
-    class RunKeeper(keras.callbacks.Callback):
-        """Per epoch: names the metrics, applies reduce-on-plateau, writes checkpoints, history,
-        curves and state (in that order, state last), reports progress, keeps the time limit."""
-
-        def __init__(self, ctx: dict[str, Any]) -> None:
-            super().__init__()
-            self.ctx = ctx
-            self.t_epoch = 0.0
-
-        def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
-            self.t_epoch = time.perf_counter()
-            self.ctx["event"]("epoch_start", {"epoch": epoch + 1, "steps": self.ctx["steps"]})
-
-        def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
-            self.ctx["event"]("batch", {"batch": batch + 1})
-
-        def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
-            c = self.ctx
-            opt = self.model.optimizer
-            lr = float(np.asarray(opt.learning_rate))
-            secs = time.perf_counter() - self.t_epoch
-            row = {
-                "epoch": epoch + 1,
-                "lr": lr,
-                "seconds": secs,
-                "samples_per_s": c["steps"] * c["batch"] / secs,
-            }
-            row |= normalise_logs(dict(logs or {}), c["heads"], c["cfg"].loss_weights.mask or 1.0)
-            state = c["state"]
-            metric = c["best_metric"]
-            score = row.get(metric)
-            higher = HIGHER_IS_BETTER[metric]
-            improved = score is not None and (
-                state["best"] is None
-                or (score > state["best"] if higher else score < state["best"])
-            )
-            run_dir: Path = c["run_dir"]
-            if improved:
-                state["best"], state["best_epoch"] = score, epoch + 1
-                _save_weights(c["full"], run_dir / CKPT / "best.weights.h5")
-            self._plateau(improved, opt)
-            _save_weights(c["full"], run_dir / CKPT / "last.weights.h5")
-            _save_optimizer(opt, run_dir / CKPT / "last.optimizer.npz")
-            c["rows"] = [r for r in c["rows"] if r["epoch"] <= epoch] + [row]
-            _write_history(run_dir, c["rows"], c["heads"])
-            _write_curves(run_dir, c["rows"])
-            state["epoch"] = epoch + 1
-            state["lr"] = float(np.asarray(opt.learning_rate))
-            write_json(run_dir / STATE, state)
-            c["last"] = row
-            c["event"](
-                "epoch", {**row, "best": state["best"], "improved": improved, "epochs": c["epochs"]}
-            )
-            limit = c["time_limit"]
-            # The next epoch is estimated as the slowest of the last three, plus 5%: epochs
-            # wander by 10-15% on a shared machine, and the limit is a promise.
-            c.setdefault("epoch_seconds", []).append(secs)
-            est = 1.05 * max(c["epoch_seconds"][-3:])
-            more = epoch + 1 < c["epochs"]
-            if more and limit and time.perf_counter() - c["t0"] + est > limit:
-                c["stopped_early"] = (
-                    f"time limit: another epoch (~{est:.0f} s) would pass {limit:.0f} s"
-                )
-                self.model.stop_training = True
-
-        def _plateau(self, improved: bool, opt: Any) -> None:
-            sch = self.ctx["cfg"].scheduler
-            if sch is None or sch.name != "reduce_on_plateau":
-                return
-            st = self.ctx["state"]
-            st["plateau_wait"] = 0 if improved else st.get("plateau_wait", 0) + 1
-            if st["plateau_wait"] > sch.patience:
-                lr = float(np.asarray(opt.learning_rate))
-                new = max(lr * sch.factor, sch.min_lr)
-                if new < lr:
-                    opt.learning_rate.assign(new)
-                    log.info("reduce on plateau: learning rate %.3g -> %.3g", lr, new)
-                st["plateau_wait"] = 0
-
-    return RunKeeper
-
-
-def _tensorboard_class() -> type:
-    import keras
-    import tensorflow as tf
-    from tensorflow.core.framework.summary_pb2 import SummaryMetadata
-
-    def metadata(plugin: str) -> Any:
-        md = SummaryMetadata()
-        md.plugin_data.plugin_name = plugin
-        return md
-
-    class TensorBoardLog(keras.callbacks.Callback):
-        """TensorBoard event files written with TensorFlow's core summary ops (the `tensorboard`
-        package, which Keras' own callback needs, is only needed to view them): epoch scalars
-        in train/ and validation/, and image samples of fixed validation images in samples/:
-        fg_bg | true mask | predicted probability (| predicted depth)."""
-
-        def __init__(self, log_dir: Path, heads: list[str], full: Any, batch: Any) -> None:
-            super().__init__()
-            self.writers = {
-                k: tf.summary.create_file_writer(str(log_dir / k))
-                for k in ("train", "validation", "samples")
-            }
-            self.heads, self.full, self.batch = heads, full, batch
-
-        def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
-            row = normalise_logs(dict(logs or {}), self.heads)
-            row["lr"] = float(np.asarray(self.model.optimizer.learning_rate))
-            for split, writer in (
-                ("train", self.writers["train"]),
-                ("validation", self.writers["validation"]),
-            ):
-                with writer.as_default():
-                    for k, v in row.items():
-                        if k.startswith("val_") == (split == "validation"):
-                            tag = f"epoch_{k.removeprefix('val_')}"
-                            tf.summary.write(
-                                tag,
-                                tf.constant(v, tf.float32),
-                                step=epoch + 1,
-                                metadata=metadata("scalars"),
-                            )
-                writer.flush()
-            if self.batch is not None:
-                self._images(epoch + 1)
-
-        def _images(self, step: int) -> None:
-            x, y = self.batch
-            pred = self.full(x, training=False)
-            fg = tf.cast(x["fg_bg"], tf.float32) / 255.0
-            tiles = [
-                fg,
-                tf.image.grayscale_to_rgb(tf.cast(y["mask"], tf.float32)),
-                tf.image.grayscale_to_rgb(tf.sigmoid(pred["mask"])),
-            ]
-            if "depth" in self.heads:
-                d = tf.clip_by_value(pred["depth"], 0.0, 1.0)
-                tiles.append(tf.image.grayscale_to_rgb(d))
-            pics = tf.cast(tf.round(tf.concat(tiles, axis=2) * 255), tf.uint8)
-            h, w = int(pics.shape[1]), int(pics.shape[2])
-            pngs = [tf.io.encode_png(p) for p in pics]
-            tensor = tf.stack([tf.constant(str(w)), tf.constant(str(h)), *pngs])
-            with self.writers["samples"].as_default():
-                tf.summary.write(
-                    "validation samples: fg_bg | mask | predicted (| depth)",
-                    tensor,
-                    step=step,
-                    metadata=metadata("images"),
-                )
-            self.writers["samples"].flush()
-
-    return TensorBoardLog
-
-
-# ---------------------------------------------------------------------------------------- run
-
-
-def _prepare_run_dir(run_dir: Path, resume: bool) -> None:
-    if resume:
-        if not (run_dir / STATE).is_file():
-            raise RunError(
-                f"nothing to resume in {run_dir}: no finished epoch (no {STATE}); "
-                "start it without --resume"
-            )
-        return
-    if (run_dir / STATE).is_file() or (run_dir / CONFIG).is_file():
-        raise OutputError(
-            f"run folder already holds a run: {run_dir}; pass --resume to continue it, or "
-            "choose another --out"
-        )
-
-
-def _make_run_dir(run_dir: Path) -> None:
-    """Made only once the dataset and config passed every check: a refused run leaves nothing."""
-    try:
-        (run_dir / CKPT).mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OutputError(f"cannot make run folder: {run_dir} ({e.strerror or e})") from None
-
-
-def _record(
-    cfg: TrainConfig,
-    ds: Dataset,
-    split: data.Split,
-    norm: Normalisation,
-    heads: list[str],
-    steps: int,
-) -> dict[str, Any]:
-    names = ds.assets.bg_names
-    return {
-        "format": "synthcar-run",
-        "config": cfg.to_dict(),
-        "dataset": {
-            "path": str(ds.root.resolve()),
-            "num_samples": len(ds),
-            "image_size": ds.manifest["image_size"],
-            "has_depth": ds.has_depth,
-        },
-        "image_size": list(cfg.image_size or ds.manifest["image_size"]),
-        "heads": heads,
-        "normalisation": norm.to_dict(),
-        "split": {
-            "train_backgrounds": list(split.train_bgs),
-            "val_backgrounds": list(split.val_bgs),
-            "val_background_names": [names[i] for i in split.val_bgs],
-            "n_train": split.n_train,
-            "n_val": split.n_val,
-        },
-        "steps_per_epoch": steps,
-    }
-
-
-def run_train(
-    dataset: str | Path,
-    cfg: TrainConfig,
-    run_dir: str | Path,
-    resume: bool = False,
-    time_limit: float | None = None,
-    on_event: Event | None = None,
-    epochs: int | None = None,
-) -> TrainReport:
-    """Train (or resume) a run; see the module docstring for what the run folder holds.
-    time_limit (seconds): stop after the last epoch that can finish within it. epochs: replaces
-    the config's (with resume: trains a finished run further; the record is updated)."""
-    t0 = time.perf_counter()
-    event: Event = on_event or (lambda kind, payload: None)
-    run_dir = Path(run_dir)
-    _prepare_run_dir(run_dir, resume)
-    if resume:
-        record = read_run(run_dir)
-        cfg = TrainConfig.from_dict(record["config"], source=f"run config {run_dir / CONFIG}")
-    if epochs is not None:
-        cfg = cfg.with_overrides(epochs=epochs)
-    ds = open_dataset(dataset)
-    k = divisor(cfg.model)
-    h, w = cfg.image_size or ds.manifest["image_size"]
-    if h % k or w % k:
-        raise RunError(
-            f"the model needs image sides that are multiples of {k}, and {ds.root} holds "
-            f"{h}x{w} images; set 'image_size' in the config (e.g. [{max(k, h // k * k)}, "
-            f"{max(k, w // k * k)}])"
-        )
-    with_depth = ds.has_depth
-    norm = data.load_normalisation(ds, with_depth)
-    split = data.make_split(ds, cfg)
-    steps = cfg.steps_per_epoch or split.n_train // cfg.batch_size
-    if steps < 1:
-        raise RunError(
-            f"{split.n_train} training samples make no batch of {cfg.batch_size}; lower batch_size"
-        )
-    heads = run_heads(with_depth, cfg)
-    record = _record(cfg, ds, split, norm, heads, steps)
-    if resume:
-        saved = read_run(run_dir)
-        if saved["split"] != record["split"]:
-            raise RunError(f"dataset {ds.root} is not the one run {run_dir} was trained on")
-        if saved["heads"] != heads:
-            raise RunError(
-                f"run {run_dir} trained the heads {saved['heads']}, and {ds.root} now gives "
-                f"{heads} (depth added?); start a new run with --out"
-            )
-
-    import keras
-
-    from .model import build_model
-
-    state: dict[str, Any] = {"epoch": 0, "best": None, "best_epoch": None, "plateau_wait": 0}
-    if resume:
-        state = json.loads((run_dir / STATE).read_text())
-    keras.utils.set_random_seed(cfg.seed + 1_000_003 * state["epoch"])
-    if tf_gpu():
-        keras.mixed_precision.set_global_policy("mixed_float16")
-    full = build_model(cfg.model, norm)
-    model = compile_model(full, heads, cfg, ds, steps)
-    if resume:
-        if epochs is not None:
-            write_json(run_dir / CONFIG, record)
-        full.load_weights(checkpoint_path(run_dir, "last"))
-        _load_optimizer(model.optimizer, model, run_dir / CKPT / "last.optimizer.npz")
-        if isinstance(cfg.lr, float) and not _is_schedule(model.optimizer):
-            model.optimizer.learning_rate.assign(state.get("lr", cfg.lr))
-    else:
-        _make_run_dir(run_dir)
-        write_json(run_dir / CONFIG, record)
-
-    start = state["epoch"]
-    event(
-        "start",
-        {
-            "record": record,
-            "resume": resume,
-            "start_epoch": start,
-            "mask_only": "depth" not in heads,
-            "has_depth": with_depth,
-            "params": full.count_params(),
-        },
-    )
-    if start >= cfg.epochs:
-        return TrainReport(
-            run_dir, start, state["best"], cfg.best_metric, {}, 0.0, "all epochs were already done"
-        )
-    train = data.train_dataset(ds, cfg, split, with_depth, start * steps * cfg.batch_size)
-    val_bs = cfg.validation.batch_size or cfg.batch_size
-    n_val = min(split.n_val, cfg.validation.max_samples or split.n_val)
-    val = data.eval_dataset(
-        ds, split.val_bgs, with_depth, val_bs, cfg.image_size, cfg.validation.max_samples, n_val
-    )
-    log_dir = Path(cfg.log_dir) if cfg.log_dir else run_dir / "logs"
-    ctx: dict[str, Any] = {
-        "cfg": cfg,
-        "full": full,
-        "heads": heads,
-        "state": state,
-        "run_dir": run_dir,
-        "rows": [r for r in read_history(run_dir) if r["epoch"] <= start] if resume else [],
-        "steps": steps,
-        "batch": cfg.batch_size,
-        "epochs": cfg.epochs,
-        "event": event,
-        "best_metric": cfg.best_metric,
-        "time_limit": time_limit,
-        "t0": t0,
-        "stopped_early": None,
-        "last": {},
-    }
-    sample = None
-    if cfg.tensorboard_images:
-        sample = next(
-            iter(
-                data.eval_dataset(
-                    ds, split.val_bgs, with_depth, cfg.tensorboard_images, cfg.image_size
-                )
-            )
-        )
-    callbacks = [_callback_class()(ctx), _tensorboard_class()(log_dir, heads, full, sample)]
-    model.fit(
-        train,
-        epochs=cfg.epochs,
-        initial_epoch=start,
-        steps_per_epoch=steps,
-        validation_data=val,
-        callbacks=callbacks,
-        verbose=0,
-        shuffle=False,  # the stream is already shuffled (data.py)
-    )
-    return TrainReport(
-        run_dir,
-        state["epoch"],
-        state["best"],
-        cfg.best_metric,
-        ctx["last"],
-        time.perf_counter() - t0,
-        ctx["stopped_early"],
-    )
+def _lr(optimizer: Any) -> float:
+    return float(np.asarray(optimizer.learning_rate))
 
 
 def _is_schedule(optimizer: Any) -> bool:
@@ -642,3 +213,321 @@ def tf_gpu() -> bool:
     import tensorflow as tf
 
     return bool(tf.config.list_physical_devices("GPU"))
+
+
+# ---------------------------------------------------------------------------------- an epoch
+
+
+def _epoch_row(ctx: RunContext, epoch: int, logs: Any, secs: float, lr: float) -> dict[str, Any]:
+    row = {
+        "epoch": epoch,
+        "lr": lr,
+        "seconds": secs,
+        "samples_per_s": ctx.steps * ctx.cfg.batch_size / secs,
+    }
+    return row | normalise_logs(dict(logs or {}), ctx.heads, ctx.cfg.loss_weights.mask or 1.0)
+
+
+def _improves(ctx: RunContext, score: float | None) -> bool:
+    best = ctx.state["best"]
+    higher = HIGHER_IS_BETTER[ctx.cfg.best_metric]
+    return score is not None and (best is None or (score > best if higher else score < best))
+
+
+def _plateau(ctx: RunContext, improved: bool, opt: Any) -> None:
+    """Reduce-on-plateau, with its patience counter kept in state.json."""
+    sch = ctx.cfg.scheduler
+    if sch is None or sch.name != "reduce_on_plateau":
+        return
+    st = ctx.state
+    st["plateau_wait"] = 0 if improved else st.get("plateau_wait", 0) + 1
+    if st["plateau_wait"] > sch.patience:
+        lr = _lr(opt)
+        new = max(lr * sch.factor, sch.min_lr)
+        if new < lr:
+            opt.learning_rate.assign(new)
+            log.info("reduce on plateau: learning rate %.3g -> %.3g", lr, new)
+        st["plateau_wait"] = 0
+
+
+def _save_epoch(ctx: RunContext, row: dict[str, Any], opt: Any) -> bool:
+    """Checkpoints, history, curves, then state.json (last: it says the epoch is done).
+    Returns whether the epoch improved on the best score."""
+    epoch, state, ckpt = row["epoch"], ctx.state, ctx.run_dir / CKPT
+    improved = _improves(ctx, row.get(ctx.cfg.best_metric))
+    if improved:
+        state["best"], state["best_epoch"] = row[ctx.cfg.best_metric], epoch
+        save_weights(ctx.full, ckpt / "best.weights.h5")
+    _plateau(ctx, improved, opt)
+    save_weights(ctx.full, ckpt / "last.weights.h5")
+    save_optimizer(opt, ckpt / "last.optimizer.npz")
+    ctx.rows = [r for r in ctx.rows if r["epoch"] < epoch] + [row]
+    write_history(ctx.run_dir, ctx.rows, ctx.heads)
+    write_curves(ctx.run_dir, ctx.rows)
+    state["epoch"] = epoch
+    state["lr"] = _lr(opt)
+    write_state(ctx.run_dir, state)
+    ctx.last = row
+    return improved
+
+
+def _out_of_time(ctx: RunContext, epoch: int, secs: float) -> bool:
+    """Whether another epoch would pass the time limit (then ctx.stopped_early says so)."""
+    # The next epoch is estimated as the slowest of the last three, plus 5%: epochs wander by
+    # 10-15% on a shared machine, and the limit is a promise.
+    ctx.epoch_seconds.append(secs)
+    est = 1.05 * max(ctx.epoch_seconds[-3:])
+    limit = ctx.time_limit
+    if epoch < ctx.cfg.epochs and limit and time.perf_counter() - ctx.t0 + est > limit:
+        ctx.stopped_early = f"time limit: another epoch (~{est:.0f} s) would pass {limit:.0f} s"
+        return True
+    return False
+
+
+def _callback_class() -> type:
+    import keras
+
+    class RunKeeper(keras.callbacks.Callback):
+        """Per epoch: names the metrics, applies reduce-on-plateau, writes checkpoints, history,
+        curves and state (in that order, state last), reports progress, keeps the time limit."""
+
+        def __init__(self, ctx: RunContext) -> None:
+            super().__init__()
+            self.ctx = ctx
+            self.t_epoch = 0.0
+
+        def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+            self.t_epoch = time.perf_counter()
+            self.ctx.event("epoch_start", {"epoch": epoch + 1, "steps": self.ctx.steps})
+
+        def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+            self.ctx.event("batch", {"batch": batch + 1})
+
+        def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+            ctx, opt = self.ctx, self.model.optimizer
+            secs = time.perf_counter() - self.t_epoch
+            row = _epoch_row(ctx, epoch + 1, logs, secs, _lr(opt))
+            improved = _save_epoch(ctx, row, opt)
+            info = {"best": ctx.state["best"], "improved": improved, "epochs": ctx.cfg.epochs}
+            ctx.event("epoch", row | info)
+            if _out_of_time(ctx, epoch + 1, secs):
+                self.model.stop_training = True
+
+    return RunKeeper
+
+
+# ---------------------------------------------------------------------------------- the run
+
+
+def _prepare_run_dir(run_dir: Path, resume: bool) -> None:
+    """Refuse to resume a run that has no finished epoch, or to start over one that has."""
+    if resume:
+        if not (run_dir / STATE).is_file():
+            raise RunError(
+                f"nothing to resume in {run_dir}: no finished epoch (no {STATE}); "
+                "start it without --resume"
+            )
+        return
+    if (run_dir / STATE).is_file():
+        raise OutputError(
+            f"run folder already holds a run: {run_dir}; pass --resume to continue it, or "
+            "choose another --out"
+        )
+
+
+@contextmanager
+def _failed_writes_say_how_to_go_on(run_dir: Path) -> Iterator[None]:
+    """A failed write (a full disk, a read-only folder) names the file and the cause, and says
+    what to run once that is fixed: --resume where an epoch has finished, else a fresh start."""
+    try:
+        yield
+    except (OutputError, OSError) as e:
+        err = write_error(e.filename or run_dir, e) if isinstance(e, OSError) else e
+        if RESUME not in str(err):
+            raise
+        how = RESUME_RUN if (run_dir / STATE).is_file() else RESTART_RUN
+        raise OutputError(str(err).replace(RESUME, how)) from None
+
+
+def _settle_config(
+    run_dir: Path, cfg: TrainConfig, resume: bool, epochs: int | None
+) -> tuple[TrainConfig, dict[str, Any] | None]:
+    """(the config to train with, the saved run record when resuming): a resumed run keeps its
+    own config; `epochs` replaces the config's."""
+    saved = read_run(run_dir) if resume else None
+    if saved is not None:
+        cfg = run_config(run_dir, saved)
+    if epochs is not None:
+        cfg = cfg.with_overrides(epochs=epochs)
+    return cfg, saved
+
+
+def _check_size(ds: Dataset, cfg: TrainConfig) -> None:
+    h, w = cfg.image_size or ds.manifest["image_size"]
+    if fit_sides((h, w), cfg.model) != (h, w):
+        k = divisor(cfg.model)
+        raise RunError(
+            f"the model needs image sides that are multiples of {k}, and {ds.root} holds "
+            f"{h}x{w} images; set 'image_size' in the config (e.g. [{max(k, h // k * k)}, "
+            f"{max(k, w // k * k)}])"
+        )
+
+
+def plan_run(ds: Dataset, cfg: TrainConfig) -> TrainPlan:
+    """Check that `cfg` can train on `ds` (image size, stats, a batch), and settle the split,
+    the steps, the heads and the run record."""
+    _check_size(ds, cfg)
+    with_depth = ds.has_depth
+    norm = data.load_normalisation(ds, with_depth)
+    split = data.make_split(ds, cfg)
+    steps = cfg.steps_per_epoch or split.n_train // cfg.batch_size
+    if steps < 1:
+        raise RunError(
+            f"{split.n_train} training samples make no batch of {cfg.batch_size}; lower batch_size"
+        )
+    heads = run_heads(with_depth, cfg)
+    record = make_record(cfg, ds, split, norm, heads, steps)
+    return TrainPlan(with_depth, norm, split, steps, heads, record)
+
+
+def _check_same_run(run_dir: Path, ds: Dataset, saved: dict[str, Any], plan: TrainPlan) -> None:
+    if saved["split"] != plan.record["split"]:
+        raise RunError(f"dataset {ds.root} is not the one run {run_dir} was trained on")
+    if saved["heads"] != plan.heads:
+        raise RunError(
+            f"run {run_dir} trained the heads {saved['heads']}, and {ds.root} now gives "
+            f"{plan.heads} (depth added?); start a new run with --out"
+        )
+
+
+def _build(ds: Dataset, cfg: TrainConfig, plan: TrainPlan, start: int) -> tuple[Any, Any]:
+    """(full model, compiled training view), seeded for the epoch the run starts at."""
+    import keras
+
+    from .model import build_model
+
+    keras.utils.set_random_seed(cfg.seed + 1_000_003 * start)
+    if tf_gpu():
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    full = build_model(cfg.model, plan.norm)
+    pos_weight = data.resolve_pos_weight(cfg.loss.mask_pos_weight, ds.root)
+    return full, compile_model(full, plan.heads, cfg, pos_weight, plan.steps)
+
+
+def _restore(run_dir: Path, cfg: TrainConfig, full: Any, model: Any, state: dict) -> None:
+    """The weights, optimizer state and learning rate of the last finished epoch."""
+    full.load_weights(checkpoint_path(run_dir, "last"))
+    load_optimizer(model.optimizer, model, run_dir / CKPT / "last.optimizer.npz")
+    if isinstance(cfg.lr, float) and not _is_schedule(model.optimizer):
+        model.optimizer.learning_rate.assign(state.get("lr", cfg.lr))
+
+
+def _start_info(plan: TrainPlan, resume: bool, start: int, full: Any) -> dict[str, Any]:
+    return {
+        "record": plan.record,
+        "resume": resume,
+        "start_epoch": start,
+        "mask_only": "depth" not in plan.heads,
+        "has_depth": plan.with_depth,
+        "params": full.count_params(),
+    }
+
+
+def _fit(model: Any, ctx: RunContext, ds: Dataset, plan: TrainPlan, start: int) -> None:
+    """Epochs start+1.. of the run: the resumable training stream, validation on the held-out
+    backgrounds, the run keeper and the TensorBoard log as callbacks."""
+    from .tensorboard import tensorboard_callback
+
+    cfg, split = ctx.cfg, plan.split
+    train = data.train_dataset(ds, cfg, split, plan.with_depth, start * plan.steps * cfg.batch_size)
+    val_bs = cfg.validation.batch_size or cfg.batch_size
+    n_val = min(split.n_val, cfg.validation.max_samples or split.n_val)
+    val = data.eval_dataset(
+        ds,
+        split.val_bgs,
+        plan.with_depth,
+        val_bs,
+        cfg.image_size,
+        cfg.validation.max_samples,
+        n_val,
+    )
+    sample = None
+    if cfg.tensorboard_images:
+        images = data.eval_dataset(
+            ds, split.val_bgs, plan.with_depth, cfg.tensorboard_images, cfg.image_size
+        )
+        sample = next(iter(images))
+    log_dir = Path(cfg.log_dir) if cfg.log_dir else ctx.run_dir / "logs"
+    callbacks = [
+        _callback_class()(ctx),
+        tensorboard_callback(log_dir, plan.heads, ctx.full, sample),
+    ]
+    model.fit(
+        train,
+        epochs=cfg.epochs,
+        initial_epoch=start,
+        steps_per_epoch=plan.steps,
+        validation_data=val,
+        callbacks=callbacks,
+        verbose=0,
+        shuffle=False,  # the stream is already shuffled (data.py)
+    )
+
+
+def _no_event(kind: str, payload: dict[str, Any]) -> None:
+    pass
+
+
+def run_train(
+    dataset: str | Path,
+    cfg: TrainConfig,
+    run_dir: str | Path,
+    resume: bool = False,
+    time_limit: float | None = None,
+    on_event: Event | None = None,
+    epochs: int | None = None,
+) -> TrainReport:
+    """Train (or resume) a run; see trainer/run.py for what the run folder holds.
+    time_limit (seconds): stop after the last epoch that can finish within it. epochs: replaces
+    the config's (with resume: trains a finished run further; the record is updated)."""
+    t0 = time.perf_counter()
+    event = on_event or _no_event
+    run_dir = Path(run_dir)
+    _prepare_run_dir(run_dir, resume)
+    cfg, saved = _settle_config(run_dir, cfg, resume, epochs)
+    ds = open_dataset(dataset)
+    plan = plan_run(ds, cfg)
+    if saved is not None:
+        _check_same_run(run_dir, ds, saved, plan)
+    state = {"epoch": 0, "best": None, "best_epoch": None, "plateau_wait": 0}
+    if resume:
+        state = read_state(run_dir)
+    start = state["epoch"]
+    full, model = _build(ds, cfg, plan, start)
+    with _failed_writes_say_how_to_go_on(run_dir):
+        if resume:
+            if epochs is not None:
+                write_run(run_dir, plan.record)
+            _restore(run_dir, cfg, full, model, state)
+        else:
+            make_folder(run_dir / CKPT)  # only now: a refused run leaves nothing
+            write_run(run_dir, plan.record)
+        event("start", _start_info(plan, resume, start, full))
+        if start >= cfg.epochs:
+            done = "all epochs were already done"
+            return TrainReport(run_dir, start, state["best"], cfg.best_metric, {}, 0.0, done)
+        rows = [r for r in read_history(run_dir) if r["epoch"] <= start] if resume else []
+        ctx = RunContext(
+            cfg, full, plan.heads, run_dir, plan.steps, event, time_limit, t0, state, rows
+        )
+        _fit(model, ctx, ds, plan, start)
+    elapsed = time.perf_counter() - t0
+    return TrainReport(
+        run_dir,
+        state["epoch"],
+        state["best"],
+        cfg.best_metric,
+        ctx.last,
+        elapsed,
+        ctx.stopped_early,
+    )
