@@ -53,8 +53,9 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
                 e = write_error(e.filename or "a file", e)
             click.echo(f"Error: {e}", err=True)
             sys.exit(1)
-        except KeyboardInterrupt:
-            click.echo("\nInterrupted: run the same command again to resume.", err=True)
+        except KeyboardInterrupt as e:
+            hint = getattr(e, "hint", "run the same command again to resume")
+            click.echo(f"\nInterrupted: {hint}.", err=True)
             sys.exit(130)
 
     return wrapper
@@ -102,15 +103,6 @@ def on_bad_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-workers_option = click.option(
-    "--workers",
-    type=click.IntRange(min=1),
-    default=default_workers(),
-    show_default=True,
-    help="Worker processes.",
-)
-
-
 def backend_options(cluster: bool = True, workers_help: str = "Worker processes.") -> Callable:
     """--workers (and, for the shard stages, --backend and --scheduler); hands the command one
     runner Backend as its `backend` argument."""
@@ -150,34 +142,6 @@ def backend_options(cluster: bool = True, workers_help: str = "Worker processes.
         )(wrapped)
 
     return decorate
-
-
-def cluster_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """--backend and --scheduler for the shard stages; hands the command a runner Backend as
-    its `workers` argument."""
-
-    @click.option(
-        "--backend",
-        type=click.Choice(["local", "dask"]),
-        default="local",
-        show_default=True,
-        help="local: worker processes here; dask: a Dask cluster (see --scheduler).",
-    )
-    @click.option(
-        "--scheduler",
-        envvar="DASK_SCHEDULER_ADDRESS",
-        default=None,
-        metavar="ADDRESS",
-        help="Dask scheduler (default $DASK_SCHEDULER_ADDRESS; with neither, --backend dask "
-        "starts a local cluster of --workers processes). The dataset folder must be at the "
-        "same path on every worker.",
-    )
-    @functools.wraps(fn)
-    def wrapper(*args: Any, backend: str, scheduler: str | None, workers: int, **kw: Any) -> Any:
-        runner = Backend(backend, workers, scheduler if backend == "dask" else None)
-        return fn(*args, workers=runner, **kw)
-
-    return wrapper
 
 
 class _Bar:
@@ -827,19 +791,16 @@ def train(
     """Train the two-input (bg, fg_bg), two-output (mask, depth) U-Net on DATASET's shards.
     Validation is held out by background; progress per epoch; --resume continues a run."""
     from trainer.config import load_config
-    from trainer.train import run_train
+    from trainer.train import resume_hint, run_train
 
     cfg = load_config(config_path)
-    with _TrainEcho() as on_event:
-        rep = run_train(
-            dataset,
-            cfg,
-            out,
-            resume=resume,
-            time_limit=time_limit * 60 if time_limit else None,
-            on_event=on_event,
-            epochs=epochs,
-        )
+    limit = time_limit * 60 if time_limit else None
+    try:
+        with _TrainEcho() as on_event:
+            rep = run_train(dataset, cfg, out, resume, limit, on_event, epochs)
+    except KeyboardInterrupt as e:
+        e.hint = resume_hint(out)  # the command that continues depends on the epochs done
+        raise
     best = f"{rep.best:.4f}" if rep.best is not None else "n/a"
     click.echo(
         f"train: {rep.epochs_done} epoch(s) done in {rep.seconds:.0f} s; best "

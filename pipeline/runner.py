@@ -10,7 +10,6 @@ shards are written under a temporary name and renamed, a dead worker leaves no h
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import uuid
@@ -144,17 +143,12 @@ def map_shards(
     backend: Backend = Backend(),
     shared_path: str | Path | None = None,
     writes: bool = True,
-    resources: Any = None,
 ) -> Iterator[T]:
     """Yield fn(*a) for every a in args, on the backend's workers.
 
     shared_path: the (absolute) folder the tasks use; on a cluster every worker must reach it,
     and be able to write there when `writes`.
     """
-    if isinstance(backend, int):  # TRANSITION: removed once every stage passes a Backend
-        backend = Backend.local(backend)
-    if resources:  # TRANSITION
-        backend = dataclasses.replace(backend, resources=resources)
     args = list(args)
     if not args:
         return

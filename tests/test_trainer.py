@@ -705,3 +705,21 @@ def test_run_without_checkpoint(tmp_path: Path, trained: Path) -> None:
     (tmp_path / "run/checkpoints/best.weights.h5").unlink()
     with pytest.raises(RunError, match="no best checkpoint"):
         checkpoint_path(tmp_path / "run", "best")
+
+
+def test_ctrl_c_says_how_to_go_on(tmp_path: Path, monkeypatch, cli_run) -> None:
+    """Interrupted before any epoch finished: start again; after one: --resume."""
+    import trainer.train
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer.train, "run_train", interrupted)
+    run_dir = tmp_path / "run"
+    res = cli_run("train", tmp_path, "--out", run_dir)
+    assert res.exit_code == 130
+    assert "Interrupted: run the same command again, without --resume" in res.output
+    run_dir.mkdir()
+    (run_dir / "state.json").write_text("{}")
+    res = cli_run("train", tmp_path, "--out", run_dir)
+    assert "Interrupted: run the same command with --resume" in res.output

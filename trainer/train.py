@@ -62,6 +62,12 @@ RESTART_RUN = "run the same command again, without --resume (no epoch had finish
 Event = Callable[[str, dict[str, Any]], None]
 
 
+def resume_hint(run_dir: str | Path) -> str:
+    """How to go on after a run stopped (a failed write, Ctrl-C): resume from the last finished
+    epoch, or start again where none had finished."""
+    return RESUME_RUN if (Path(run_dir) / STATE).is_file() else RESTART_RUN
+
+
 @dataclass
 class TrainReport:
     run_dir: Path
@@ -345,7 +351,7 @@ def _failed_writes_say_how_to_go_on(run_dir: Path) -> Iterator[None]:
         err = write_error(e.filename or run_dir, e) if isinstance(e, OSError) else e
         if RESUME not in str(err):
             raise
-        how = RESUME_RUN if (run_dir / STATE).is_file() else RESTART_RUN
+        how = resume_hint(run_dir)
         raise OutputError(str(err).replace(RESUME, how)) from None
 
 
