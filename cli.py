@@ -85,6 +85,11 @@ def out_option(help: str, required: bool = True, default: Any = None) -> Callabl
     )
 
 
+def path_option(*decls: str, help: str, **kw: Any) -> Callable[..., Any]:
+    """An option naming a file or folder (handed to the command as a Path)."""
+    return click.option(*decls, type=click.Path(path_type=Path), help=help, **kw)
+
+
 skip_bad_option = click.option(
     "--skip-bad", is_flag=True, help="Skip unreadable or unusable inputs and list them."
 )
@@ -115,15 +120,16 @@ def backend_options(cluster: bool = True, workers_help: str = "Worker processes.
             runner = Backend(backend, workers, scheduler if backend == "dask" else None)
             return fn(*args, backend=runner, **kw)
 
-        wrapped = click.option(
+        workers_option = click.option(
             "--workers",
             type=click.IntRange(min=1),
             default=default_workers(),
             show_default=True,
             help=workers_help,
-        )(wrapper)
+        )
         if not cluster:
-            return wrapped
+            return workers_option(wrapper)
+        # Applied innermost first: --help lists --workers, --backend, --scheduler.
         wrapped = click.option(
             "--scheduler",
             envvar="DASK_SCHEDULER_ADDRESS",
@@ -132,14 +138,15 @@ def backend_options(cluster: bool = True, workers_help: str = "Worker processes.
             help="Dask scheduler (default $DASK_SCHEDULER_ADDRESS; with neither, --backend dask "
             "starts a local cluster of --workers processes). The dataset folder must be at the "
             "same path on every worker.",
-        )(wrapped)
-        return click.option(
+        )(wrapper)
+        wrapped = click.option(
             "--backend",
             type=click.Choice(BACKENDS),
             default="local",
             show_default=True,
             help="local: worker processes here; dask: a Dask cluster (see --scheduler).",
         )(wrapped)
+        return workers_option(wrapped)
 
     return decorate
 
@@ -201,19 +208,17 @@ OVERLAY = OverlayConfig()
 
 
 @cli.command()
-@click.option(
+@path_option(
     "--backgrounds",
     "-b",
     required=True,
-    type=click.Path(path_type=Path),
     help="Folder of background images.",
 )
-@click.option(
+@path_option(
     "--foregrounds",
     "-f",
     required=True,
     multiple=True,
-    type=click.Path(path_type=Path),
     help="Folder of RGBA cutouts; repeat for several folders (e.g. cutouts and mirrors).",
 )
 @out_option("Dataset folder to make (or to finish, if an earlier run was interrupted).")
@@ -474,10 +479,9 @@ def dedupe(
 @cli.command()
 @click.argument("src", type=click.Path(path_type=Path))
 @out_option("Folder for the RGBA cutouts and report.json (SRC is never changed).")
-@click.option(
+@path_option(
     "--masks",
     "-m",
-    type=click.Path(path_type=Path),
     default=None,
     help="Folder of masks (white car on black) matched to SRC's photos by file stem.",
 )
@@ -755,11 +759,10 @@ def weights_fetch(name: str | None) -> None:
 
 @cli.command()
 @dataset_arg
-@click.option(
+@path_option(
     "--config",
     "-c",
     "config_path",
-    type=click.Path(path_type=Path),
     default=None,
     help="Training config (JSON, see configs/train.json); default: the built-in "
     "defaults. With --resume the run's own saved config is used.",
@@ -937,28 +940,25 @@ def evaluate(
 
 @cli.command()
 @run_dir_arg
-@click.option(
+@path_option(
     "--bg",
     "bg",
     required=True,
-    type=click.Path(path_type=Path),
     help="The scene without the car (same size as the inputs).",
 )
-@click.option(
+@path_option(
     "--input",
     "-i",
     "inputs",
     required=True,
     multiple=True,
-    type=click.Path(path_type=Path),
     help="Picture of the scene with a car; repeat.",
 )
-@click.option(
+@path_option(
     "--output",
     "-o",
     "outputs",
     multiple=True,
-    type=click.Path(path_type=Path),
     help="Base name of the outputs, once per --input (default <input>_OUT): writes "
     "<base>_mask.png, <base>_depth.png (16-bit), <base>_depth_color.png.",
 )
