@@ -150,23 +150,26 @@ def create_h5(path: Path) -> h5py.File:
 
 
 @contextmanager
-def h5_written_to(path: Path) -> Iterator[h5py.File]:
+def h5_written_to(path: Path, size_hint: int = 0) -> Iterator[h5py.File]:
     """An HDF5 file built in memory and written to `path` atomically when the block ends (see
     pipeline.h5image: HDF5 itself never writes, so a full disk is one clean OutputError)."""
-    f = h5image.memory_file(*_h5_properties())
+    f = h5image.memory_file(*_h5_properties(), size_hint)
     try:
         yield f
-        image = h5image.file_image(f)
+        head, rest = h5image.file_image(f)
     finally:
         f.close()
-    atomic_write_bytes(path, image)
+    with writing(path) as tmp, open(tmp, "wb") as out:
+        out.write(head)
+        out.write(rest)
 
 
 def write_shard(path: Path, shard: ShardArrays, first: int) -> int:
     """Write a shard atomically; returns its size in bytes."""
     # No fsync: a killed process loses nothing the page cache holds, and fsync per shard would
     # cost ~7% of overlay's time. The rename still makes a half-written shard impossible.
-    with h5_written_to(path) as f:
+    size = sum(map(len, shard.images)) + shard.masks.nbytes + shard.meta.nbytes
+    with h5_written_to(path, size + (0 if shard.depth is None else shard.depth.size * 2)) as f:
         fill_shard(f, shard, first)
     return path.stat().st_size
 

@@ -66,18 +66,21 @@ def lookup3(data: bytes, initval: int = 0) -> int:
     return _final((a + w[0]) & _MASK, (b + w[1]) & _MASK, (c + w[2]) & _MASK)
 
 
-def memory_file(fcpl: h5py.h5p.PropFCID, fapl: h5py.h5p.PropFAID) -> h5py.File:
-    """A new HDF5 file in memory (never written by HDF5 itself)."""
-    fapl.set_fapl_core(1 << 20, False)
+def memory_file(fcpl: h5py.h5p.PropFCID, fapl: h5py.h5p.PropFAID, size_hint: int = 0) -> h5py.File:
+    """A new HDF5 file in memory (never written by HDF5 itself). size_hint: the bytes it will
+    likely hold, so that its buffer is allocated once rather than grown step by step."""
+    fapl.set_fapl_core(max(1 << 20, size_hint), False)
     name = f"memory-{uuid.uuid4().hex}.h5".encode()
     return h5py.File(h5py.h5f.create(name, h5py.h5f.ACC_TRUNC, fcpl=fcpl, fapl=fapl))
 
 
-def file_image(f: h5py.File) -> bytes:
-    """The bytes of an open in-memory file as they would be on disk once it is closed."""
+def file_image(f: h5py.File) -> tuple[bytes, memoryview]:
+    """The bytes of an open in-memory file as they would be on disk once it is closed, as
+    (the superblock with its checksum fixed, the rest): two pieces, so that the image (the size
+    of a whole shard) is not copied again."""
     f.flush()
-    image = bytearray(f.id.get_file_image())
+    image = f.id.get_file_image()
     if image[:8] != _SIGNATURE or image[8] != _SUPERBLOCK_V3 or image[9] != 8:
         raise ValueError("unexpected HDF5 superblock in a file image")
-    image[_SB_SIZE : _SB_SIZE + 4] = lookup3(bytes(image[:_SB_SIZE])).to_bytes(4, "little")
-    return bytes(image)
+    checksum = lookup3(image[:_SB_SIZE]).to_bytes(4, "little")
+    return image[:_SB_SIZE] + checksum, memoryview(image)[_SB_SIZE + 4 :]
