@@ -29,13 +29,7 @@ from numpy.typing import NDArray
 
 from . import codec, h5image
 from .errors import DatasetError
-from .files import (  # noqa: F401 - atomic_write_bytes, write_json re-exported
-    atomic_write_bytes,
-    sha256_file,
-    write_error,
-    write_json,
-    writing,
-)
+from .files import sha256_file, write_error, write_json, writing
 
 FORMAT = "synthcar-dataset"
 FORMAT_VERSION = 1

@@ -3,11 +3,13 @@
 HDF5's own disk I/O fails badly on a full disk or a read-only folder: the error surfaces from
 deep inside the library, and the half-closed objects it leaves print tracebacks when they are
 collected. So shards and assets are built with the core (memory) driver and their bytes are
-written with `pipeline.files.atomic_write_bytes`, where a failed write is one clean error.
+written through `pipeline.files.writing` (a temporary name, then a rename), where a failed
+write is one clean error.
 
 The core driver lays a file out exactly as the default (sec2) driver does, byte for byte, with
-one exception: `get_file_image` on an open file returns a version-3 superblock whose checksum
-covers the open-for-writing state. `file_image` recomputes it (Jenkins' lookup3, HDF5's
+one exception, seen with HDF5 1.14: `get_file_image` on an open file returns a version-3
+superblock whose fields are those of the closed file but whose checksum is not (it was computed
+for the superblock of the file while open). `file_image` recomputes it (Jenkins' lookup3, HDF5's
 metadata checksum), so the bytes are those the file would have on disk once closed; a test
 checks that against a file written by the default driver.
 """
