@@ -25,6 +25,7 @@ _SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _SUPERBLOCK_V3 = 3
 # Version-3 superblock with 8-byte addresses: 44 bytes, then the 4-byte checksum.
 _SB_SIZE = 44
+_FLAGS = 11  # the superblock's file consistency flags
 
 
 def _rot(x: int, k: int) -> int:
@@ -84,5 +85,7 @@ def file_image(f: h5py.File) -> tuple[bytes, memoryview]:
     image = f.id.get_file_image()
     if image[:8] != _SIGNATURE or image[8] != _SUPERBLOCK_V3 or image[9] != 8:
         raise ValueError("unexpected HDF5 superblock in a file image")
-    checksum = lookup3(image[:_SB_SIZE]).to_bytes(4, "little")
-    return image[:_SB_SIZE] + checksum, memoryview(image)[_SB_SIZE + 4 :]
+    head = bytearray(image[:_SB_SIZE])
+    head[_FLAGS] = 0  # "open for writing" (and SWMR) flags: a closed file has none
+    checksum = lookup3(bytes(head)).to_bytes(4, "little")
+    return bytes(head) + checksum, memoryview(image)[_SB_SIZE + 4 :]
