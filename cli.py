@@ -101,8 +101,6 @@ def on_bad_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     @skip_bad_option
     @functools.wraps(fn)
     def wrapper(*args: Any, skip_bad: bool, **kw: Any) -> Any:
-        from pipeline.errors import OnBad
-
         return fn(*args, on_bad=OnBad(skip=skip_bad), **kw)
 
     return wrapper
@@ -279,7 +277,7 @@ def overlay(
     size: str | None,
     fmt: str,
     backend: Backend,
-    on_bad: Any,
+    on_bad: OnBad,
     **settings: Any,
 ) -> None:
     """Paste every foreground on every background at random positions: B x F x P samples
@@ -718,7 +716,7 @@ def depth_image(
     input_scale: str,
     precision: str,
     max_side: int,
-    on_bad: Any,
+    on_bad: OnBad,
 ) -> None:
     """DenseDepth depth for ordinary image files of any size (edge-padded to multiples of 32
     for the model, then cropped and resized back to each image's size)."""
