@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
-from synth import make_inputs
+from synth import DEPTH_SETTINGS, make_inputs
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -58,6 +58,20 @@ def small_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     bgs, fgs = make_inputs(tmp)
     run_overlay(bgs, [fgs], tmp / "ds", OverlayConfig(positions=2, shard_size=5))
     return tmp / "ds"
+
+
+@pytest.fixture(scope="session")
+def with_depth(small_dataset: Path, tmp_path_factory, cli_run) -> tuple[Path, str]:
+    """A copy of small_dataset with depth from the half-width test checkpoint (made once per
+    session, shared by the depth tests), and the depth command's output."""
+    pytest.importorskip("tensorflow")
+    from test_densedepth_fixtures import half_checkpoint
+
+    root = tmp_path_factory.mktemp("depth") / "ds"
+    shutil.copytree(small_dataset, root)
+    res = cli_run("depth", root, "--weights", half_checkpoint(), *DEPTH_SETTINGS)
+    assert res.exit_code == 0, res.output
+    return root, res.output
 
 
 class SmallDisk:

@@ -62,6 +62,10 @@ def in_mode(img: Image.Image, mode: str) -> Image.Image:
 CARS = ((30, 18, (200, 30, 30), "red"), (22, 20, (30, 60, 220), "blue"))
 
 
+# The settings the session's dataset with depth is made with (conftest's `with_depth`).
+DEPTH_SETTINGS = ("--input-scale", "1", "--batch-size", "4")
+
+
 def make_inputs(
     folder: Path,
     num_bg: int = 3,

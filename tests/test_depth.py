@@ -13,6 +13,7 @@ import cv2
 import h5py
 import numpy as np
 import pytest
+from synth import DEPTH_SETTINGS
 from test_densedepth_fixtures import half_checkpoint, half_model
 
 from densedepth.inference import depth_from_output
@@ -25,18 +26,7 @@ from pipeline.verify import run_verify
 
 pytest.importorskip("tensorflow")
 
-# The settings every test dataset with depth is made with: --input-scale 1 --batch-size 4.
-SETTINGS = ("--input-scale", "1", "--batch-size", "4")
-
-
-@pytest.fixture(scope="module")
-def with_depth(small_dataset: Path, tmp_path_factory, cli_run) -> tuple[Path, str]:
-    """A copy of small_dataset (12 samples of 96x64 in shards of 5, 5, 2) with depth."""
-    root = tmp_path_factory.mktemp("depth") / "ds"
-    shutil.copytree(small_dataset, root)
-    res = cli_run("depth", root, "--weights", half_checkpoint(), *SETTINGS)
-    assert res.exit_code == 0, res.output
-    return root, res.output
+SETTINGS = DEPTH_SETTINGS  # what the `with_depth` dataset (conftest) is made with
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from synth import local_cluster
 from test_densedepth_fixtures import half_checkpoint
-from test_depth import with_depth  # noqa: F401  (a module fixture)
 
 from pipeline.dataset import open_dataset, read_manifest
 from pipeline.depth import DepthConfig, run_depth
@@ -34,7 +33,7 @@ def gpu_cluster():
         yield cluster
 
 
-def test_depth_on_a_cluster_matches_local(small_dataset, with_depth, tmp_path: Path, gpu_cluster):  # noqa: F811
+def test_depth_on_a_cluster_matches_local(small_dataset, with_depth, tmp_path: Path, gpu_cluster):
     root = tmp_path / "ds"
     shutil.copytree(small_dataset, root)
     config = DepthConfig(weights=str(half_checkpoint()), input_scale=1, batch_size=4)
