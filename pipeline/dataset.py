@@ -37,6 +37,38 @@ MANIFEST = "manifest.json"
 ASSETS = "assets.h5"
 SHARD_DIR = "shards"
 
+# Format version 2 (scenes): one row per pasted car, holding every random parameter that shaped
+# it, so that a sample can be re-made from its records and assets.h5 (see docs/FORMAT.md).
+BLENDS = ("none", "gaussian", "poisson", "motion")
+INSTANCE_DTYPE = np.dtype(
+    [
+        ("index", "<i8"),
+        ("instance", "<u2"),
+        ("fg", "<i4"),
+        ("flipped", "u1"),
+        ("x", "<i4"),
+        ("y", "<i4"),
+        ("width", "<i4"),
+        ("height", "<i4"),
+        ("scale", "<f4"),
+        ("blend", "u1"),
+        ("blend_sigma", "<f4"),
+        ("motion_length", "<f4"),
+        ("motion_angle", "<f4"),
+        ("shadow", "u1"),
+        ("shadow_opacity", "<f4"),
+        ("shadow_width", "<f4"),
+        ("shadow_height", "<f4"),
+        ("horizon", "<f4"),
+        ("camera", "<f4"),
+        ("visible", "<f4"),
+        ("x0", "<i4"),
+        ("y0", "<i4"),
+        ("x1", "<i4"),
+        ("y1", "<i4"),
+    ]
+)
+
 META_DTYPE = np.dtype(
     [
         ("index", "<i8"),
