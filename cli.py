@@ -321,7 +321,7 @@ dataset_arg = click.argument("dataset", type=click.Path(path_type=Path))
 @backend_options()
 @handle_errors
 def stats(dataset: Path, backend: Backend) -> None:
-    """Per-channel mean/std of fg_bg and bg, mask coverage (and depth): DATASET/stats.json."""
+    """Per-channel mean/std of fg_bg and bg, mask coverage, depth, cars: DATASET/stats.json."""
     from pipeline.stats import run_stats
 
     with progress_bar("stats") as bar:
@@ -350,6 +350,11 @@ def stats(dataset: Path, backend: Backend) -> None:
         )
     else:
         click.echo("  depth    none yet (run the depth stage)")
+    cars = s["instances"]
+    click.echo(
+        f"  cars     {cars['mean_per_composite']:.2f} per composite, visible share mean "
+        f"{cars['visible_share']['mean']:.2f} (histograms: {rep.plot})"
+    )
 
 
 @cli.command()
@@ -365,7 +370,7 @@ def stats(dataset: Path, backend: Backend) -> None:
 @out_option("Where to write the PNG (default DATASET/preview.png).", required=False)
 @handle_errors
 def preview(dataset: Path, n: int, out: Path | None) -> None:
-    """A contact sheet of samples: composite | mask overlay (| depth): DATASET/preview.png."""
+    """A contact sheet of samples: composite | cars and boxes (| depth): DATASET/preview.png."""
     from pipeline.preview import run_preview
 
     rep = run_preview(dataset, n=n, out=out)

@@ -1,9 +1,14 @@
-"""The dataset format (version 1) that every stage shares, and the reading API.
+"""The dataset format (versions 1 and 2) that every stage shares, and the reading API.
 
 Layout (see docs/FORMAT.md for every field):
     DATASET/manifest.json   format, seed, stage configs and status, sources, shards (+ sha256)
     DATASET/assets.h5       the exact background and foreground arrays the samples came from
-    DATASET/shards/NNNNN.h5 fg_bg (encoded images), mask (bit-packed, gzip), meta, [depth]
+    DATASET/shards/NNNNN.h5 fg_bg (encoded images), mask (bit-packed, gzip), meta, [depth],
+                            and in version 2 (scenes) instance_mask, instances, instance_offsets
+
+Version 1 (one car per composite, the default) is written byte for byte as before; version 2 only
+adds arrays. The reading API gives both the same shape: a version-1 sample is one instance whose
+record is synthesised from its meta row and mask (`instances_of_v1`).
 
 Invariants: a shard file under its final name is complete (written to a temporary name, then
 renamed); the manifest lists a shard only once its file is in place; manifest writes are atomic.
@@ -13,13 +18,14 @@ HDF5 objects are written without timestamps so that the same content gives the s
 from __future__ import annotations
 
 import bisect
+import functools
 import json
 import os
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +38,9 @@ from .errors import DatasetError
 from .files import sha256_file, write_error, write_json, writing
 
 FORMAT = "synthcar-dataset"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # datasets without instances (the default overlay)
+SCENES_VERSION = 2  # datasets with instance masks and records (any scene option)
+FORMAT_VERSIONS = (FORMAT_VERSION, SCENES_VERSION)  # what read_manifest accepts
 MANIFEST = "manifest.json"
 ASSETS = "assets.h5"
 SHARD_DIR = "shards"
@@ -103,10 +111,11 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
         raise DatasetError(f"damaged manifest: {path} ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise DatasetError(f"not a synthcar dataset: {path} (format field is not {FORMAT!r})")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in FORMAT_VERSIONS:
+        reads = " and ".join(map(str, FORMAT_VERSIONS))
         raise DatasetError(
             f"dataset format version {manifest.get('format_version')} is not supported "
-            f"(this version reads {FORMAT_VERSION}): {path}"
+            f"(this version reads {reads}): {path}"
         )
     return manifest
 
@@ -139,7 +148,9 @@ class ShardArrays:
     images: list of encoded fg_bg images (bytes); masks: (n, H, ceil(W/8)) uint8 bit-packed
     along the width; meta: (n,) META_DTYPE; depth: optional (n, H, W) in [0, 1], stored as
     float16 (shuffle + gzip); depth_attrs: attributes for the depth array (the depth stage's
-    record of how it was made).
+    record of how it was made). instance_masks: optional (n, H, W) uint16 ids (0 = no car) and
+    instances: the matching (m,) INSTANCE_DTYPE records sorted by (index, instance); given
+    together they make the shard format version 2.
     """
 
     images: list[bytes]
@@ -149,6 +160,12 @@ class ShardArrays:
     encoding: str
     depth: NDArray[np.floating] | None = None
     depth_attrs: dict[str, Any] | None = None
+    instance_masks: NDArray[np.uint16] | None = None
+    instances: NDArray[Any] | None = None
+
+    @property
+    def version(self) -> int:
+        return FORMAT_VERSION if self.instances is None else SCENES_VERSION
 
 
 def _dataset(f: h5py.File, name: str, data: NDArray[Any], **kw: Any) -> None:
@@ -195,7 +212,10 @@ def write_shard(path: Path, shard: ShardArrays, first: int) -> int:
     # No fsync: a killed process loses nothing the page cache holds, and fsync per shard would
     # cost ~7% of overlay's time. The rename still makes a half-written shard impossible.
     size = sum(map(len, shard.images)) + shard.masks.nbytes + shard.meta.nbytes
-    with h5_written_to(path, size + (0 if shard.depth is None else shard.depth.size * 2)) as f:
+    size += 0 if shard.depth is None else shard.depth.size * 2
+    if shard.instance_masks is not None:  # mostly zeros: gzip keeps a small part of it
+        size += shard.instance_masks.nbytes // 8 + shard.instance_masks.shape[0] * 64
+    with h5_written_to(path, size) as f:
         fill_shard(f, shard, first)
     return path.stat().st_size
 
@@ -208,11 +228,13 @@ def fill_shard(f: h5py.File, shard: ShardArrays, first: int) -> None:
     np.cumsum(lengths, out=offsets[1:])
     blob = np.frombuffer(b"".join(shard.images), dtype=np.uint8)
     f.attrs["format"] = FORMAT
-    f.attrs["format_version"] = FORMAT_VERSION
+    f.attrs["format_version"] = shard.version
     f.attrs["first"] = first
     f.attrs["count"] = n
     f.attrs["encoding"] = shard.encoding
     f.attrs["width"] = shard.width
+    if shard.instances is not None:
+        f.attrs["instances"] = 1
     _dataset(f, "fg_bg", blob if n else np.zeros(0, np.uint8))
     _dataset(f, "fg_bg_offsets", offsets)
     _dataset(
@@ -224,39 +246,73 @@ def fill_shard(f: h5py.File, shard: ShardArrays, first: int) -> None:
         compression_opts=1,
     )
     _dataset(f, "meta", shard.meta)
+    if shard.instances is not None:
+        _write_instances(f, shard, first)
     if shard.depth is not None:
         _write_depth(f, shard.depth, shard.depth_attrs or {})
 
 
+def instance_offsets(index: NDArray[np.int64], first: int, n: int) -> NDArray[np.int64]:
+    """(n+1,) int64: the records of sample first+j are rows off[j]:off[j+1] of a table whose
+    `index` column (sorted) is `index`."""
+    return np.searchsorted(index, first + np.arange(n + 1), side="left").astype(np.int64)
+
+
+def _write_instances(f: h5py.File, shard: ShardArrays, first: int) -> None:
+    """instance_mask (one chunk per sample, shuffle + gzip 1), instances, instance_offsets."""
+    n = len(shard.images)
+    rows = np.asarray(shard.instances, dtype=INSTANCE_DTYPE)
+    if shard.instance_masks is None or len(shard.instance_masks) != n:
+        raise ValueError(f"a shard of {n} samples with instances needs (n, H, W) instance masks")
+    key = rows["index"] * 65536 + rows["instance"]
+    inside = (rows["index"] >= first) & (rows["index"] < first + n) & (rows["instance"] > 0)
+    if (np.diff(key) <= 0).any() or not inside.all():
+        raise ValueError(
+            f"instance records must be sorted by (index, instance), ids from 1, indices in "
+            f"{first}..{first + n - 1}"
+        )
+    ids = np.ascontiguousarray(shard.instance_masks, dtype="<u2")
+    _write_chunked(f, "instance_mask", ids, INSTANCE_GZIP)
+    _dataset(f, "instances", rows)
+    _dataset(f, "instance_offsets", instance_offsets(rows["index"], first, n))
+
+
 DEPTH_GZIP = 4
+INSTANCE_GZIP = 1
 
 
-def _shuffle_deflate(plane: NDArray[np.float16]) -> bytes:
-    """One depth chunk as HDF5's shuffle + deflate filters would store it."""
-    return zlib.compress(plane.view(np.uint8).reshape(-1, 2).T.tobytes(), DEPTH_GZIP)
+def _shuffle_deflate(plane: NDArray[Any], level: int = DEPTH_GZIP) -> bytes:
+    """One chunk of a 2-byte type (float16 depth, uint16 ids) as HDF5's shuffle + deflate
+    filters would store it."""
+    return zlib.compress(plane.view(np.uint8).reshape(-1, 2).T.tobytes(), level)
+
+
+def _write_chunked(f: h5py.File, name: str, data: NDArray[Any], level: int) -> None:
+    """A (n, H, W) array of a 2-byte type, one chunk per sample, shuffle + gzip `level`. The
+    chunks are compressed in threads (zlib releases the GIL) and written with
+    write_direct_chunk, since h5py's own filter runs on one core (~3 ms a map)."""
+    if len(data) == 0:
+        _dataset(f, name, data)
+        return
+    ds = f.create_dataset(
+        name,
+        shape=data.shape,
+        dtype=data.dtype,
+        chunks=(1, *data.shape[1:]),
+        shuffle=True,
+        compression="gzip",
+        compression_opts=level,
+        track_times=False,
+    )
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        for i, chunk in enumerate(pool.map(_shuffle_deflate, data, [level] * len(data))):
+            ds.id.write_direct_chunk((i, 0, 0), chunk)
 
 
 def _write_depth(f: h5py.File, depth: NDArray[np.floating], attrs: dict[str, Any]) -> None:
     """float16 (max error 2.5e-4 in [0, 1]), one chunk per sample, shuffle + gzip: about half
-    the size of raw float16. The chunks are compressed in threads (zlib releases the GIL) and
-    written with write_direct_chunk, since h5py's own filter runs on one core (~3 ms a map)."""
-    d = np.ascontiguousarray(depth, dtype="<f2")
-    if len(d) == 0:
-        _dataset(f, "depth", d)
-    else:
-        ds = f.create_dataset(
-            "depth",
-            shape=d.shape,
-            dtype="<f2",
-            chunks=(1, *d.shape[1:]),
-            shuffle=True,
-            compression="gzip",
-            compression_opts=DEPTH_GZIP,
-            track_times=False,
-        )
-        with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-            for i, chunk in enumerate(pool.map(_shuffle_deflate, d)):
-                ds.id.write_direct_chunk((i, 0, 0), chunk)
+    the size of raw float16."""
+    _write_chunked(f, "depth", np.ascontiguousarray(depth, dtype="<f2"), DEPTH_GZIP)
     for k, v in attrs.items():
         f["depth"].attrs[k] = v
 
@@ -279,22 +335,91 @@ def unpack_masks(packed: NDArray[np.uint8], width: int) -> NDArray[np.uint8]:
     return np.unpackbits(packed, axis=-1, count=width) * np.uint8(255)
 
 
+BOX_FIELDS = ("x0", "y0", "x1", "y1")
+
+
+def tight_boxes(on: NDArray[np.bool_]) -> NDArray[np.int64]:
+    """(k, H, W) bool -> (k, 4) int64 (x0, y0, x1, y1) of each plane's True pixels, exclusive
+    ends; all 0 for an empty plane."""
+    k, h, w = on.shape
+    rows, cols = on.any(axis=2), on.any(axis=1)
+    y0, y1 = rows.argmax(axis=1), h - rows[:, ::-1].argmax(axis=1)
+    x0, x1 = cols.argmax(axis=1), w - cols[:, ::-1].argmax(axis=1)
+    boxes = np.stack([x0, y0, x1, y1], axis=1).astype(np.int64).reshape(k, 4)
+    boxes[~rows.any(axis=1)] = 0
+    return boxes
+
+
+def boxes_of(instance_mask: NDArray[np.uint16], ids: Any) -> NDArray[np.int64]:
+    """instance_mask (H, W) uint16, ids (k,) -> (k, 4) int64 tight boxes (x0, y0, x1, y1) of
+    each id's pixels, exclusive ends; all 0 for an id with no pixel."""
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    return tight_boxes(instance_mask[None] == ids[:, None, None])
+
+
+def boxes_of_records(rows: NDArray[Any]) -> NDArray[np.int64]:
+    """(m,) INSTANCE_DTYPE -> (m, 4) int64: their visible boxes (x0, y0, x1, y1)."""
+    return np.stack([rows[c] for c in BOX_FIELDS], axis=-1).astype(np.int64).reshape(-1, 4)
+
+
+def instances_of_v1(meta: NDArray[Any], masks: NDArray[np.uint8], fg_shapes: Any) -> NDArray[Any]:
+    """The instance records of version-1 samples, one per sample: meta (n,) META_DTYPE (or one
+    row), masks (n, H, W) (or (H, W)) uint8 in {0, 255}, fg_shapes (F, 2) (h, w) of the cutouts
+    -> (n,) INSTANCE_DTYPE: instance 1 at the meta placement, the cutout's own size, scale 1,
+    no blend or shadow, horizon and camera NaN, visible 1 (a v1 car is never cut off), box =
+    the tight box of the mask."""
+    meta = np.atleast_1d(meta)
+    masks = np.asarray(masks).reshape(len(meta), *np.shape(masks)[-2:])
+    shapes = np.asarray(fg_shapes, dtype=np.int64).reshape(-1, 2)[meta["fg"]]
+    rows = np.zeros(len(meta), INSTANCE_DTYPE)
+    for name in ("index", "fg", "flipped", "x", "y"):
+        rows[name] = meta[name]
+    rows["instance"] = 1
+    rows["height"], rows["width"] = shapes[:, 0], shapes[:, 1]
+    rows["scale"] = rows["visible"] = 1.0
+    rows["horizon"] = rows["camera"] = np.nan
+    for name, column in zip(BOX_FIELDS, tight_boxes(masks > 0).T, strict=True):
+        rows[name] = column
+    return rows
+
+
+def instance_dict(row: Any) -> dict[str, Any]:
+    """One INSTANCE_DTYPE record as a dict of Python numbers (flipped and shadow as bools)."""
+    d = {name: row[name].item() for name in INSTANCE_DTYPE.names}
+    d["flipped"], d["shadow"] = bool(d["flipped"]), bool(d["shadow"])
+    return d
+
+
+def _no_boxes() -> NDArray[np.int64]:
+    return np.zeros((0, 4), np.int64)
+
+
 @dataclass
 class Sample:
-    """One sample: fg_bg (H,W,3) uint8 RGB, bg (H,W,3) uint8 RGB, mask (H,W) uint8 in {0,255},
-    depth (H,W) float32 in [0,1] or None, meta dict(index, bg, fg, flipped, x, y)."""
+    """One sample: fg_bg (H,W,3) uint8 RGB, bg (H,W,3) uint8 RGB, mask (H,W) uint8 in {0,255}
+    (the union of the cars), depth (H,W) float32 in [0,1] or None, meta dict(index, bg, fg,
+    flipped, x, y) (the combination's car); instance_mask (H,W) uint16 (0 = no car, ids 1..k),
+    instances: one dict per car (the INSTANCE_DTYPE fields), boxes (k,4) int64 (x0, y0, x1, y1)
+    of each car's visible pixels, exclusive ends. A version-1 sample is one instance."""
 
     fg_bg: NDArray[np.uint8]
     bg: NDArray[np.uint8]
     mask: NDArray[np.uint8]
     depth: NDArray[np.float32] | None
     meta: dict[str, Any]
+    instance_mask: NDArray[np.uint16] | None = None
+    instances: list[dict[str, Any]] = field(default_factory=list)
+    boxes: NDArray[np.int64] = field(default_factory=_no_boxes)
 
 
 @dataclass
 class ShardBatch:
     """All of one shard, decoded on demand: the raw encoded images, and arrays for the rest.
-    encoding: how fg_bg is stored ("jpeg" or "png")."""
+    encoding: how fg_bg is stored ("jpeg" or "png"). stored_instances, stored_offsets: a
+    version-2 shard's records and their offsets as stored (None in version 1); `instances`,
+    `instance_offsets` and `instance_masks()` give both versions alike (version 1: one
+    synthesised instance per sample, which needs the dataset's fg_shapes, read from the
+    assets.h5 next to the shards folder when not given)."""
 
     first: int
     encoded: list[NDArray[np.uint8]]
@@ -303,11 +428,19 @@ class ShardBatch:
     width: int
     depth: NDArray[np.float32] | None
     encoding: str = "jpeg"
+    stored_instances: NDArray[Any] | None = None
+    stored_offsets: NDArray[np.int64] | None = None
+    path: Path | None = None
+    fg_shapes: NDArray[np.int64] | None = None
 
     @property
     def extension(self) -> str:
         """File extension of the stored composites: jpg or png."""
         return "jpg" if self.encoding == "jpeg" else "png"
+
+    @property
+    def version(self) -> int:
+        return FORMAT_VERSION if self.stored_instances is None else SCENES_VERSION
 
     def __len__(self) -> int:
         return len(self.encoded)
@@ -319,14 +452,45 @@ class ShardBatch:
     def masks(self) -> NDArray[np.uint8]:
         return unpack_masks(self.masks_packed, self.width)
 
+    @functools.cached_property
+    def instances(self) -> NDArray[Any]:
+        """(m,) INSTANCE_DTYPE sorted by (index, instance)."""
+        if self.stored_instances is not None:
+            return self.stored_instances
+        if self.fg_shapes is None and self.path is not None:
+            self.fg_shapes = read_fg_shapes(self.path.parent.parent / ASSETS)
+        if self.fg_shapes is None:
+            raise DatasetError("a version-1 shard's instances need the dataset's fg_shapes")
+        return instances_of_v1(self.meta, self.masks(), self.fg_shapes)
 
-def read_shard_file(path: Path) -> ShardBatch:
+    @property
+    def instance_offsets(self) -> NDArray[np.int64]:
+        """(n+1,) int64: sample j's records are instances[off[j]:off[j+1]]."""
+        if self.stored_offsets is not None:
+            return self.stored_offsets
+        return np.arange(len(self) + 1, dtype=np.int64)
+
+    def instance_masks(self) -> NDArray[np.uint16]:
+        """(n, H, W) uint16 ids, 0 = no car (version 1: 1 where the mask is set), read now."""
+        if self.stored_instances is None:
+            return np.unpackbits(self.masks_packed, axis=-1, count=self.width).astype(np.uint16)
+        try:
+            with h5py.File(self.path, "r") as f:  # type: ignore[arg-type]
+                return f["instance_mask"][()]
+        except (OSError, KeyError, TypeError) as e:
+            raise DatasetError(f"damaged shard: {self.path} ({e}); run `cli.py verify`") from None
+
+
+def read_shard_file(path: Path, fg_shapes: NDArray[np.int64] | None = None) -> ShardBatch:
+    """One shard's arrays (instance masks are read when asked for); fg_shapes: the dataset's
+    (F, 2) cutout sizes, for a version-1 shard's synthesised instances."""
     try:
         with h5py.File(path, "r") as f:
             blob = f["fg_bg"][()]
             offsets = f["fg_bg_offsets"][()]
             encoded = [blob[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
             depth = f["depth"][()].astype(np.float32) if "depth" in f else None
+            v2 = "instances" in f
             return ShardBatch(
                 first=int(f.attrs["first"]),
                 encoded=encoded,
@@ -335,6 +499,10 @@ def read_shard_file(path: Path) -> ShardBatch:
                 width=int(f.attrs["width"]),
                 depth=depth,
                 encoding=str(f.attrs["encoding"]),
+                stored_instances=f["instances"][()] if v2 else None,
+                stored_offsets=f["instance_offsets"][()] if v2 else None,
+                path=Path(path),
+                fg_shapes=fg_shapes,
             )
     except (OSError, KeyError) as e:
         raise DatasetError(f"damaged shard: {path} ({e}); run `cli.py verify`") from None
@@ -346,6 +514,7 @@ def rewrite_with_depth(
     """Rewrite a shard atomically with `depth` (n, H, W) added or replaced; returns its size.
     Everything else is copied as stored (the composites are not re-encoded)."""
     batch = read_shard_file(path)
+    v2 = batch.stored_instances is not None
     shard = ShardArrays(
         [e.tobytes() for e in batch.encoded],
         batch.masks_packed,
@@ -354,6 +523,8 @@ def rewrite_with_depth(
         batch.encoding,
         depth,
         attrs,
+        batch.instance_masks() if v2 else None,
+        batch.stored_instances,
     )
     return write_shard(path, shard, batch.first)
 
@@ -421,6 +592,15 @@ class Assets:
     fg_names: list[str]
 
 
+def read_fg_shapes(path: Path) -> NDArray[np.int64]:
+    """(F, 2) int64 (h, w) of the foregrounds, without reading their pixels."""
+    try:
+        with h5py.File(path, "r") as f:
+            return f["fg_shapes"][()].astype(np.int64).reshape(-1, 2)
+    except (OSError, KeyError) as e:
+        raise DatasetError(f"damaged assets file: {path} ({e})") from None
+
+
 def read_assets(path: Path) -> Assets:
     try:
         with h5py.File(path, "r") as f:
@@ -460,8 +640,10 @@ class Dataset:
         )
         self._firsts = [s["first"] for s in self.shards]
         self._len = int(self.manifest["num_samples"])
+        self.format_version = int(self.manifest["format_version"])
         self._files: dict[int, h5py.File] = {}
         self._assets: Assets | None = None
+        self._fg_shapes: NDArray[np.int64] | None = None
 
     def __len__(self) -> int:
         return self._len
@@ -499,6 +681,13 @@ class Dataset:
         return self.assets.foregrounds
 
     @property
+    def fg_shapes(self) -> NDArray[np.int64]:
+        """(F, 2) int64 (h, w) of the foregrounds (read without their pixels)."""
+        if self._fg_shapes is None:
+            self._fg_shapes = read_fg_shapes(self.root / ASSETS)
+        return self._fg_shapes
+
+    @property
     def has_depth(self) -> bool:
         return self.manifest.get("stages", {}).get("depth", {}).get("status") == "complete"
 
@@ -506,7 +695,7 @@ class Dataset:
         return self.root / self.shards[k]["file"]
 
     def read_shard(self, k: int) -> ShardBatch:
-        return read_shard_file(self.shard_path(k))
+        return read_shard_file(self.shard_path(k), self._fg_shapes)
 
     def _file(self, k: int) -> h5py.File:
         f = self._files.get(k)
@@ -533,8 +722,16 @@ class Dataset:
         fg_bg = decode_image(f["fg_bg"][start:stop])
         mask = unpack_masks(f["mask"][j], int(f.attrs["width"]))
         depth = f["depth"][j].astype(np.float32) if "depth" in f else None
-        meta = meta_dict(f["meta"][j])
-        return Sample(fg_bg, self.backgrounds[meta["bg"]], mask, depth, meta)
+        row = f["meta"][j]
+        if "instances" in f:
+            a, b = f["instance_offsets"][j : j + 2]
+            ids, rows = f["instance_mask"][j], f["instances"][a:b]
+        else:
+            ids, rows = (mask > 0).astype(np.uint16), instances_of_v1(row, mask, self.fg_shapes)
+        meta = meta_dict(row)
+        instances = [instance_dict(r) for r in rows]
+        bg = self.backgrounds[meta["bg"]]
+        return Sample(fg_bg, bg, mask, depth, meta, ids, instances, boxes_of_records(rows))
 
 
 def open_dataset(path: str | Path) -> Dataset:

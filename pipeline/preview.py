@@ -1,8 +1,10 @@
 """preview: a contact sheet of samples, to look at a dataset rather than read about it.
 
 Output `DATASET/preview.png` (or --out): for each chosen sample, the composite, the composite
-with its mask overlaid (red fill, green outline) and, once depth exists, the depth as a colour
-map (near = bright). Samples are evenly spaced through the (shuffled) dataset.
+with its cars overlaid (each instance tinted and outlined in its own colour, its visible box
+drawn in the same colour; a version-1 sample is one instance, in the first colour, red) and,
+once depth exists, the depth as a colour map (near = bright). Samples are evenly spaced through
+the (shuffled) dataset.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -32,6 +35,45 @@ def mask_overlay(rgb: NDArray[np.uint8], mask: NDArray[np.uint8]) -> NDArray[np.
     return out
 
 
+# One colour per instance id (1 = the first), repeating after the last; RGB.
+INSTANCE_COLOURS = (
+    (255, 40, 40),
+    (40, 220, 60),
+    (60, 120, 255),
+    (255, 210, 0),
+    (230, 60, 230),
+    (0, 220, 220),
+    (255, 140, 0),
+    (160, 90, 255),
+)
+
+
+def instance_colour(instance_id: int) -> tuple[int, int, int]:
+    return INSTANCE_COLOURS[(int(instance_id) - 1) % len(INSTANCE_COLOURS)]
+
+
+def instance_overlay(
+    rgb: NDArray[np.uint8], instance_mask: NDArray[np.uint16], ids: Any, boxes: NDArray[np.int64]
+) -> NDArray[np.uint8]:
+    """rgb (H,W,3) uint8, instance_mask (H,W) uint16, ids (k,), boxes (k,4) (x0, y0, x1, y1)
+    exclusive ends -> rgb with each instance tinted and outlined in its colour, and its box
+    drawn in it (no box for an instance with no visible pixel)."""
+    out = rgb.copy()
+    ids, boxes = np.asarray(ids).tolist(), np.asarray(boxes).reshape(-1, 4).tolist()
+    planes = [instance_mask == i for i in ids]
+    for i, on in zip(ids, planes, strict=True):
+        out[on] = (out[on] * 0.6 + np.array(instance_colour(i)) * 0.4).astype(np.uint8)
+    for i, on, (x0, y0, x1, y1) in zip(ids, planes, boxes, strict=True):
+        colour = instance_colour(i)
+        if x1 > x0 and y1 > y0:
+            cv2.rectangle(out, (x0, y0), (x1 - 1, y1 - 1), colour, 1)
+        contours, _ = cv2.findContours(
+            on.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE
+        )
+        cv2.drawContours(out, contours, -1, colour, 1)
+    return out
+
+
 def depth_colormap(depth: NDArray[np.floating]) -> NDArray[np.uint8]:
     """depth (H,W) in [0,1], larger = farther -> (H,W,3) uint8 RGB, near bright."""
     d = np.asarray(depth, np.float64)
@@ -42,7 +84,14 @@ def depth_colormap(depth: NDArray[np.floating]) -> NDArray[np.uint8]:
 
 
 def tiles_of(sample: fmt.Sample) -> list[NDArray[np.uint8]]:
-    tiles = [sample.fg_bg, mask_overlay(sample.fg_bg, sample.mask)]
+    ids = [inst["instance"] for inst in sample.instances]
+    if sample.instance_mask is None:
+        tiles = [sample.fg_bg, mask_overlay(sample.fg_bg, sample.mask)]
+    else:
+        tiles = [
+            sample.fg_bg,
+            instance_overlay(sample.fg_bg, sample.instance_mask, ids, sample.boxes),
+        ]
     if sample.depth is not None:
         tiles.append(depth_colormap(sample.depth))
     return tiles
