@@ -18,11 +18,13 @@ from typing import Any
 import click
 from tqdm import tqdm
 
+from pipeline.dataset import BLENDS
 from pipeline.errors import OnBad, PipelineError
 from pipeline.overlay import FORMATS, SUBSAMPLINGS, OverlayConfig
 from pipeline.prep.dedupe import DedupeConfig
 from pipeline.prep.foregrounds import ForegroundConfig
 from pipeline.runner import BACKENDS, Backend, default_workers
+from pipeline.scenes import PLACEMENTS, SceneConfig
 
 log = logging.getLogger("synthcar")
 
@@ -203,6 +205,116 @@ def cli(debug: bool, verbose: bool) -> None:
 
 
 OVERLAY = OverlayConfig()
+SCENE = SceneConfig()
+
+
+def _range(kind: type, text: str, name: str) -> tuple[Any, Any]:
+    """'A-B' (or one number A) -> (A, B)."""
+    parts = text.split("-") if not text.startswith("-") else [text]
+    try:
+        values = [kind(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2):
+        raise click.BadParameter(f"{name} must be MIN-MAX (e.g. 1-4), got {text!r}")
+    return values[0], values[-1]
+
+
+def _horizons_file(path: Path | None) -> dict[str, float]:
+    if path is None:
+        return {}
+    from pipeline.horizon import load_horizons
+
+    return load_horizons(path)
+
+
+SCENE_OPTIONS = [
+    click.option(
+        "--cars",
+        default="{}-{}".format(*SCENE.cars),
+        show_default=True,
+        metavar="MIN-MAX",
+        help="Cars per composite, drawn per sample (the combination walks the first).",
+    ),
+    click.option(
+        "--scale",
+        "scale_range",
+        default="{:g}-{:g}".format(*SCENE.scale),
+        show_default=True,
+        metavar="MIN-MAX",
+        help="Size factor per car, on top of its cutout's size (with --placement "
+        "ground: on top of the perspective height).",
+    ),
+    click.option(
+        "--placement",
+        type=click.Choice(PLACEMENTS),
+        default=SCENE.placement,
+        show_default=True,
+        help="uniform: anywhere in the image; ground: on a flat "
+        "road below the horizon, sized by distance (docs/FORMAT.md).",
+    ),
+    click.option(
+        "--horizon",
+        type=float,
+        default=SCENE.horizon,
+        show_default=True,
+        help="Horizon row as a fraction of the height, where neither --horizons nor "
+        "the estimate from the picture gives one.",
+    ),
+    path_option("--horizons", help="JSON {background file name: horizon fraction}."),
+    click.option(
+        "--truncation",
+        type=float,
+        default=SCENE.truncation,
+        show_default=True,
+        help="Share of a car's area that may fall outside the image.",
+    ),
+    click.option(
+        "--blend",
+        "blends",
+        default=",".join(SCENE.blends),
+        show_default=True,
+        metavar="MODES",
+        help=f"Comma-separated blend modes drawn per car: {', '.join(BLENDS)}.",
+    ),
+    click.option(
+        "--shadow",
+        type=float,
+        default=SCENE.shadow,
+        show_default=True,
+        help="Probability of a soft contact shadow under a car.",
+    ),
+    click.option(
+        "--min-visible",
+        type=float,
+        default=SCENE.min_visible,
+        show_default=True,
+        help="A car (other than the first) that would leave itself or another car "
+        "less visible than this is not pasted.",
+    ),
+]
+
+
+def scene_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """overlay's scene options, handed to the command as one SceneConfig (`scene`)."""
+
+    @functools.wraps(fn)
+    def wrapper(
+        *args: Any, cars: str, scale_range: str, blends: str, horizons: Path | None, **kw: Any
+    ) -> Any:
+        names = ("placement", "horizon", "truncation", "shadow", "min_visible")
+        scene = SceneConfig(
+            cars=_range(int, cars, "--cars"),
+            scale=_range(float, scale_range, "--scale"),
+            blends=tuple(b.strip() for b in blends.split(",") if b.strip()),
+            horizons=_horizons_file(horizons),
+            **{n: kw.pop(n) for n in names},
+        )
+        return fn(*args, scene=scene, **kw)
+
+    for option in reversed(SCENE_OPTIONS):
+        wrapper = option(wrapper)
+    return wrapper
 
 
 @cli.command()
@@ -267,6 +379,7 @@ OVERLAY = OverlayConfig()
     help="Resize and centre-crop backgrounds to this size (default: as they are; "
     "they must then all have one size).",
 )
+@scene_options
 @on_bad_option
 @backend_options()
 @handle_errors
@@ -276,6 +389,7 @@ def overlay(
     out: Path,
     size: str | None,
     fmt: str,
+    scene: SceneConfig,
     backend: Backend,
     on_bad: OnBad,
     **settings: Any,
@@ -284,7 +398,7 @@ def overlay(
     (x2 with --mirror), each with its exact mask, written as HDF5 shards."""
     from pipeline.overlay import run_overlay
 
-    config = OverlayConfig(format=fmt, size=_size_option(size), **settings)
+    config = OverlayConfig(format=fmt, size=_size_option(size), scene=scene, **settings)
     with progress_bar("overlay") as bar:
         rep = run_overlay(backgrounds, foregrounds, out, config, backend, on_bad, bar)
     rate = f"{rep.samples_made / rep.seconds:,.0f} samples/s" if rep.made else "nothing to do"

@@ -29,11 +29,13 @@ from numpy.typing import NDArray
 
 from . import codec
 from . import dataset as fmt
+from .draws import hash_draws, uniform_draws
 from .errors import BadImageError, InputFolderError, OnBad, OutputError, PipelineError
 from .files import sha256_file
 from .images import fit_crop, list_images, read_rgb, read_rgba
 from .progress import NO_PROGRESS, Progress
 from .runner import Backend, map_shards
+from .scenes import Cutouts, SceneConfig, draw_candidates, make_scene
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,7 @@ class OverlayConfig:
     subsampling: str = "420"
     mirror: bool = False
     size: tuple[int, int] | None = None  # (height, width) to fit backgrounds to, or as found
+    scene: SceneConfig = SceneConfig()  # several cars, perspective, blends (format version 2)
 
     def __post_init__(self) -> None:
         if self.positions < 1:
@@ -69,36 +72,22 @@ class OverlayConfig:
         if not 0 <= self.seed < 2**63:
             raise PipelineError(f"--seed must be in 0..2**63-1, got {self.seed}")
 
+    @property
+    def scenes(self) -> bool:
+        """Whether any scene option is used (the dataset is then format version 2)."""
+        return not self.scene.is_default
+
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["size"] = list(self.size) if self.size else None
+        # Recorded only when used: a default dataset's manifest is today's, so it resumes.
+        d["scene"] = self.scene.to_json() if self.scenes else None
+        if d["scene"] is None:
+            del d["scene"]
         return d
 
 
 # ------------------------------------------------------------------ random draws (pure, fast)
-
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-
-
-def _mix64(z: NDArray[np.uint64]) -> NDArray[np.uint64]:
-    """splitmix64's finaliser: a bijective, well-mixed hash of 64-bit words."""
-    with np.errstate(over="ignore"):
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
-
-
-def hash_draws(seed: int, stream: int, index: NDArray[np.integer]) -> NDArray[np.uint64]:
-    """64 random bits per index, a pure function of (seed, stream, index)."""
-    with np.errstate(over="ignore"):
-        key = _mix64(np.array([seed, stream], dtype=np.uint64) * _GOLDEN)
-        base = _mix64(key[:1] ^ (key[1:] + _GOLDEN))
-        return _mix64(base + (np.asarray(index, dtype=np.uint64) + np.uint64(1)) * _GOLDEN)
-
-
-def uniform_draws(seed: int, stream: int, index: NDArray[np.integer]) -> NDArray[np.float64]:
-    """Uniform floats in [0, 1), 53 bits each."""
-    return (hash_draws(seed, stream, index) >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
 @functools.lru_cache(maxsize=4)
@@ -225,6 +214,7 @@ class ShardJob:
     config: OverlayConfig
     geometry: Geometry
     assets_sha256: str
+    horizons: tuple[float, ...] = ()  # per background, as a fraction of the height (scenes)
 
 
 class _WorkerAssets:
@@ -238,6 +228,7 @@ class _WorkerAssets:
             [PreparedForeground.from_rgba(fg, flip=bool(m)) for m in range(mirrors)]
             for fg in assets.foregrounds
         ]
+        self.cutouts = Cutouts(assets.foregrounds)
 
 
 @functools.lru_cache(maxsize=2)
@@ -252,8 +243,17 @@ def make_shard(job: ShardJob, k: int) -> dict[str, Any]:
     first = k * cfg.shard_size
     count = min(cfg.shard_size, geom.num_samples - first)
     meta = draw_placements(cfg.seed, geom, assets.fg_sizes, first, count)
-    width_bytes = (geom.width + 7) // 8
-    masks = np.zeros((count, geom.height, width_bytes), np.uint8)
+    make = _scene_shard if cfg.scenes else _plain_shard
+    shard = make(job, assets, meta)
+    fmt.write_shard(Path(job.root) / fmt.shard_name(k), shard, first)
+    record = {"file": fmt.shard_name(k), "first": first, "count": count}
+    return fmt.refresh_record(Path(job.root), record)
+
+
+def _plain_shard(job: ShardJob, assets: _WorkerAssets, meta: NDArray[Any]) -> fmt.ShardArrays:
+    """One car per composite at its cutout's size (today's dataset, format version 1)."""
+    cfg, geom = job.config, job.geometry
+    masks = np.zeros((len(meta), geom.height, (geom.width + 7) // 8), np.uint8)
     images: list[bytes] = []
     for i, m in enumerate(meta):
         fg = assets.prepared[m["fg"]][m["flipped"]]
@@ -261,10 +261,31 @@ def make_shard(job: ShardJob, k: int) -> dict[str, Any]:
         out = paste(assets.backgrounds[m["bg"]], fg, x, y)
         images.append(codec.encode(out, cfg.format, cfg.quality, cfg.subsampling))
         fg.stamp_mask(masks[i], x, y)
-    shard = fmt.ShardArrays(images, masks, meta, geom.width, cfg.format)
-    fmt.write_shard(Path(job.root) / fmt.shard_name(k), shard, first)
-    return fmt.refresh_record(
-        Path(job.root), {"file": fmt.shard_name(k), "first": first, "count": count}
+    return fmt.ShardArrays(images, masks, meta, geom.width, cfg.format)
+
+
+def _scene_shard(job: ShardJob, assets: _WorkerAssets, meta: NDArray[Any]) -> fmt.ShardArrays:
+    """Scenes (format version 2): every sample's cars drawn, chosen, pasted far to near; the
+    union mask, the instance masks and one record per pasted car. meta keeps the first car."""
+    cfg, geom = job.config, job.geometry
+    hw = (geom.height, geom.width)
+    horizons = np.asarray(job.horizons, np.float64)
+    cands = draw_candidates(cfg.seed, cfg.scene, meta, assets.fg_sizes, geom.mirrors, hw, horizons)
+    starts = np.searchsorted(cands["index"], meta["index"])
+    ends = np.append(starts[1:], len(cands))
+    images, rows = [], []
+    inst = np.zeros((len(meta), *hw), np.uint16)
+    for i, bg_id in enumerate(meta["bg"]):
+        bg = assets.backgrounds[bg_id]
+        scene = make_scene(cands[starts[i] : ends[i]], bg, assets.cutouts, cfg.scene.min_visible)
+        images.append(codec.encode(scene.image, cfg.format, cfg.quality, cfg.subsampling))
+        inst[i] = scene.instance_mask
+        rows.append(scene.rows)
+        meta["x"][i], meta["y"][i] = scene.rows[scene.first]["x"], scene.rows[scene.first]["y"]
+    masks = np.packbits(inst > 0, axis=-1)
+    instances = np.concatenate(rows)
+    return fmt.ShardArrays(
+        images, masks, meta, geom.width, cfg.format, instance_masks=inst, instances=instances
     )
 
 
@@ -461,9 +482,11 @@ def _existing_manifest(out: Path) -> dict[str, Any] | None:
 def _new_manifest(config: OverlayConfig, geom: Geometry, inputs: Inputs) -> dict[str, Any]:
     overlay = {"status": "running", "config": config.to_json(), "geometry": asdict(geom)}
     overlay |= {"skipped": inputs.skipped, "ignored": inputs.ignored}
+    if config.scenes:
+        overlay["horizons"] = scene_horizons(config.scene, inputs)
     return {
         "format": fmt.FORMAT,
-        "format_version": fmt.FORMAT_VERSION,
+        "format_version": 2 if config.scenes else 1,
         "seed": config.seed,
         "num_samples": geom.num_samples,
         "num_shards": -(-geom.num_samples // config.shard_size),
@@ -502,6 +525,8 @@ def run_overlay(
     existing = _existing_manifest(out)
     inputs = load_inputs(backgrounds, foregrounds, config.size, on_bad or OnBad())
     H, W = inputs.backgrounds.shape[1:3]
+    if config.scenes:
+        check_cars_fit(config.scene, inputs.fg_names, inputs.foregrounds, (H, W))
     mirrors = 2 if config.mirror else 1
     geom = Geometry(len(inputs.bg_names), len(inputs.fg_names), mirrors, config.positions, H, W)
     manifest = _new_manifest(config, geom, inputs)
@@ -516,7 +541,8 @@ def run_overlay(
     fmt.write_manifest(out, manifest)
     already = sum(r["count"] for r in done.values())
     progress.start(geom.num_samples, already)
-    job = ShardJob(str(out.resolve()), config, geom, manifest["assets"]["sha256"])
+    horizons = tuple(h["horizon"] for h in manifest["stages"]["overlay"].get("horizons", []))
+    job = ShardJob(str(out.resolve()), config, geom, manifest["assets"]["sha256"], horizons)
     todo = [(job, k) for k in range(num_shards) if k not in done]
     records = dict(done)
     for rec in map_shards(make_shard, todo, backend, shared_path=job.root):
@@ -540,3 +566,48 @@ def run_overlay(
         skipped=inputs.skipped,
         ignored=inputs.ignored,
     )
+
+
+# --------------------------------------------------------------------------- scene inputs
+
+
+def scene_horizons(scene: SceneConfig, inputs: Inputs) -> list[dict[str, Any]]:
+    """Each background's horizon (a fraction of its height) and where it came from: the
+    --horizons file, an estimate from the picture, or the --horizon default. Uniform
+    placement does not use them (recorded as None)."""
+    if scene.placement != "ground":
+        return [{"name": n, "horizon": None, "source": None} for n in inputs.bg_names]
+    from .horizon import estimate_horizon
+
+    out = []
+    for name, bg in zip(inputs.bg_names, inputs.backgrounds, strict=True):
+        if name in scene.horizons:
+            value, source = scene.horizons[name], "file"
+        else:
+            value = estimate_horizon(bg)
+            value, source = (
+                (value, "estimated") if value is not None else (scene.horizon, "default")
+            )
+        out.append({"name": name, "horizon": float(value), "source": source})
+    return out
+
+
+def check_cars_fit(
+    scene: SceneConfig,
+    names: Sequence[str],
+    cutouts: Sequence[NDArray[np.uint8]],
+    hw: tuple[int, int],
+) -> None:
+    """Uniform placement: the largest scale of every cutout must fit in the image (truncation
+    allowing); else one clear error. Ground placement sizes cars to the image itself."""
+    if scene.placement != "uniform":
+        return
+    H, W = hw
+    keep = 1 - 2 * (1 - (1 - scene.truncation) ** 0.5)
+    for name, fg in zip(names, cutouts, strict=True):
+        h, w = (round(v * scene.scale[1]) for v in fg.shape[:2])
+        if h * keep > H or w * keep > W:
+            raise PipelineError(
+                f"cars cannot fit: foreground {name} at --scale {scene.scale[1]:g} is {w}x{h}, "
+                f"larger than the {W}x{H} backgrounds; lower --scale or allow --truncation"
+            )

@@ -1,0 +1,468 @@
+"""Scenes: several cars per composite, sized by perspective, occluding each other, blended, with
+one label per car. The pure part of overlay's scene options (no file access).
+
+Contract, per sample i (all draws are counter-based hashes of (seed, stream, i, car slot), as in
+overlay, so a sample never depends on its shard or worker):
+- The combination gives the FIRST car (background, foreground, mirror); the number of cars and
+  every other car's foreground and mirror are drawn from the sample's own streams.
+- Each car draws a scale factor, a position, a blend (and its parameters) and a shadow. With
+  `placement="ground"` its size follows a flat-road pinhole model (see `ground_height`).
+- Cars are pasted far to near (by bottom edge). A car's visible mask is its own alpha >= 128
+  minus every nearer car's; its visible share is visible pixels over its whole alpha area (so
+  occlusion and truncation both lower it). A car other than the first that would leave itself
+  or another car under `min_visible` is not pasted.
+- Every parameter that shaped a car is in its record (`INSTANCE_DTYPE`), so `render(records,
+  background, foregrounds)` re-makes the composite and its instance mask exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import cv2
+import numpy as np
+from numpy.typing import NDArray
+
+from .dataset import BLENDS, INSTANCE_DTYPE
+from .draws import uniform_draws
+from .errors import PipelineError
+
+MAX_CARS = 32
+PLACEMENTS = ("uniform", "ground")
+# Streams of the scene draws (overlay's own are 1-3); value = base + field, hashed per car slot.
+S_COUNT, S_FG, S_FLIP, S_SCALE, S_X, S_Y = 10, 11, 12, 13, 14, 15
+S_BLEND, S_BLEND_A, S_BLEND_B, S_SHADOW, S_SHADOW_A, S_SHADOW_B, S_SHADOW_C = range(16, 23)
+S_CAMERA = 23
+MIN_HEIGHT = 6  # pixels: a car smaller than this is not a car
+
+
+@dataclass(frozen=True)
+class SceneRanges:
+    """The ranges the per-car and per-sample parameters are drawn from (recorded)."""
+
+    camera: tuple[float, float] = (0.7, 1.3)  # car height / camera height (ground placement)
+    blend_sigma: tuple[float, float] = (0.6, 2.0)  # gaussian feather, pixels
+    motion_length: tuple[float, float] = (3.0, 9.0)  # pixels
+    shadow_opacity: tuple[float, float] = (0.25, 0.6)
+    shadow_width: tuple[float, float] = (0.45, 0.6)  # semi-axis, share of the car's width
+    shadow_height: tuple[float, float] = (0.05, 0.12)  # semi-axis, share of the car's height
+    max_height: float = 0.9  # share of the image height (ground placement clamp)
+
+
+@dataclass(frozen=True)
+class SceneConfig:
+    """overlay's scene options; `SceneConfig()` is today's one-car-per-composite behaviour."""
+
+    cars: tuple[int, int] = (1, 1)
+    scale: tuple[float, float] = (1.0, 1.0)
+    placement: str = "uniform"
+    horizon: float = 0.45
+    horizons: Mapping[str, float] = field(default_factory=dict)  # background name -> fraction
+    truncation: float = 0.0
+    blends: tuple[str, ...] = ("none",)
+    shadow: float = 0.0
+    min_visible: float = 0.25
+    ranges: SceneRanges = SceneRanges()
+
+    def __post_init__(self) -> None:
+        lo, hi = self.cars
+        if not 1 <= lo <= hi <= MAX_CARS:
+            raise PipelineError(
+                f"--cars must be MIN-MAX with 1 <= MIN <= MAX <= {MAX_CARS}, got {lo}-{hi}"
+            )
+        if not 0 < self.scale[0] <= self.scale[1]:
+            raise PipelineError(
+                "--scale must be MIN-MAX with 0 < MIN <= MAX, "
+                f"got {self.scale[0]:g}-{self.scale[1]:g}"
+            )
+        if self.placement not in PLACEMENTS:
+            raise PipelineError(
+                f"--placement must be one of {', '.join(PLACEMENTS)}, got {self.placement}"
+            )
+        if not 0 < self.horizon < 1:
+            raise PipelineError(
+                f"--horizon must be a fraction of the height in (0, 1), got {self.horizon:g}"
+            )
+        for name in self.blends:
+            if name not in BLENDS:
+                raise PipelineError(f"--blend names must be among {', '.join(BLENDS)}, got {name}")
+        if not self.blends:
+            raise PipelineError("--blend needs at least one mode (none, gaussian, poisson, motion)")
+        if not 0 <= self.shadow <= 1:
+            raise PipelineError(f"--shadow must be a probability in [0, 1], got {self.shadow:g}")
+        if not 0 <= self.min_visible <= 1:
+            raise PipelineError(f"--min-visible must be in [0, 1], got {self.min_visible:g}")
+        if not 0 <= self.truncation < 1:
+            raise PipelineError(f"--truncation must be in [0, 1), got {self.truncation:g}")
+        if self.truncation > 1 - self.min_visible:
+            raise PipelineError(
+                f"cars cannot fit: --truncation {self.truncation:g} lets a car fall outside the "
+                f"image until less than --min-visible {self.min_visible:g} of it shows; lower one"
+            )
+
+    @property
+    def is_default(self) -> bool:
+        return self == SceneConfig()
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["horizons"] = dict(self.horizons)
+        return d
+
+
+# ------------------------------------------------------------------------------ the draws
+
+
+def _between(u: NDArray[np.float64], lo_hi: tuple[float, float]) -> NDArray[np.float64]:
+    return lo_hi[0] + u * (lo_hi[1] - lo_hi[0])
+
+
+def _allowance(truncation: float) -> float:
+    """Share of a car's width (and height) that may fall outside the image on one axis, so that
+    a car cut on both axes still has at most `truncation` of its box outside."""
+    return 1 - math.sqrt(1 - truncation)
+
+
+def _slots(seed: int, cfg: SceneConfig, index: NDArray[np.int64]) -> tuple[NDArray, NDArray]:
+    """(sample position, car slot) of every candidate car of the samples `index`."""
+    lo, hi = cfg.cars
+    count = lo + np.floor(uniform_draws(seed, S_COUNT, index) * (hi - lo + 1)).astype(np.int64)
+    sample = np.repeat(np.arange(len(index)), count)
+    starts = np.cumsum(count) - count
+    slot = np.arange(count.sum()) - np.repeat(starts, count)
+    return sample, slot
+
+
+def draw_candidates(
+    seed: int,
+    cfg: SceneConfig,
+    meta: NDArray[Any],
+    fg_sizes: NDArray[np.int64],
+    mirrors: int,
+    hw: tuple[int, int],
+    horizons: NDArray[np.float64],
+) -> NDArray[Any]:
+    """Every candidate car of the samples of `meta` (overlay's rows: the first cars), as
+    INSTANCE_DTYPE rows sorted by (index, slot); visibility not yet decided (instance = slot).
+
+    fg_sizes: (F, 2) heights and widths; horizons: (B,) horizon fraction of each background.
+    """
+    index = meta["index"].astype(np.int64)
+    sample, slot = _slots(seed, cfg, index)
+    key = index[sample] * MAX_CARS + slot
+    rows = np.zeros(len(key), INSTANCE_DTYPE)
+    rows["index"], rows["instance"] = index[sample], slot
+    first = slot == 0
+    other_fg = np.floor(uniform_draws(seed, S_FG, key) * len(fg_sizes)).astype(np.int64)
+    rows["fg"] = np.where(first, meta["fg"][sample], other_fg)
+    other_flip = (uniform_draws(seed, S_FLIP, key) < 0.5) & (mirrors == 2)
+    rows["flipped"] = np.where(first, meta["flipped"][sample], other_flip)
+    scale = _between(uniform_draws(seed, S_SCALE, key), cfg.scale)
+    _place(seed, cfg, rows, key, scale, fg_sizes, hw, horizons[meta["bg"][sample]])
+    _draw_looks(seed, cfg, rows, key)
+    return rows
+
+
+def _place(
+    seed: int,
+    cfg: SceneConfig,
+    rows: NDArray[Any],
+    key: NDArray[np.int64],
+    scale: NDArray[np.float64],
+    fg_sizes: NDArray[np.int64],
+    hw: tuple[int, int],
+    horizon: NDArray[np.float64],
+) -> None:
+    """Size and position of every car (uniform or ground placement)."""
+    H, W = hw
+    fh, fw = fg_sizes[rows["fg"], 0].astype(np.float64), fg_sizes[rows["fg"], 1].astype(np.float64)
+    a = _allowance(cfg.truncation)
+    u_x, u_y = uniform_draws(seed, S_X, key), uniform_draws(seed, S_Y, key)
+    if cfg.placement == "ground":
+        sample_key = (key // MAX_CARS) * MAX_CARS
+        camera = _between(uniform_draws(seed, S_CAMERA, sample_key), cfg.ranges.camera)
+        top = horizon * H
+        bottom = (
+            top + MIN_HEIGHT / (camera * scale) + u_y * (H - top - MIN_HEIGHT / (camera * scale))
+        )
+        limit = np.minimum(cfg.ranges.max_height * H, W * fh / fw)
+        h = np.clip(np.rint(camera * scale * (bottom - top)), MIN_HEIGHT, limit)
+        y = np.rint(np.minimum(bottom, H)) - h
+        rows["horizon"], rows["camera"] = horizon, camera
+    else:
+        h = np.maximum(1, np.rint(fh * scale))
+        y = None
+        rows["horizon"], rows["camera"] = np.nan, np.nan
+    w = np.maximum(1, np.rint(h * fw / fh))
+    x_lo, x_hi = -np.floor(a * w), W - w + np.floor(a * w)
+    rows["x"] = x_lo + np.floor(u_x * (x_hi - x_lo + 1))
+    if y is None:
+        y_lo, y_hi = -np.floor(a * h), H - h + np.floor(a * h)
+        y = y_lo + np.floor(u_y * (y_hi - y_lo + 1))
+    rows["y"], rows["width"], rows["height"] = y, w, h
+    rows["scale"] = h / fh
+
+
+def _draw_looks(seed: int, cfg: SceneConfig, rows: NDArray[Any], key: NDArray[np.int64]) -> None:
+    """Blend mode and parameters, shadow and its parameters, per car."""
+    r = cfg.ranges
+    modes = np.array([BLENDS.index(b) for b in cfg.blends])
+    rows["blend"] = modes[np.floor(uniform_draws(seed, S_BLEND, key) * len(modes)).astype(int)]
+    u_a, u_b = uniform_draws(seed, S_BLEND_A, key), uniform_draws(seed, S_BLEND_B, key)
+    gaussian, motion = (
+        rows["blend"] == BLENDS.index("gaussian"),
+        rows["blend"] == BLENDS.index("motion"),
+    )
+    rows["blend_sigma"] = np.where(gaussian, _between(u_a, r.blend_sigma), 0)
+    rows["motion_length"] = np.where(motion, _between(u_a, r.motion_length), 0)
+    rows["motion_angle"] = np.where(motion, u_b * 180.0, 0)
+    shadow = uniform_draws(seed, S_SHADOW, key) < cfg.shadow
+    rows["shadow"] = shadow
+    u = [uniform_draws(seed, s, key) for s in (S_SHADOW_A, S_SHADOW_B, S_SHADOW_C)]
+    rows["shadow_opacity"] = np.where(shadow, _between(u[0], r.shadow_opacity), 0)
+    rows["shadow_width"] = np.where(shadow, _between(u[1], r.shadow_width) * rows["width"], 0)
+    rows["shadow_height"] = np.where(shadow, _between(u[2], r.shadow_height) * rows["height"], 0)
+
+
+# ---------------------------------------------------------------------- cutouts and masks
+
+
+class Cutouts:
+    """The foregrounds as premultiplied float32 (colour x alpha, alpha; both 0..255), mirrored
+    on demand and kept, then resized per car: what both making and re-making a scene paste.
+
+    A car's label is its resized alpha >= 127.5 (at scale 1 exactly the cutout's alpha >= 128)."""
+
+    def __init__(self, foregrounds: Sequence[NDArray[np.uint8]]) -> None:
+        self.foregrounds = foregrounds
+        self._prepared: dict[tuple[int, bool], NDArray[np.float32]] = {}
+
+    def prepared(self, fg: int, flipped: bool) -> NDArray[np.float32]:
+        key = (fg, flipped)
+        if key not in self._prepared:
+            rgba = self.foregrounds[fg][:, ::-1] if flipped else self.foregrounds[fg]
+            f = rgba.astype(np.float32)
+            f[..., :3] *= f[..., 3:] / 255
+            self._prepared[key] = np.ascontiguousarray(f)
+        return self._prepared[key]
+
+    def scaled(self, row: Any) -> NDArray[np.float32]:
+        """(height, width, 4) premultiplied float32 of a record's car."""
+        f = self.prepared(int(row["fg"]), bool(row["flipped"]))
+        h, w = int(row["height"]), int(row["width"])
+        if f.shape[:2] == (h, w):
+            return f
+        shrink = h <= f.shape[0] and w <= f.shape[1]
+        interp = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+        return cv2.resize(f, (w, h), interpolation=interp)  # area/linear: stays in 0..255
+
+
+def label_of(car: NDArray[np.float32]) -> NDArray[np.bool_]:
+    return car[..., 3] >= 127.5
+
+
+def _clip(x: int, y: int, w: int, h: int, hw: tuple[int, int]) -> tuple[slice, slice, slice, slice]:
+    """(image rows, image cols, cutout rows, cutout cols) of a w x h box at (x, y), clipped."""
+    H, W = hw
+    y0, x0, y1, x1 = max(0, y), max(0, x), min(H, y + h), min(W, x + w)
+    if y1 <= y0 or x1 <= x0:
+        return slice(0, 0), slice(0, 0), slice(0, 0), slice(0, 0)
+    return slice(y0, y1), slice(x0, x1), slice(y0 - y, y1 - y), slice(x0 - x, x1 - x)
+
+
+def far_to_near(rows: NDArray[Any]) -> NDArray[np.intp]:
+    """Paste order: by bottom edge (a car lower in the image is nearer), then by slot."""
+    return np.lexsort((rows["instance"], rows["y"] + rows["height"]))
+
+
+def visible_shares(
+    rows: NDArray[Any], labels: Sequence[NDArray[np.bool_]], hw: tuple[int, int]
+) -> NDArray[np.float64]:
+    """Visible share of each car (in the order of `rows`): its alpha >= 128 pixels inside the
+    image and not under a nearer car, over all its alpha >= 128 pixels."""
+    covered = np.zeros(hw, bool)
+    shares = np.zeros(len(rows))
+    for k in far_to_near(rows)[::-1]:  # nearest first
+        r, lab = rows[k], labels[k]
+        iy, ix, cy, cx = _clip(int(r["x"]), int(r["y"]), int(r["width"]), int(r["height"]), hw)
+        mine = lab[cy, cx]
+        seen = mine & ~covered[iy, ix]
+        shares[k] = seen.sum() / max(1, lab.sum())
+        covered[iy, ix] |= mine
+    return shares
+
+
+def choose_cars(
+    rows: NDArray[Any], labels: Sequence[NDArray[np.bool_]], hw: tuple[int, int], min_visible: float
+) -> list[int]:
+    """Positions (in `rows`, one sample's candidates in slot order) of the cars to paste: the
+    first always; each other one unless it would leave itself, or make another car, less than
+    min_visible visible. Decided in slot order, so it depends on the draws alone."""
+    kept = [0]
+    shares = visible_shares(rows[kept], [labels[0]], hw)
+    for j in range(1, len(rows)):
+        trial = [*kept, j]
+        new = visible_shares(rows[trial], [labels[k] for k in trial], hw)
+        worse = (new[:-1] < min_visible) & (new[:-1] < shares - 1e-12)
+        if new[-1] >= min_visible and not worse.any():
+            kept, shares = trial, new
+    return kept
+
+
+# ------------------------------------------------------------------------------ rendering
+
+
+def _shaped(car: NDArray[np.float32], row: Any) -> tuple[NDArray[np.float32], int]:
+    """A car (premultiplied float32) as its blend shapes it, and how far it was padded: hard;
+    gaussian, its alpha edge feathered inward (alpha = min(alpha, blurred alpha), colour kept);
+    motion, car and alpha smeared along a line."""
+    blend = BLENDS[int(row["blend"])]
+    if blend == "gaussian":
+        alpha = car[..., 3]
+        soft = np.minimum(alpha, cv2.GaussianBlur(alpha, (0, 0), float(row["blend_sigma"])))
+        keep = soft / np.maximum(alpha, 1e-6)
+        return np.concatenate([car[..., :3] * keep[..., None], soft[..., None]], axis=2), 0
+    if blend == "motion":
+        p = int(math.ceil(row["motion_length"] / 2)) + 1
+        padded = cv2.copyMakeBorder(car, p, p, p, p, cv2.BORDER_CONSTANT, value=(0, 0, 0, 0))
+        kernel = motion_kernel(float(row["motion_length"]), float(row["motion_angle"]))
+        return cv2.filter2D(padded, -1, kernel, borderType=cv2.BORDER_CONSTANT), p
+    return car, 0
+
+
+def motion_kernel(length: float, angle: float) -> NDArray[np.float32]:
+    """A normalised line of `length` pixels at `angle` degrees: a short directional blur."""
+    n = int(math.ceil(length)) | 1
+    k = np.zeros((n, n), np.float32)
+    c = n // 2
+    dx, dy = math.cos(math.radians(angle)), -math.sin(math.radians(angle))
+    for t in np.linspace(-(length - 1) / 2, (length - 1) / 2, max(2, int(round(length)))):
+        k[int(round(c + t * dy)), int(round(c + t * dx))] = 1
+    return k / k.sum()
+
+
+def _shadow(img: NDArray[np.float32], row: Any) -> None:
+    """Darken a soft ellipse under the car's bottom edge (never part of any mask)."""
+    H, W = img.shape[:2]
+    sw, sh = float(row["shadow_width"]), float(row["shadow_height"])
+    sigma = max(1.0, sh / 2)
+    cx, cy = row["x"] + row["width"] / 2, row["y"] + row["height"] - 1
+    m = int(math.ceil(3 * sigma))
+    x0, x1 = max(0, int(cx - sw) - m), min(W, int(cx + sw) + m + 1)
+    y0, y1 = max(0, int(cy - sh) - m), min(H, int(cy + sh) + m + 1)
+    if x1 <= x0 or y1 <= y0:
+        return
+    canvas = np.zeros((y1 - y0, x1 - x0), np.float32)
+    centre = (int(round(cx)) - x0, int(round(cy)) - y0)
+    axes = (max(1, int(round(sw))), max(1, int(round(sh))))
+    cv2.ellipse(canvas, centre, axes, 0, 0, 360, 1.0, -1, cv2.LINE_AA)
+    canvas = cv2.GaussianBlur(canvas, (0, 0), sigma)
+    img[y0:y1, x0:x1] *= (1 - float(row["shadow_opacity"]) * canvas)[..., None]
+
+
+def _composite(img: NDArray[np.float32], car: NDArray[np.float32], row: Any) -> None:
+    """Alpha-composite one car (its blend applied) onto the float canvas (values 0..255)."""
+    f, p = _shaped(car, row)
+    h, w = f.shape[:2]
+    iy, ix, cy, cx = _clip(int(row["x"]) - p, int(row["y"]) - p, w, h, img.shape[:2])
+    part = f[cy, cx]
+    img[iy, ix] = img[iy, ix] * (1 - part[..., 3:] / 255) + part[..., :3]
+
+
+def _poisson(img: NDArray[np.float32], car: NDArray[np.float32], row: Any) -> None:
+    """OpenCV's seamless cloning of the car into the canvas, inside the car's own mask."""
+    H, W = img.shape[:2]
+    iy, ix, cy, cx = _clip(
+        int(row["x"]), int(row["y"]), int(row["width"]), int(row["height"]), (H, W)
+    )
+    part = car[cy, cx]
+    mask = np.zeros((H, W), np.uint8)
+    mask[iy, ix] = np.where(label_of(part), 255, 0)
+    mask[[0, -1], :] = 0
+    mask[:, [0, -1]] = 0
+    if not mask.any():
+        return
+    dst = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+    src = dst.copy()
+    colour = part[..., :3] * (255 / np.maximum(part[..., 3:], 1e-3))
+    src[iy, ix] = np.clip(np.rint(colour), 0, 255).astype(np.uint8)
+    bx, by, bw, bh = cv2.boundingRect(mask)
+    out = cv2.seamlessClone(src, dst, mask, (bx + bw // 2, by + bh // 2), cv2.NORMAL_CLONE)
+    img[...] = out
+
+
+def _stamp(inst: NDArray[np.uint16], car: NDArray[np.float32], row: Any) -> None:
+    """Write a car's label into the instance mask (over farther cars)."""
+    iy, ix, cy, cx = _clip(
+        int(row["x"]), int(row["y"]), int(row["width"]), int(row["height"]), inst.shape
+    )
+    inst[iy, ix][label_of(car[cy, cx])] = row["instance"]
+
+
+def render(
+    rows: NDArray[Any],
+    background: NDArray[np.uint8],
+    cutouts: Cutouts,
+    cars: Sequence[NDArray[np.float32]] | None = None,
+) -> tuple[NDArray[np.uint8], NDArray[np.uint16]]:
+    """Re-make one sample from its instance records (INSTANCE_DTYPE rows, in id order = far to
+    near): (fg_bg (H, W, 3) uint8, instance mask (H, W) uint16). cars: each row's scaled car,
+    when the caller already has them."""
+    img = background.astype(np.float32)
+    inst = np.zeros(background.shape[:2], np.uint16)
+    for k, row in enumerate(rows):
+        car = cars[k] if cars is not None else cutouts.scaled(row)
+        if row["shadow"]:
+            _shadow(img, row)
+        if BLENDS[int(row["blend"])] == "poisson":
+            _poisson(img, car, row)
+        else:
+            _composite(img, car, row)
+        _stamp(inst, car, row)
+    return cv2.convertScaleAbs(img), inst  # rounded, saturated to 0..255
+
+
+def tight_boxes(rows: NDArray[Any], inst: NDArray[np.uint16]) -> None:
+    """Fill rows' x0, y0, x1, y1 (exclusive ends) with the tight box of each id's pixels."""
+    for row in rows:
+        iy, ix, _, _ = _clip(
+            int(row["x"]), int(row["y"]), int(row["width"]), int(row["height"]), inst.shape
+        )
+        ys, xs = np.nonzero(inst[iy, ix] == row["instance"])
+        if len(ys):
+            row["x0"], row["y0"] = ix.start + xs.min(), iy.start + ys.min()
+            row["x1"], row["y1"] = ix.start + xs.max() + 1, iy.start + ys.max() + 1
+
+
+@dataclass
+class Scene:
+    """One made sample: its instance records (id order, far to near), the composite, the
+    instance mask, and which record is the combination's (first) car."""
+
+    rows: NDArray[Any]
+    image: NDArray[np.uint8]
+    instance_mask: NDArray[np.uint16]
+    first: int
+
+
+def make_scene(
+    candidates: NDArray[Any], background: NDArray[np.uint8], cutouts: Cutouts, min_visible: float
+) -> Scene:
+    """One sample from its candidate cars (slot order; the first is the combination's car)."""
+    hw = background.shape[:2]
+    cars = [cutouts.scaled(r) for r in candidates]
+    labels = [label_of(c) for c in cars]
+    kept = choose_cars(candidates, labels, hw, min_visible)
+    rows = candidates[kept]
+    order = far_to_near(rows)
+    rows = rows[order]
+    rows["instance"] = np.arange(1, len(rows) + 1)
+    chosen = [kept[k] for k in order]
+    rows["visible"] = visible_shares(rows, [labels[k] for k in chosen], hw)
+    img, inst = render(rows, background, cutouts, [cars[k] for k in chosen])
+    tight_boxes(rows, inst)
+    first = int(np.flatnonzero(np.asarray(chosen) == 0)[0])
+    return Scene(rows, img, inst, first)
