@@ -43,6 +43,7 @@ MIN_SUPPORT = 0.25  # inlier segment length needed, as a fraction of H + W
 VETO_STEP = 18.0  # sky/ground step (grey levels) strong enough to veto a vanishing point
 MIN_STEP = 40.0  # ... and strong enough to stand alone, inside STEP_RANGE
 STEP_RANGE = (0.2, 0.75)
+MAX_EDGES = 0.29  # share of edge pixels (lower three quarters) above which no line is trusted
 MAX_SEGMENTS = 48
 
 
@@ -68,14 +69,18 @@ def _plausible(frac: float) -> float | None:
     return float(frac) if lo <= frac <= hi else None
 
 
-def road_segments(rgb: NDArray[np.uint8]) -> NDArray[np.float64]:
+def road_segments(rgb: NDArray[np.uint8], colour: bool = False) -> NDArray[np.float64]:
     """Hough segments slanted like road edges in the lower three quarters: (n, 4) x1 y1 x2 y2,
-    longest first, at most MAX_SEGMENTS."""
+    longest first, at most MAX_SEGMENTS. Edges of the grey image, or with `colour` of the
+    colour image (noisier on photos, but it sees a grey road on grass of the same brightness)."""
     h, w = rgb.shape[:2]
-    gray = cv2.GaussianBlur(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), (5, 5), 0)
-    med = float(np.median(gray))
-    edges = cv2.Canny(gray, max(10.0, 0.5 * med), max(30.0, 1.2 * med))
+    src = rgb if colour else cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    blur = cv2.GaussianBlur(src, (5, 5), 0)
+    med = float(np.median(blur))
+    edges = cv2.Canny(blur, max(10.0, 0.5 * med), max(30.0, 1.2 * med))
     edges[: h // 4] = 0
+    if np.count_nonzero(edges) > MAX_EDGES * edges.size * 0.75:
+        return np.zeros((0, 4))  # noise or dense texture: Hough would find lines anywhere
     side = min(h, w)
     found = cv2.HoughLinesP(
         edges,
@@ -113,9 +118,14 @@ def _support(seg, lines, points) -> NDArray[np.bool_]:
 
 
 def vanishing_row(rgb: NDArray[np.uint8]) -> float | None:
-    """The row (pixels, may be fractional) of the road's vanishing point, or None."""
+    """The row (pixels, may be fractional) of the road's vanishing point, or None: from the
+    grey image's edges, else from the colour image's."""
+    row = _vanishing_row(rgb, road_segments(rgb))
+    return row if row is not None else _vanishing_row(rgb, road_segments(rgb, colour=True))
+
+
+def _vanishing_row(rgb: NDArray[np.uint8], seg: NDArray[np.float64]) -> float | None:
     h, w = rgb.shape[:2]
-    seg = road_segments(rgb)
     lean = np.sign((seg[:, 2] - seg[:, 0]) * (seg[:, 3] - seg[:, 1]))
     i, j = np.nonzero(np.triu(lean[:, None] * lean[None, :] < 0))
     if len(i) == 0:
