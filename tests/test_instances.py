@@ -137,14 +137,29 @@ def test_v1_dataset_has_one_instance_per_sample(small_dataset: Path) -> None:
 # ------------------------------------------------------------------------------ version 2
 
 
+def rewrite(root: Path, manifest: dict, n: int, batch: fmt.ShardBatch, ids, rows) -> None:
+    """Rewrite shard n of the dataset at root with these instance masks and records (the rest as
+    stored), and refresh its record in `manifest` (not written)."""
+    arrays = fmt.ShardArrays(
+        [e.tobytes() for e in batch.encoded],
+        batch.masks_packed,
+        batch.meta,
+        batch.width,
+        batch.encoding,
+        instance_masks=ids,
+        instances=rows,
+    )
+    fmt.write_shard(root / manifest["shards"][n]["file"], arrays, batch.first)
+    manifest["shards"][n] = fmt.refresh_record(root, manifest["shards"][n])
+
+
 def to_v2(root: Path) -> None:
     """Rewrite a copy of small_dataset as format version 2: each car split at the middle column
     of its box into instance 1 (left) and 2 (right), and in sample 0 a third instance with no
     visible pixel (box all 0)."""
     manifest = fmt.read_manifest(root)
     for n, rec in enumerate(manifest["shards"]):
-        path = root / rec["file"]
-        batch = fmt.read_shard_file(path)
+        batch = fmt.read_shard_file(root / rec["file"])
         ids = batch.instance_masks()
         rows = []
         for j, one in enumerate(batch.instances):
@@ -155,17 +170,7 @@ def to_v2(root: Path) -> None:
                 row["instance"], row["visible"] = k, 0.5 if k < 3 else 0.0
                 row["x0"], row["y0"], row["x1"], row["y1"] = fmt.boxes_of(ids[j], [k])[0]
                 rows.append(row)
-        arrays = fmt.ShardArrays(
-            [e.tobytes() for e in batch.encoded],
-            batch.masks_packed,
-            batch.meta,
-            batch.width,
-            batch.encoding,
-            instance_masks=ids,
-            instances=np.array(rows, fmt.INSTANCE_DTYPE),
-        )
-        fmt.write_shard(path, arrays, batch.first)
-        manifest["shards"][n] = fmt.refresh_record(root, rec)
+        rewrite(root, manifest, n, batch, ids, np.array(rows, fmt.INSTANCE_DTYPE))
     manifest["format_version"] = fmt.SCENES_VERSION
     fmt.write_manifest(root, manifest)
 
@@ -198,22 +203,11 @@ def test_verify_flags_broken_instance_arrays(v2_dataset: Path, tmp_path: Path) -
     root = tmp_path / "ds"
     shutil.copytree(v2_dataset, root)
     manifest = fmt.read_manifest(root)
-    path = root / manifest["shards"][1]["file"]
-    batch = fmt.read_shard_file(path)
+    batch = fmt.read_shard_file(root / manifest["shards"][1]["file"])
     ids, rows = batch.instance_masks(), batch.instances.copy()
     ids[0][ids[0] == 1] = 0  # instance 1 of sample 5 gone from the instance mask only
     rows["x1"][-1] += 1  # the last box one pixel too wide
-    arrays = fmt.ShardArrays(
-        [e.tobytes() for e in batch.encoded],
-        batch.masks_packed,
-        batch.meta,
-        batch.width,
-        batch.encoding,
-        instance_masks=ids,
-        instances=rows,
-    )
-    fmt.write_shard(path, arrays, batch.first)
-    manifest["shards"][1] = fmt.refresh_record(root, manifest["shards"][1])
+    rewrite(root, manifest, 1, batch, ids, rows)
     fmt.write_manifest(root, manifest)
     report = run_verify(root)
     problems = report.bad[manifest["shards"][1]["file"]]
