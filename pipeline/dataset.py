@@ -338,16 +338,26 @@ def unpack_masks(packed: NDArray[np.uint8], width: int) -> NDArray[np.uint8]:
 BOX_FIELDS = ("x0", "y0", "x1", "y1")
 
 
+def _boxes_from(rows: NDArray[np.bool_], cols: NDArray[np.bool_]) -> NDArray[np.int64]:
+    """(k, H) rows and (k, W) columns that hold a pixel -> (k, 4) int64 boxes (0 if none)."""
+    h, w = rows.shape[1], cols.shape[1]
+    y0, y1 = rows.argmax(axis=1), h - rows[:, ::-1].argmax(axis=1)
+    x0, x1 = cols.argmax(axis=1), w - cols[:, ::-1].argmax(axis=1)
+    boxes = np.stack([x0, y0, x1, y1], axis=1).astype(np.int64).reshape(len(rows), 4)
+    boxes[~rows.any(axis=1)] = 0
+    return boxes
+
+
 def tight_boxes(on: NDArray[np.bool_]) -> NDArray[np.int64]:
     """(k, H, W) bool -> (k, 4) int64 (x0, y0, x1, y1) of each plane's True pixels, exclusive
     ends; all 0 for an empty plane."""
-    k, h, w = on.shape
-    rows, cols = on.any(axis=2), on.any(axis=1)
-    y0, y1 = rows.argmax(axis=1), h - rows[:, ::-1].argmax(axis=1)
-    x0, x1 = cols.argmax(axis=1), w - cols[:, ::-1].argmax(axis=1)
-    boxes = np.stack([x0, y0, x1, y1], axis=1).astype(np.int64).reshape(k, 4)
-    boxes[~rows.any(axis=1)] = 0
-    return boxes
+    return _boxes_from(on.any(axis=2), on.any(axis=1))
+
+
+def packed_boxes(packed: NDArray[np.uint8], width: int) -> NDArray[np.int64]:
+    """tight_boxes of bit-packed masks (n, H, ceil(W/8)) {0, 1}, without unpacking them."""
+    cols = np.unpackbits(np.bitwise_or.reduce(packed, axis=1), axis=-1, count=width)
+    return _boxes_from(packed.any(axis=2), cols.astype(bool))
 
 
 def boxes_of(instance_mask: NDArray[np.uint16], ids: Any) -> NDArray[np.int64]:
@@ -370,6 +380,10 @@ def instances_of_v1(meta: NDArray[Any], masks: NDArray[np.uint8], fg_shapes: Any
     the tight box of the mask."""
     meta = np.atleast_1d(meta)
     masks = np.asarray(masks).reshape(len(meta), *np.shape(masks)[-2:])
+    return _v1_records(meta, tight_boxes(masks > 0), fg_shapes)
+
+
+def _v1_records(meta: NDArray[Any], boxes: NDArray[np.int64], fg_shapes: Any) -> NDArray[Any]:
     shapes = np.asarray(fg_shapes, dtype=np.int64).reshape(-1, 2)[meta["fg"]]
     rows = np.zeros(len(meta), INSTANCE_DTYPE)
     for name in ("index", "fg", "flipped", "x", "y"):
@@ -378,7 +392,7 @@ def instances_of_v1(meta: NDArray[Any], masks: NDArray[np.uint8], fg_shapes: Any
     rows["height"], rows["width"] = shapes[:, 0], shapes[:, 1]
     rows["scale"] = rows["visible"] = 1.0
     rows["horizon"] = rows["camera"] = np.nan
-    for name, column in zip(BOX_FIELDS, tight_boxes(masks > 0).T, strict=True):
+    for name, column in zip(BOX_FIELDS, boxes.T, strict=True):
         rows[name] = column
     return rows
 
@@ -461,7 +475,7 @@ class ShardBatch:
             self.fg_shapes = read_fg_shapes(self.path.parent.parent / ASSETS)
         if self.fg_shapes is None:
             raise DatasetError("a version-1 shard's instances need the dataset's fg_shapes")
-        return instances_of_v1(self.meta, self.masks(), self.fg_shapes)
+        return _v1_records(self.meta, packed_boxes(self.masks_packed, self.width), self.fg_shapes)
 
     @property
     def instance_offsets(self) -> NDArray[np.int64]:

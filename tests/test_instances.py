@@ -99,6 +99,12 @@ def test_boxes_of() -> None:
     ids[4, 0] = 2
     assert fmt.boxes_of(ids, [1, 2, 3]).tolist() == [[2, 1, 5, 3], [0, 4, 1, 5], [0, 0, 0, 0]]
     assert fmt.boxes_of(ids, []).shape == (0, 4)
+    planes = np.random.default_rng(3).random((6, 9, 21)) > 0.97  # odd width, some empty
+    planes[2] = False
+    assert np.array_equal(
+        fmt.packed_boxes(np.packbits(planes, axis=-1), 21), fmt.tight_boxes(planes)
+    )
+    assert fmt.tight_boxes(planes)[2].tolist() == [0, 0, 0, 0]
 
 
 # ------------------------------------------------------------------------------ version 1
@@ -126,7 +132,8 @@ def test_v1_dataset_has_one_instance_per_sample(small_dataset: Path) -> None:
         assert batch.version == 1 and batch.instance_offsets.tolist() == list(range(6))
         assert np.array_equal(batch.instances["index"], np.arange(5, 10))
         assert np.array_equal(batch.instance_masks(), (batch.masks() > 0).astype(np.uint16))
-        assert [r["x0"] for r in batch.instances] == [ds[i].boxes[0, 0] for i in range(5, 10)]
+        boxes = np.concatenate([ds[i].boxes for i in range(5, 10)])
+        assert np.array_equal(fmt.boxes_of_records(batch.instances), boxes)  # packed = unpacked
     # a shard read on its own finds the dataset's cutout sizes next to it
     alone = fmt.read_shard_file(small_dataset / fmt.shard_name(0))
     assert alone.instances["height"].tolist() == [ds[i].instances[0]["height"] for i in range(5)]
