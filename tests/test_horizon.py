@@ -102,6 +102,12 @@ def test_estimate_is_none_without_cues(kind: str) -> None:
     assert estimate_horizon(img) is None
 
 
+def test_estimate_on_a_large_image_works_on_a_shrunk_copy() -> None:
+    small = estimate_horizon(draw_road(224, 168, 0.42))
+    large = estimate_horizon(cv2.resize(draw_road(224, 168, 0.42), (1200, 900)))
+    assert small is not None and large is not None and abs(large - small) <= 0.02
+
+
 def test_estimate_is_deterministic_and_a_plain_float() -> None:
     img = draw_road(224, 224, 0.45)
     a, b = estimate_horizon(img), estimate_horizon(img.copy())
