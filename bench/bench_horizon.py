@@ -7,7 +7,8 @@ horizon drawn on each, the time per image, and the error on the hand-labelled su
 On the sheet: a solid green line is an estimate, a dashed orange line is the fallback default
 (`--horizon 0.45`) where the estimator said None. With --cues, small ticks mark the vanishing
 point row (red, left edge) and the sky/ground step (blue, right edge).
-bench/horizon_labels.json holds horizons labelled by eye (fractions of H) for the mean error.
+bench/horizon_labels.json holds horizons labelled by eye (fractions of H) for the mean error;
+"unstable" counts the estimates that a crop of one or two pixels moves by more than 0.05.
 """
 
 from __future__ import annotations
@@ -84,6 +85,17 @@ def _draw_cues(draw: ImageDraw.ImageDraw, im: np.ndarray, x: int, y: int, thumb:
         draw.text((x + thumb - 24, r + 2), f"{step[1]:.0f}", fill=(0, 0, 255))
 
 
+def unstable(images: list[np.ndarray], est: list) -> int:
+    """How many estimates move by more than 0.05 of H, or turn to or from None, when the image
+    loses its first row and column, or its last two rows and first two columns."""
+    moved = 0
+    for im, e in zip(images, est, strict=True):
+        xs = [e, estimate_horizon(im[1:, 1:]), estimate_horizon(im[:-2, 2:])]
+        nones = sum(x is None for x in xs)
+        moved += 0 < nones < 3 or (nones == 0 and max(xs) - min(xs) > 0.05)
+    return moved
+
+
 def label_error(names: list[str], est: list) -> str:
     """Mean absolute error (fraction of H) against the labels, on those estimated."""
     if not LABELS.is_file():
@@ -117,6 +129,7 @@ def main() -> None:
     print(f"{len(images)} backgrounds, {ms:.2f} ms per image (one core, best of 5)")
     print(f"estimated {len(images) - fell}, fell back to {DEFAULT}: {fell}")
     print(label_error(names, est))
+    print(f"unstable (moved > 0.05 by a 1-2 px crop): {unstable(images, est)}")
     part = slice(args.first, args.first + args.count)
     sheet = contact_sheet(
         images[part], names[part], est[part], args.cues, args.thumb, args.cols, args.first

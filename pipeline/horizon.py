@@ -48,13 +48,18 @@ STEP_RANGE = (0.2, 0.75)
 MAX_EDGES = 0.29  # share of edge pixels (lower three quarters) above which no line is trusted
 MAX_SEGMENTS = 48
 WORK_SIZE = 320  # long side (pixels) the estimate works at
+MIN_SIZE = 32  # smaller images (either side, pixels) are too small to tell: None
 
 
 def estimate_horizon(rgb: NDArray[np.uint8]) -> float | None:
     """The horizon row of a road photo as a fraction of its height, or None.
 
     rgb: (H, W, 3) uint8. Deterministic; about 3 ms at 224x224. Larger images are looked at
-    with their long side shrunk to WORK_SIZE (the answer is a fraction of the height)."""
+    with their long side shrunk to WORK_SIZE (the answer is a fraction of the height); below
+    MIN_SIZE pixels on either side, None."""
+    if min(rgb.shape[:2]) < MIN_SIZE:
+        return None
+    rgb = np.ascontiguousarray(rgb)
     scale = WORK_SIZE / max(rgb.shape[:2])
     if scale < 1:
         size = (max(1, round(rgb.shape[1] * scale)), max(1, round(rgb.shape[0] * scale)))

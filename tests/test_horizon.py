@@ -108,6 +108,14 @@ def test_estimate_on_a_large_image_works_on_a_shrunk_copy() -> None:
     assert small is not None and large is not None and abs(large - small) <= 0.02
 
 
+def test_estimate_is_none_on_tiny_images_and_takes_views() -> None:
+    rng = np.random.default_rng(0)
+    assert estimate_horizon(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)) is None
+    assert estimate_horizon(draw_road(224, 24, 0.5)) is None
+    img = draw_road(224, 224, 0.45)
+    assert estimate_horizon(img[:, ::-1]) == pytest.approx(estimate_horizon(img), abs=0.02)
+
+
 def test_estimate_is_deterministic_and_a_plain_float() -> None:
     img = draw_road(224, 224, 0.45)
     a, b = estimate_horizon(img), estimate_horizon(img.copy())
