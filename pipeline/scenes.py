@@ -249,19 +249,16 @@ class Cutouts:
             self._prepared[key] = np.ascontiguousarray(f)
         return self._prepared[key]
 
-    def scaled(self, row: Any) -> NDArray[np.float32]:
-        """(height, width, 4) premultiplied float32 of a record's car."""
+    def scaled(self, row: Any) -> tuple[NDArray[np.uint8], NDArray[np.bool_]]:
+        """A record's car resized: (premultiplied colour + alpha, (height, width, 4) uint8
+        rounded; its label, the resized alpha >= 127.5)."""
         f = self.prepared(int(row["fg"]), bool(row["flipped"]))
         h, w = int(row["height"]), int(row["width"])
-        if f.shape[:2] == (h, w):
-            return f
-        shrink = h <= f.shape[0] and w <= f.shape[1]
-        interp = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
-        return cv2.resize(f, (w, h), interpolation=interp)  # area/linear: stays in 0..255
-
-
-def label_of(car: NDArray[np.float32]) -> NDArray[np.bool_]:
-    return car[..., 3] >= 127.5
+        if f.shape[:2] != (h, w):
+            shrink = h <= f.shape[0] and w <= f.shape[1]
+            interp = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+            f = cv2.resize(f, (w, h), interpolation=interp)  # area/linear: stays in 0..255
+        return cv2.convertScaleAbs(f), f[..., 3] >= 127.5
 
 
 def _clip(x: int, y: int, w: int, h: int, hw: tuple[int, int]) -> tuple[slice, slice, slice, slice]:
@@ -278,21 +275,36 @@ def far_to_near(rows: NDArray[Any]) -> NDArray[np.intp]:
     return np.lexsort((rows["instance"], rows["y"] + rows["height"]))
 
 
-def visible_shares(
+def _boxes(rows: NDArray[Any]) -> list[tuple[int, int, int, int]]:
+    """(x, y, width, height) of each row as Python ints (field access per row is slow)."""
+    return list(zip(*(rows[k].tolist() for k in ("x", "y", "width", "height")), strict=True))
+
+
+def visibility(
     rows: NDArray[Any], labels: Sequence[NDArray[np.bool_]], hw: tuple[int, int]
-) -> NDArray[np.float64]:
-    """Visible share of each car (in the order of `rows`): its alpha >= 128 pixels inside the
-    image and not under a nearer car, over all its alpha >= 128 pixels."""
+) -> tuple[NDArray[np.float64], NDArray[np.int64]]:
+    """(visible share, tight box (x0, y0, x1, y1) of the visible pixels) of each car, in the
+    order of `rows`: its alpha >= 128 pixels inside the image and not under a nearer car, over
+    all its alpha >= 128 pixels. A car with nothing visible gets the box (0, 0, 0, 0)."""
     covered = np.zeros(hw, bool)
-    shares = np.zeros(len(rows))
+    shares, boxes = np.zeros(len(rows)), np.zeros((len(rows), 4), np.int64)
+    geometry = _boxes(rows)
     for k in far_to_near(rows)[::-1]:  # nearest first
-        r, lab = rows[k], labels[k]
-        iy, ix, cy, cx = _clip(int(r["x"]), int(r["y"]), int(r["width"]), int(r["height"]), hw)
-        mine = lab[cy, cx]
+        iy, ix, cy, cx = _clip(*geometry[k], hw)
+        mine = labels[k][cy, cx]
         seen = mine & ~covered[iy, ix]
-        shares[k] = seen.sum() / max(1, lab.sum())
+        count = int(np.count_nonzero(seen))
+        shares[k] = count / max(1, int(np.count_nonzero(labels[k])))
+        if count:
+            ys, xs = np.flatnonzero(seen.any(axis=1)), np.flatnonzero(seen.any(axis=0))
+            boxes[k] = (
+                ix.start + xs[0],
+                iy.start + ys[0],
+                ix.start + xs[-1] + 1,
+                iy.start + ys[-1] + 1,
+            )
         covered[iy, ix] |= mine
-    return shares
+    return shares, boxes
 
 
 def choose_cars(
@@ -301,36 +313,44 @@ def choose_cars(
     """Positions (in `rows`, one sample's candidates in slot order) of the cars to paste: the
     first always; each other one unless it would leave itself, or make another car, less than
     min_visible visible. Decided in slot order, so it depends on the draws alone."""
-    kept = [0]
-    shares = visible_shares(rows[kept], [labels[0]], hw)
+    boxes = _boxes(rows)
+    kept, shares = [0], np.array([_alone(boxes[0], labels[0], hw)])
     for j in range(1, len(rows)):
         trial = [*kept, j]
-        new = visible_shares(rows[trial], [labels[k] for k in trial], hw)
+        if any(_overlap(boxes[j], boxes[k]) for k in kept):
+            new = visibility(rows[trial], [labels[k] for k in trial], hw)[0]
+        else:  # nobody's view changes: only the new car's own truncation counts
+            new = np.append(shares, _alone(boxes[j], labels[j], hw))
         worse = (new[:-1] < min_visible) & (new[:-1] < shares - 1e-12)
         if new[-1] >= min_visible and not worse.any():
             kept, shares = trial, new
     return kept
 
 
+def _alone(box: tuple[int, int, int, int], label: NDArray[np.bool_], hw: tuple[int, int]) -> float:
+    """Visible share of a car that no other car covers: what truncation leaves of it."""
+    _, _, cy, cx = _clip(*box, hw)
+    inside = int(np.count_nonzero(label[cy, cx]))
+    return inside / max(1, int(np.count_nonzero(label)))
+
+
+def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> bool:
+    """Whether two (x, y, width, height) boxes share a pixel."""
+    return a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[3] and b[1] < a[1] + a[3]
+
+
 # ------------------------------------------------------------------------------ rendering
 
 
-def _shaped(car: NDArray[np.float32], row: Any) -> tuple[NDArray[np.float32], int]:
-    """A car (premultiplied float32) as its blend shapes it, and how far it was padded: hard;
-    gaussian, its alpha edge feathered inward (alpha = min(alpha, blurred alpha), colour kept);
-    motion, car and alpha smeared along a line."""
-    blend = BLENDS[int(row["blend"])]
-    if blend == "gaussian":
-        alpha = car[..., 3]
-        soft = np.minimum(alpha, cv2.GaussianBlur(alpha, (0, 0), float(row["blend_sigma"])))
-        keep = soft / np.maximum(alpha, 1e-6)
-        return np.concatenate([car[..., :3] * keep[..., None], soft[..., None]], axis=2), 0
-    if blend == "motion":
-        p = int(math.ceil(row["motion_length"] / 2)) + 1
-        padded = cv2.copyMakeBorder(car, p, p, p, p, cv2.BORDER_CONSTANT, value=(0, 0, 0, 0))
-        kernel = motion_kernel(float(row["motion_length"]), float(row["motion_angle"]))
-        return cv2.filter2D(padded, -1, kernel, borderType=cv2.BORDER_CONSTANT), p
-    return car, 0
+def _shaped(car: NDArray[np.uint8], row: Any) -> tuple[NDArray[np.uint8], int]:
+    """A car (premultiplied uint8 RGBA) smeared along a line if its blend is motion (colour and
+    alpha alike), and how far it was padded for that."""
+    if BLENDS[int(row["blend"])] != "motion":
+        return car, 0
+    p = int(math.ceil(row["motion_length"] / 2)) + 1
+    padded = cv2.copyMakeBorder(car, p, p, p, p, cv2.BORDER_CONSTANT, value=(0, 0, 0, 0))
+    kernel = motion_kernel(float(row["motion_length"]), float(row["motion_angle"]))
+    return cv2.filter2D(padded, -1, kernel, borderType=cv2.BORDER_CONSTANT), p
 
 
 def motion_kernel(length: float, angle: float) -> NDArray[np.float32]:
@@ -344,7 +364,7 @@ def motion_kernel(length: float, angle: float) -> NDArray[np.float32]:
     return k / k.sum()
 
 
-def _shadow(img: NDArray[np.float32], row: Any) -> None:
+def _shadow(img: NDArray[np.uint8], row: Any) -> None:
     """Darken a soft ellipse under the car's bottom edge (never part of any mask)."""
     H, W = img.shape[:2]
     sw, sh = float(row["shadow_width"]), float(row["shadow_height"])
@@ -359,20 +379,36 @@ def _shadow(img: NDArray[np.float32], row: Any) -> None:
     centre = (int(round(cx)) - x0, int(round(cy)) - y0)
     axes = (max(1, int(round(sw))), max(1, int(round(sh))))
     cv2.ellipse(canvas, centre, axes, 0, 0, 360, 1.0, -1, cv2.LINE_AA)
-    canvas = cv2.GaussianBlur(canvas, (0, 0), sigma)
-    img[y0:y1, x0:x1] *= (1 - float(row["shadow_opacity"]) * canvas)[..., None]
+    dark = cv2.GaussianBlur(canvas, (0, 0), sigma) * (255 * float(row["shadow_opacity"]))
+    keep = cv2.cvtColor(255 - cv2.convertScaleAbs(dark), cv2.COLOR_GRAY2RGB)
+    region = img[y0:y1, x0:x1]
+    region[...] = cv2.multiply(region, keep, scale=1 / 255)
 
 
-def _composite(img: NDArray[np.float32], car: NDArray[np.float32], row: Any) -> None:
-    """Alpha-composite one car (its blend applied) onto the float canvas (values 0..255)."""
+def _composite(img: NDArray[np.uint8], car: NDArray[np.uint8], row: Any) -> None:
+    """Alpha-composite one car onto the image: hard = round(bg * (255 - a) / 255) + colour x a
+    in two OpenCV passes, as overlay pastes; motion smears the car first; gaussian feathers the
+    alpha edge inward: the result is bg + (hard - bg) x keep, keep = min(a, blur(a)) / a (the
+    same as compositing with the feathered alpha), colour untouched."""
     f, p = _shaped(car, row)
     h, w = f.shape[:2]
     iy, ix, cy, cx = _clip(int(row["x"]) - p, int(row["y"]) - p, w, h, img.shape[:2])
     part = f[cy, cx]
-    img[iy, ix] = img[iy, ix] * (1 - part[..., 3:] / 255) + part[..., :3]
+    pre = cv2.cvtColor(part, cv2.COLOR_RGBA2RGB)
+    alpha = cv2.extractChannel(part, 3)
+    inverse = cv2.cvtColor(cv2.bitwise_not(alpha), cv2.COLOR_GRAY2RGB)
+    region = img[iy, ix]
+    hard = cv2.add(cv2.multiply(region, inverse, scale=1 / 255), pre)
+    if BLENDS[int(row["blend"])] == "gaussian":
+        soft = cv2.min(alpha, cv2.GaussianBlur(alpha, (0, 0), float(row["blend_sigma"])))
+        keep = cv2.divide(soft, alpha, dtype=cv2.CV_32F)  # 0 where alpha is 0
+        hard = cv2.blendLinear(hard, region, keep, 1 - keep)
+    region[...] = hard
 
 
-def _poisson(img: NDArray[np.float32], car: NDArray[np.float32], row: Any) -> None:
+def _poisson(
+    img: NDArray[np.uint8], car: NDArray[np.uint8], label: NDArray[np.bool_], row: Any
+) -> None:
     """OpenCV's seamless cloning of the car into the canvas, inside the car's own mask."""
     H, W = img.shape[:2]
     iy, ix, cy, cx = _clip(
@@ -380,61 +416,47 @@ def _poisson(img: NDArray[np.float32], car: NDArray[np.float32], row: Any) -> No
     )
     part = car[cy, cx]
     mask = np.zeros((H, W), np.uint8)
-    mask[iy, ix] = np.where(label_of(part), 255, 0)
+    mask[iy, ix] = np.where(label[cy, cx], 255, 0)
     mask[[0, -1], :] = 0
     mask[:, [0, -1]] = 0
     if not mask.any():
         return
-    dst = np.clip(np.rint(img), 0, 255).astype(np.uint8)
-    src = dst.copy()
-    colour = part[..., :3] * (255 / np.maximum(part[..., 3:], 1e-3))
-    src[iy, ix] = np.clip(np.rint(colour), 0, 255).astype(np.uint8)
+    src = img.copy()
+    alpha = cv2.cvtColor(cv2.extractChannel(part, 3), cv2.COLOR_GRAY2RGB)
+    src[iy, ix] = cv2.divide(cv2.cvtColor(part, cv2.COLOR_RGBA2RGB), alpha, scale=255)
     bx, by, bw, bh = cv2.boundingRect(mask)
-    out = cv2.seamlessClone(src, dst, mask, (bx + bw // 2, by + bh // 2), cv2.NORMAL_CLONE)
-    img[...] = out
+    img[...] = cv2.seamlessClone(src, img, mask, (bx + bw // 2, by + bh // 2), cv2.NORMAL_CLONE)
 
 
-def _stamp(inst: NDArray[np.uint16], car: NDArray[np.float32], row: Any) -> None:
-    """Write a car's label into the instance mask (over farther cars)."""
+def _stamp(inst: NDArray[np.uint16], label: NDArray[np.bool_], row: Any) -> None:
+    """Write a car's label into the instance mask, over farther cars."""
     iy, ix, cy, cx = _clip(
         int(row["x"]), int(row["y"]), int(row["width"]), int(row["height"]), inst.shape
     )
-    inst[iy, ix][label_of(car[cy, cx])] = row["instance"]
+    inst[iy, ix][label[cy, cx]] = row["instance"]
 
 
 def render(
     rows: NDArray[Any],
     background: NDArray[np.uint8],
     cutouts: Cutouts,
-    cars: Sequence[NDArray[np.float32]] | None = None,
+    cars: Sequence[tuple[NDArray[np.uint8], NDArray[np.bool_]]] | None = None,
 ) -> tuple[NDArray[np.uint8], NDArray[np.uint16]]:
     """Re-make one sample from its instance records (INSTANCE_DTYPE rows, in id order = far to
-    near): (fg_bg (H, W, 3) uint8, instance mask (H, W) uint16). cars: each row's scaled car,
-    when the caller already has them."""
-    img = background.astype(np.float32)
+    near): (fg_bg (H, W, 3) uint8, instance mask (H, W) uint16). cars: each row's scaled car
+    and its label, when the caller already has them."""
+    img = background.copy()
     inst = np.zeros(background.shape[:2], np.uint16)
     for k, row in enumerate(rows):
-        car = cars[k] if cars is not None else cutouts.scaled(row)
+        car, label = cars[k] if cars is not None else cutouts.scaled(row)
         if row["shadow"]:
             _shadow(img, row)
         if BLENDS[int(row["blend"])] == "poisson":
-            _poisson(img, car, row)
+            _poisson(img, car, label, row)
         else:
             _composite(img, car, row)
-        _stamp(inst, car, row)
-    return cv2.convertScaleAbs(img), inst  # rounded, saturated to 0..255
-
-
-def tight_boxes(rows: NDArray[Any], inst: NDArray[np.uint16]) -> None:
-    """Fill rows' x0, y0, x1, y1 (exclusive ends) with the tight box of each id's pixels."""
-    for row in rows:
-        iy, ix, _, _ = _clip(
-            int(row["x"]), int(row["y"]), int(row["width"]), int(row["height"]), inst.shape
-        )
-        ys, xs = np.nonzero(inst[iy, ix] == row["instance"])
-        if len(ys):
-            row["x0"], row["y0"] = ix.start + xs.min(), iy.start + ys.min()
-            row["x1"], row["y1"] = ix.start + xs.max() + 1, iy.start + ys.max() + 1
+        _stamp(inst, label, row)
+    return img, inst
 
 
 @dataclass
@@ -453,16 +475,16 @@ def make_scene(
 ) -> Scene:
     """One sample from its candidate cars (slot order; the first is the combination's car)."""
     hw = background.shape[:2]
-    cars = [cutouts.scaled(r) for r in candidates]
-    labels = [label_of(c) for c in cars]
+    cars, labels = zip(*(cutouts.scaled(r) for r in candidates), strict=True)
     kept = choose_cars(candidates, labels, hw, min_visible)
     rows = candidates[kept]
     order = far_to_near(rows)
     rows = rows[order]
     rows["instance"] = np.arange(1, len(rows) + 1)
     chosen = [kept[k] for k in order]
-    rows["visible"] = visible_shares(rows, [labels[k] for k in chosen], hw)
-    img, inst = render(rows, background, cutouts, [cars[k] for k in chosen])
-    tight_boxes(rows, inst)
+    shares, boxes = visibility(rows, [labels[k] for k in chosen], hw)
+    rows["visible"] = shares
+    rows["x0"], rows["y0"], rows["x1"], rows["y1"] = boxes.T
+    img, inst = render(rows, background, cutouts, [(cars[k], labels[k]) for k in chosen])
     first = int(np.flatnonzero(np.asarray(chosen) == 0)[0])
     return Scene(rows, img, inst, first)
