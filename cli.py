@@ -493,14 +493,23 @@ def preview(dataset: Path, n: int, out: Path | None) -> None:
 
 @cli.command()
 @dataset_arg
+@click.option(
+    "--remake",
+    type=click.IntRange(min=0),
+    default=3,
+    show_default=True,
+    metavar="N",
+    help="Samples per shard re-made from their records and compared exactly (0: none).",
+)
 @backend_options()
 @handle_errors
-def verify(dataset: Path, backend: Backend) -> None:
-    """Check every shard's checksum and decode every sample; exit 1 listing bad shards."""
+def verify(dataset: Path, remake: int, backend: Backend) -> None:
+    """Check every shard's checksum, decode every sample and re-make a few; exit 1 listing bad
+    shards."""
     from pipeline.verify import run_verify
 
     with progress_bar("verify") as bar:
-        rep = run_verify(dataset, backend, bar)
+        rep = run_verify(dataset, backend, bar, remake=remake)
     if rep.ok:
         click.echo(f"verify: OK, {rep.shards} shards, {rep.samples:,} samples in {dataset}")
         return

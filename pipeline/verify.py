@@ -2,22 +2,33 @@
 array's shape, every composite decoded, every meta row in range; in a version-2 (scenes) shard,
 the instance arrays' structure (ids 1..k per sample with one record each, the union of the
 instance masks equal to `mask`, every box tight on its instance's pixels, offsets consistent);
-the assets file's checksum; and that the shards cover all samples. Reads only; changes nothing.
+the assets file's checksum; and that the shards cover all samples. With `remake`, a few samples
+per shard (evenly spaced) are re-made from their records and assets.h5 alone (version 2:
+`scenes.render`; version 1: `overlay.composite` from meta) and must agree exactly: the
+instance mask, the union mask, the visible shares and boxes, and the composite's encoded bytes
+(encoding is deterministic). Reads only; changes nothing.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cv2
+import h5py
 import numpy as np
+from numpy.typing import NDArray
 
+from . import codec
 from . import dataset as fmt
-from .errors import PipelineError
+from .errors import DatasetError, PipelineError
 from .files import sha256_file
 from .progress import NO_PROGRESS, Progress
 from .runner import Backend, map_shards
+
+REMAKE = 3  # samples per shard `verify` re-makes from their records (its --remake default)
 
 
 def instance_problems(batch: fmt.ShardBatch, height: int, width: int) -> list[str]:
@@ -65,10 +76,15 @@ def instance_problems(batch: fmt.ShardBatch, height: int, width: int) -> list[st
 
 
 def check_shard(
-    root: str, rec: dict[str, Any], geometry: dict[str, int], version: int = fmt.FORMAT_VERSION
+    root: str,
+    rec: dict[str, Any],
+    geometry: dict[str, int],
+    version: int = fmt.FORMAT_VERSION,
+    remake: Remake | None = None,
 ) -> tuple[str, int, list[str]]:
     """(file, samples checked, problems) for one shard record of the manifest; version: the
-    dataset's format version (every shard has it)."""
+    dataset's format version (every shard has it); remake: re-make some samples (when the
+    shard's arrays are sound)."""
     path = Path(root) / rec["file"]
     if not path.is_file():
         return rec["file"], 0, ["file is missing"]
@@ -81,7 +97,19 @@ def check_shard(
         batch = fmt.read_shard_file(path)
     except PipelineError as e:
         return rec["file"], 0, [*problems, str(e)]
+    structure = array_problems(batch, rec, geometry, version)
+    structure += instance_problems(batch, geometry["height"], geometry["width"])
+    if remake is not None and remake.count > 0 and not structure:
+        structure += remake_problems(root, batch, remake)
+    return rec["file"], len(batch), problems + structure
+
+
+def array_problems(
+    batch: fmt.ShardBatch, rec: dict[str, Any], geometry: dict[str, int], version: int
+) -> list[str]:
+    """The problems of a shard's arrays: sample range, shapes, meta rows, composites, depth."""
     n, H, W = len(batch), geometry["height"], geometry["width"]
+    problems = []
     if batch.first != rec["first"] or n != rec["count"]:
         problems.append(
             f"holds samples {batch.first}+{n}, manifest says {rec['first']}+{rec['count']}"
@@ -114,7 +142,146 @@ def check_shard(
         problems.append("depth array has the wrong shape or non-finite values")
     if batch.version != version:
         problems.append(f"shard is format version {batch.version}, the dataset {version}")
-    return rec["file"], n, problems + instance_problems(batch, H, W)
+    return problems
+
+
+# ---------------------------------------------------------------------------------- remake
+
+
+@dataclass(frozen=True)
+class Remake:
+    """How to re-make samples: how many per shard, the assets' checksum (a worker's cache key)
+    and the overlay config's encoding (None: the composites' bytes are not compared)."""
+
+    count: int
+    assets_sha256: str = ""
+    encoding: tuple[str, int, str] | None = None  # (format, quality, subsampling)
+
+    @classmethod
+    def of(cls, count: int, manifest: dict[str, Any]) -> Remake:
+        config = manifest.get("stages", {}).get("overlay", {}).get("config") or {}
+        keys = ("format", "quality", "subsampling")
+        encoding = tuple(config[k] for k in keys) if all(k in config for k in keys) else None
+        sha = (manifest.get("assets") or {}).get("sha256", "")
+        return cls(count, sha, encoding)  # type: ignore[arg-type]
+
+
+def remake_positions(n: int, count: int) -> list[int]:
+    """`count` positions in a shard of n samples, evenly spaced, first and last included."""
+    if count <= 0 or n <= 0:
+        return []
+    return sorted(set(np.rint(np.linspace(0, n - 1, min(count, n))).astype(int).tolist()))
+
+
+@functools.lru_cache(maxsize=2)
+def _remake_assets(path: str, sha: str) -> tuple[fmt.Assets, Any]:
+    """The assets and their cutouts (a per-process cache keyed by the assets' checksum)."""
+    from .scenes import Cutouts
+
+    assets = fmt.read_assets(Path(path))
+    return assets, Cutouts(assets.foregrounds)
+
+
+def remake_problems(root: str, batch: fmt.ShardBatch, remake: Remake) -> list[str]:
+    """Re-make `remake.count` samples of the shard from their records alone and compare; one
+    problem per sample that differs, naming what differs."""
+    positions = remake_positions(len(batch), remake.count)
+    if not positions:
+        return []
+    try:
+        assets, cutouts = _remake_assets(str(Path(root) / fmt.ASSETS), remake.assets_sha256)
+        ids = _instance_masks_at(batch, positions) if batch.version != 1 else None
+    except PipelineError as e:
+        return [f"cannot re-make samples: {e}"]
+    masks = batch.masks_packed[positions]
+    if ids is None:
+        pairs = zip(positions, masks, strict=True)
+        differ = [_remake_v1(batch, j, assets, m, remake) for j, m in pairs]
+    else:
+        differ = [
+            _remake_v2(batch, j, assets, cutouts, m, i, remake)
+            for j, m, i in zip(positions, masks, ids, strict=True)
+        ]
+    return [
+        f"sample {batch.first + j} re-made from its records differs: {', '.join(d)}"
+        for j, d in zip(positions, differ, strict=True)
+        if d
+    ]
+
+
+def _instance_masks_at(batch: fmt.ShardBatch, positions: list[int]) -> NDArray[np.uint16]:
+    """The stored instance masks of some samples of a version-2 shard (only those read)."""
+    try:
+        with h5py.File(batch.path, "r") as f:  # type: ignore[arg-type]
+            return f["instance_mask"][positions]
+    except (OSError, KeyError, TypeError) as e:
+        raise DatasetError(f"damaged shard: {batch.path} ({e}); run `cli.py verify`") from None
+
+
+def _same_bytes(image: NDArray[np.uint8], stored: NDArray[np.uint8], remake: Remake) -> bool:
+    if remake.encoding is None:
+        return True
+    return codec.encode(image, *remake.encoding) == stored.tobytes()
+
+
+def _remake_v1(
+    batch: fmt.ShardBatch, j: int, assets: fmt.Assets, packed: NDArray[np.uint8], remake: Remake
+) -> list[str]:
+    """What differs in version-1 sample j re-made with overlay.composite from its meta row."""
+    from .overlay import composite
+
+    m = batch.meta[j]
+    try:
+        img, mask = composite(
+            assets.backgrounds[m["bg"]],
+            assets.foregrounds[m["fg"]],
+            int(m["x"]),
+            int(m["y"]),
+            bool(m["flipped"]),
+        )
+    except (ValueError, IndexError):
+        return ["its car does not fit in the image"]
+    differ = []
+    if not np.array_equal(np.packbits(mask > 0, axis=-1), packed):
+        differ.append("mask")
+    if not _same_bytes(img, batch.encoded[j], remake):
+        differ.append("composite")
+    return differ
+
+
+def _remake_v2(
+    batch: fmt.ShardBatch,
+    j: int,
+    assets: fmt.Assets,
+    cutouts: Any,
+    packed: NDArray[np.uint8],
+    ids: NDArray[np.uint16],
+    remake: Remake,
+) -> list[str]:
+    """What differs in version-2 sample j re-made with scenes.render from its records."""
+    from .scenes import render, visibility
+
+    off = batch.stored_offsets
+    rows = batch.stored_instances[off[j] : off[j + 1]]  # type: ignore[index]
+    bg = assets.backgrounds[batch.meta["bg"][j]]
+    try:
+        cars = [cutouts.scaled(r) for r in rows]  # (premultiplied car, label) each
+        img, inst = render(rows, bg, cutouts, cars)
+    except (ValueError, IndexError, cv2.error) as e:
+        return [f"its records cannot be rendered ({e})"]
+    shares, boxes = visibility(rows, [label for _, label in cars], bg.shape[:2])
+    differ = []
+    if not np.array_equal(inst, ids):
+        differ.append("instance mask")
+    if not np.array_equal(np.packbits(inst > 0, axis=-1), packed):
+        differ.append("union mask")
+    if not np.array_equal(shares.astype(np.float32), rows["visible"]):
+        differ.append("visible shares")
+    if not np.array_equal(boxes, fmt.boxes_of_records(rows)):
+        differ.append("boxes")
+    if not _same_bytes(img, batch.encoded[j], remake):
+        differ.append("composite")
+    return differ
 
 
 @dataclass
@@ -129,9 +296,14 @@ class VerifyReport:
 
 
 def run_verify(
-    root: str | Path, backend: Backend = Backend(), progress: Progress = NO_PROGRESS
+    root: str | Path,
+    backend: Backend = Backend(),
+    progress: Progress = NO_PROGRESS,
+    remake: int = 0,
 ) -> VerifyReport:
-    """Check every file of the dataset at `root`; progress counts samples."""
+    """Check every file of the dataset at `root`; progress counts samples. remake: samples per
+    shard to re-make from their records and compare exactly (0: none; the CLI's default is
+    REMAKE)."""
     root = Path(root)
     manifest = fmt.read_manifest(root)
     report = VerifyReport()
@@ -159,7 +331,8 @@ def run_verify(
     progress.start(sum(r["count"] for r in shards), 0)
     geometry = overlay.get("geometry", {})
     version = manifest.get("format_version", fmt.FORMAT_VERSION)
-    jobs = [(str(root.resolve()), rec, geometry, version) for rec in shards]
+    again = Remake.of(remake, manifest)
+    jobs = [(str(root.resolve()), rec, geometry, version, again) for rec in shards]
     checks = map_shards(check_shard, jobs, backend, shared_path=root.resolve(), writes=False)
     for file, n, problems in checks:
         report.shards += 1
