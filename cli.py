@@ -220,14 +220,6 @@ def _range(kind: type, text: str, name: str) -> tuple[Any, Any]:
     return values[0], values[-1]
 
 
-def _horizons_file(path: Path | None) -> dict[str, float]:
-    if path is None:
-        return {}
-    from pipeline.horizon import load_horizons
-
-    return load_horizons(path)
-
-
 SCENE_OPTIONS = [
     click.option(
         "--cars",
@@ -303,13 +295,16 @@ def scene_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         *args: Any, cars: str, scale_range: str, blends: str, horizons: Path | None, **kw: Any
     ) -> Any:
         names = ("placement", "horizon", "truncation", "shadow", "min_visible")
-        scene = SceneConfig(
-            cars=_range(int, cars, "--cars"),
-            scale=_range(float, scale_range, "--scale"),
-            blends=tuple(b.strip() for b in blends.split(",") if b.strip()),
-            horizons=_horizons_file(horizons),
-            **{n: kw.pop(n) for n in names},
-        )
+        try:
+            scene = SceneConfig(
+                cars=_range(int, cars, "--cars"),
+                scale=_range(float, scale_range, "--scale"),
+                blends=tuple(b.strip() for b in blends.split(",") if b.strip()),
+                horizons_file=str(horizons) if horizons else None,
+                **{n: kw.pop(n) for n in names},
+            )
+        except PipelineError as e:  # a bad option value: a usage error, like click's own
+            raise click.UsageError(str(e)) from None
         return fn(*args, scene=scene, **kw)
 
     for option in reversed(SCENE_OPTIONS):

@@ -15,6 +15,7 @@ Invariants:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
@@ -525,6 +526,7 @@ def run_overlay(
     existing = _existing_manifest(out)
     inputs = load_inputs(backgrounds, foregrounds, config.size, on_bad or OnBad())
     H, W = inputs.backgrounds.shape[1:3]
+    config = with_horizons_file(config, inputs)
     if config.scenes:
         check_cars_fit(config.scene, inputs.fg_names, inputs.foregrounds, (H, W))
     mirrors = 2 if config.mirror else 1
@@ -571,25 +573,33 @@ def run_overlay(
 # --------------------------------------------------------------------------- scene inputs
 
 
+def with_horizons_file(config: OverlayConfig, inputs: Inputs) -> OverlayConfig:
+    """The config with its --horizons file read (checked against the background names), so
+    that the manifest records the values and a rerun with another file is refused."""
+    path = config.scene.horizons_file
+    if not config.scenes or path is None:
+        return config
+    from .horizon import load_horizons
+
+    horizons = load_horizons(Path(path), inputs.bg_names)
+    return dataclasses.replace(config, scene=dataclasses.replace(config.scene, horizons=horizons))
+
+
 def scene_horizons(scene: SceneConfig, inputs: Inputs) -> list[dict[str, Any]]:
     """Each background's horizon (a fraction of its height) and where it came from: the
     --horizons file, an estimate from the picture, or the --horizon default. Uniform
     placement does not use them (recorded as None)."""
     if scene.placement != "ground":
         return [{"name": n, "horizon": None, "source": None} for n in inputs.bg_names]
-    from .horizon import estimate_horizon
+    from .horizon import horizon_rows
 
-    out = []
-    for name, bg in zip(inputs.bg_names, inputs.backgrounds, strict=True):
-        if name in scene.horizons:
-            value, source = scene.horizons[name], "file"
-        else:
-            value = estimate_horizon(bg)
-            value, source = (
-                (value, "estimated") if value is not None else (scene.horizon, "default")
-            )
-        out.append({"name": name, "horizon": float(value), "source": source})
-    return out
+    values, sources = horizon_rows(
+        inputs.backgrounds, inputs.bg_names, scene.horizons, default=scene.horizon
+    )
+    return [
+        {"name": n, "horizon": v, "source": src}
+        for n, v, src in zip(inputs.bg_names, values, sources, strict=True)
+    ]
 
 
 def check_cars_fit(

@@ -60,7 +60,8 @@ class SceneConfig:
     scale: tuple[float, float] = (1.0, 1.0)
     placement: str = "uniform"
     horizon: float = 0.45
-    horizons: Mapping[str, float] = field(default_factory=dict)  # background name -> fraction
+    horizons_file: str | None = None  # --horizons: JSON {background name: fraction}
+    horizons: Mapping[str, float] = field(default_factory=dict)  # its contents, once read
     truncation: float = 0.0
     blends: tuple[str, ...] = ("none",)
     shadow: float = 0.0
