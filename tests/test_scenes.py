@@ -67,15 +67,16 @@ def overlay_stage(root: Path) -> dict:
 
 
 def own_label(fg_rgba: np.ndarray, rec: dict) -> np.ndarray:
-    """A car's label as the contract defines it, computed here: its cutout's alpha (mirrored
-    if flipped) resized to the record's size (area to shrink, else linear), >= 127.5."""
+    """A car's label as the contract defines it, computed here from the alpha channel alone:
+    the cutout's alpha (mirrored if flipped) resized to the record's size (bilinear; area
+    averaging where it shrinks by more than 2x), >= 128."""
     alpha = fg_rgba[..., 3][:, ::-1] if rec["flipped"] else fg_rgba[..., 3]
-    a = np.ascontiguousarray(alpha, np.float32)
+    a = np.ascontiguousarray(alpha)
     h, w = int(rec["height"]), int(rec["width"])
     if a.shape != (h, w):
-        shrink = h <= a.shape[0] and w <= a.shape[1]
-        a = cv2.resize(a, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-    return a >= 127.5
+        far = 2 * h < a.shape[0] or 2 * w < a.shape[1]
+        a = cv2.resize(a, (w, h), interpolation=cv2.INTER_AREA if far else cv2.INTER_LINEAR)
+    return a >= 128
 
 
 def placed(label: np.ndarray, rec: dict, hw: tuple[int, int] = HW) -> np.ndarray:
@@ -157,10 +158,12 @@ def test_own_label_at_scale_one_is_alpha_128(scenes: Path) -> None:
         fg = ds.foregrounds[0]
         rec = {"flipped": True, "height": fg.shape[0], "width": fg.shape[1]}
         assert np.array_equal(own_label(fg, rec), fg[:, ::-1, 3] >= 128)
-        # and the engine's label is the same one
-        row = np.zeros((), fmt.INSTANCE_DTYPE)
-        row["fg"], row["flipped"], row["height"], row["width"] = 0, 1, 30, 50
-        assert np.array_equal(Cutouts(ds.foregrounds).scaled(row)[1], own_label(fg, row))
+        # and the engine's label is the same one, shrunk (by more than 2x too) or grown
+        cutouts = Cutouts(ds.foregrounds)
+        for height, width in [(30, 50), (9, 10), (6, 7), (19, 21), (40, 44), (20, 22)]:
+            row = np.zeros((), fmt.INSTANCE_DTYPE)
+            row["fg"], row["flipped"], row["height"], row["width"] = 0, 1, height, width
+            assert np.array_equal(cutouts.scaled(row)[1], own_label(fg, row)), (height, width)
 
 
 # ------------------------------------------------------------------------ re-making samples
