@@ -5,6 +5,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 OUT    ?= out
 WORKERS ?= 2
+# The scenes dataset beside the seed-style one: several cars, perspective, blends, shadows.
+SCENE_ARGS ?= --cars 1-4 --scale 0.6-1.2 --placement ground --truncation 0.1 \
+	--blend none,gaussian,motion,poisson --shadow 0.5
 
 .PHONY: install dataset test bench bench-gpu lint format clean assets train-demo
 
@@ -40,6 +43,14 @@ dataset: $(STAMP)
 	$(PY) cli.py stats $(OUT)/dataset
 	$(PY) cli.py preview $(OUT)/dataset --n 8
 	$(PY) cli.py verify $(OUT)/dataset
+	$(PY) cli.py overlay --backgrounds $(OUT)/prep/backgrounds \
+		--foregrounds $(OUT)/prep/cars --foregrounds $(OUT)/prep/cars_flipped \
+		--foregrounds $(OUT)/prep/photo_cars --foregrounds $(OUT)/prep/photo_cars_flipped \
+		--positions 10 --seed 0 --size 224x224 --workers $(WORKERS) --out $(OUT)/scenes \
+		$(SCENE_ARGS)
+	$(PY) cli.py stats $(OUT)/scenes
+	$(PY) cli.py preview $(OUT)/scenes --n 8
+	$(PY) cli.py verify $(OUT)/scenes
 	@if [ -f $(OUT)/depth-skipped.txt ]; then cat $(OUT)/depth-skipped.txt; fi
 
 test: $(STAMP)

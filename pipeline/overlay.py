@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -615,10 +616,10 @@ def check_cars_fit(
     if scene.placement != "uniform":
         return
     H, W = hw
-    keep = 1 - 2 * (1 - (1 - scene.truncation) ** 0.5)
+    a = 1 - (1 - scene.truncation) ** 0.5  # what each axis may lose (as scenes._place)
     for name, fg in zip(names, cutouts, strict=True):
         h, w = (round(v * scene.scale[1]) for v in fg.shape[:2])
-        if h * keep > H or w * keep > W:
+        if h - 2 * math.floor(a * h) > H or w - 2 * math.floor(a * w) > W:
             raise PipelineError(
                 f"cars cannot fit: foreground {name} at --scale {scene.scale[1]:g} is {w}x{h}, "
                 f"larger than the {W}x{H} backgrounds; lower --scale or allow --truncation"

@@ -189,9 +189,16 @@ def _place(
         bottom = (
             top + MIN_HEIGHT / (camera * scale) + u_y * (H - top - MIN_HEIGHT / (camera * scale))
         )
-        limit = np.minimum(cfg.ranges.max_height * H, W * fh / fw)
-        h = np.clip(np.rint(camera * scale * (bottom - top)), MIN_HEIGHT, limit)
-        y = np.rint(np.minimum(bottom, H)) - h
+        row = np.rint(np.minimum(bottom, H))  # the bottom edge (exclusive), on the road
+        # At most max_height of the image, no wider than it, and no taller than what leaves
+        # at most the truncation allowance above the top edge.
+        limit = np.floor(
+            np.minimum(np.minimum(cfg.ranges.max_height * H, W * fh / fw), row / (1 - a))
+        )
+        h = np.rint(
+            np.clip(camera * scale * (bottom - top), MIN_HEIGHT, np.maximum(limit, MIN_HEIGHT))
+        )
+        y = row - h
         rows["horizon"], rows["camera"] = horizon, camera
     else:
         h = np.maximum(1, np.rint(fh * scale))

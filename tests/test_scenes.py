@@ -349,16 +349,11 @@ def test_ground_horizons_file(make, tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def big_ground(make) -> Path:
     """Ground placement with large cars (camera x scale up to 3.9): many reach the height
-    clamp (0.9 H = 86.4 rows here) or stand taller than their bottom row. --truncation 0."""
+    clamp (0.9 H = 86.4 rows here) or would stand taller than their bottom row (the engine
+    then shrinks them). --truncation 0."""
     return make("big_ground", "--placement", "ground", "--scale", "2-3", "--positions", "20")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="scenes._place clips the ground height to min(0.9 H, W * aspect) after rounding, so "
-    "a clamped car's height is fractional (86.4): the record stores height 86 but scale "
-    "86.4 / cutout height, width from 86.4, and y = round(bottom) - 86.4 truncated",
-)
 def test_ground_records_height_is_scale_times_cutout(big_ground: Path) -> None:
     with fmt.open_dataset(big_ground) as ds:
         fh = ds.fg_shapes[:, 0]
@@ -366,11 +361,6 @@ def test_ground_records_height_is_scale_times_cutout(big_ground: Path) -> None:
     assert all(abs(r["scale"] * fh[r["fg"]] - r["height"]) < 1e-3 for r in recs)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="scenes._place (ground) sets y = bottom - height without the --truncation "
-    "allowance: a car taller than its bottom row sticks out of the image's top at --truncation 0",
-)
 def test_ground_cars_stay_inside_at_truncation_0(big_ground: Path) -> None:
     with fmt.open_dataset(big_ground) as ds:
         recs = [r for i in range(len(ds)) for r in ds[i].instances]
