@@ -191,6 +191,27 @@ def bench_readers(ds: Path, n: int, rows: Rows, results: dict[str, object]) -> N
     results["verify"] = {"seconds": secs, "samples_per_s": n / secs}
 
 
+SCENE_ARGS = ["--cars", "1-4", "--scale", "0.5-1.2", "--placement", "ground"]
+SCENE_LOOKS = ["--blend", "none,gaussian,motion", "--shadow", "0.5"]
+
+
+def bench_scenes(rows: Rows, results: dict[str, object]) -> None:
+    """Overlay with the scene options on one worker (BENCH_SCENE_POSITIONS, default 1: 20K
+    samples), then the same with Poisson blending alone (slow by nature)."""
+    positions = os.environ.get("BENCH_SCENE_POSITIONS", "1")
+    for name, looks in (("scenes", SCENE_LOOKS), ("scenes_poisson", ["--blend", "poisson"])):
+        out = OUT / name
+        shutil.rmtree(out, ignore_errors=True)
+        args = overlay_args(out, "--workers", "1", *SCENE_ARGS, *looks)
+        args[args.index("--positions") + 1] = positions
+        secs, rss, _ = run_cli(args)
+        n = json.loads((out / "manifest.json").read_text())["num_samples"]
+        label = f"overlay {name}, 1 worker, {n:,} samples ({' '.join(SCENE_ARGS + looks)})"
+        rows.append((label, f"{n / secs:,.0f} samples/s incl. start-up, peak RSS {rss:.0f} MB"))
+        results[f"overlay_{name}"] = {"samples": n, "seconds": secs, "samples_per_s": n / secs}
+        shutil.rmtree(out, ignore_errors=True)
+
+
 def main() -> None:
     if not SHARED.is_dir():
         raise SystemExit(f"benchmarks need the real images in {SHARED}")
@@ -204,6 +225,8 @@ def main() -> None:
     if os.environ.get("BENCH_DASK", "1") == "1":
         bench_dask(ds, n, rows, results)
     bench_readers(ds, n, rows, results)
+    if os.environ.get("BENCH_SCENES", "1") == "1":
+        bench_scenes(rows, results)
     (OUT / "results.json").write_text(json.dumps(results, indent=1))
     width = max(len(r[0]) for r in rows)
     print(f"\nsynthcar benchmarks ({os.cpu_count()} CPUs), positions={POSITIONS}")

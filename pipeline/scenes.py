@@ -419,7 +419,9 @@ def _composite(img: NDArray[np.uint8], car: NDArray[np.uint8], row: Any) -> None
 def _poisson(
     img: NDArray[np.uint8], car: NDArray[np.uint8], label: NDArray[np.bool_], row: Any
 ) -> None:
-    """OpenCV's seamless cloning of the car into the canvas, inside the car's own mask."""
+    """OpenCV's seamless cloning of the car into the canvas, inside the car's own mask (less
+    the image's outermost rows and columns, which the solver needs as its boundary). A mask
+    under 3x3 pixels, which OpenCV cannot clone, is pasted hard instead."""
     H, W = img.shape[:2]
     iy, ix, cy, cx = _clip(
         int(row["x"]), int(row["y"]), int(row["width"]), int(row["height"]), (H, W)
@@ -431,10 +433,13 @@ def _poisson(
     mask[:, [0, -1]] = 0
     if not mask.any():
         return
+    bx, by, bw, bh = cv2.boundingRect(mask)
+    if bw < 3 or bh < 3:
+        _composite(img, car, row)
+        return
     src = img.copy()
     alpha = cv2.cvtColor(cv2.extractChannel(part, 3), cv2.COLOR_GRAY2RGB)
     src[iy, ix] = cv2.divide(cv2.cvtColor(part, cv2.COLOR_RGBA2RGB), alpha, scale=255)
-    bx, by, bw, bh = cv2.boundingRect(mask)
     img[...] = cv2.seamlessClone(src, img, mask, (bx + bw // 2, by + bh // 2), cv2.NORMAL_CLONE)
 
 

@@ -405,3 +405,19 @@ def test_bad_options(options, status, says, sources, tmp_path: Path, cli_run) ->
     assert res.exit_code == status and len(errors) == 1, res.output
     assert says in errors[0] and "Traceback" not in res.output, res.output
     assert not out.exists()
+
+
+def test_poisson_on_a_car_too_small_to_clone() -> None:
+    """OpenCV cannot clone a mask under 3x3 pixels: such a car is pasted hard, in both making
+    and re-making, and still labelled."""
+    from pipeline.scenes import Cutouts, render
+
+    car = np.zeros((2, 2, 4), np.uint8)
+    car[..., :3], car[..., 3] = 200, 255
+    row = np.zeros(1, fmt.INSTANCE_DTYPE)
+    row["instance"], row["x"], row["y"], row["width"], row["height"] = 1, 10, 12, 2, 2
+    row["scale"], row["blend"] = 1.0, fmt.BLENDS.index("poisson")
+    bg = np.full((32, 48, 3), 50, np.uint8)
+    img, inst = render(row, bg, Cutouts([car]))
+    assert (img[12:14, 10:12] == 200).all() and (inst[12:14, 10:12] == 1).all()
+    assert inst.sum() == 4
