@@ -130,3 +130,17 @@ def test_tasks_needing_a_resource_run_only_where_it_is(cluster) -> None:
         finally:
             worker.terminate()
             worker.wait(timeout=30)
+
+
+def test_scenes_on_the_cluster_equal_local(inputs, tmp_path: Path, cluster) -> None:
+    """Scene options (format version 2) make the same bytes on a Dask cluster as locally."""
+    from pipeline.scenes import SceneConfig
+
+    bgs, fgs = inputs
+    scene = SceneConfig(cars=(1, 3), scale=(0.6, 1.1), blends=("none", "gaussian", "motion"))
+    config = OverlayConfig(positions=6, mirror=True, shard_size=12, seed=2, scene=scene)
+    run_overlay(bgs, [fgs], tmp_path / "local", config)
+    dask = Backend("dask", 2, cluster.scheduler_address)
+    run_overlay(bgs, [fgs], tmp_path / "dask", config, dask)
+    assert shard_bytes(tmp_path / "dask") == shard_bytes(tmp_path / "local")
+    assert run_verify(tmp_path / "dask", dask).ok
