@@ -291,11 +291,15 @@ def _boxes(rows: NDArray[Any]) -> list[tuple[int, int, int, int]]:
 
 
 def visibility(
-    rows: NDArray[Any], labels: Sequence[NDArray[np.bool_]], hw: tuple[int, int]
+    rows: NDArray[Any],
+    labels: Sequence[NDArray[np.bool_]],
+    hw: tuple[int, int],
+    with_boxes: bool = True,
 ) -> tuple[NDArray[np.float64], NDArray[np.int64]]:
     """(visible share, tight box (x0, y0, x1, y1) of the visible pixels) of each car, in the
     order of `rows`: its alpha >= 128 pixels inside the image and not under a nearer car, over
-    all its alpha >= 128 pixels. A car with nothing visible gets the box (0, 0, 0, 0)."""
+    all its alpha >= 128 pixels. A car with nothing visible (or every car, without
+    `with_boxes`) gets the box (0, 0, 0, 0)."""
     covered = np.zeros(hw, bool)
     shares, boxes = np.zeros(len(rows)), np.zeros((len(rows), 4), np.int64)
     geometry = _boxes(rows)
@@ -305,7 +309,7 @@ def visibility(
         seen = mine & ~covered[iy, ix]
         count = int(np.count_nonzero(seen))
         shares[k] = count / max(1, int(np.count_nonzero(labels[k])))
-        if count:
+        if count and with_boxes:
             ys, xs = np.flatnonzero(seen.any(axis=1)), np.flatnonzero(seen.any(axis=0))
             boxes[k] = (
                 ix.start + xs[0],
@@ -328,7 +332,7 @@ def choose_cars(
     for j in range(1, len(rows)):
         trial = [*kept, j]
         if any(_overlap(boxes[j], boxes[k]) for k in kept):
-            new = visibility(rows[trial], [labels[k] for k in trial], hw)[0]
+            new = visibility(rows[trial], [labels[k] for k in trial], hw, with_boxes=False)[0]
         else:  # nobody's view changes: only the new car's own truncation counts
             new = np.append(shares, _alone(boxes[j], labels[j], hw))
         worse = (new[:-1] < min_visible) & (new[:-1] < shares - 1e-12)
