@@ -423,28 +423,32 @@ def _composite(img: NDArray[np.uint8], car: NDArray[np.uint8], row: Any) -> None
 def _poisson(
     img: NDArray[np.uint8], car: NDArray[np.uint8], label: NDArray[np.bool_], row: Any
 ) -> None:
-    """OpenCV's seamless cloning of the car into the canvas, inside the car's own mask (less
-    the image's outermost rows and columns, which the solver needs as its boundary). A mask
-    under 3x3 pixels, which OpenCV cannot clone, is pasted hard instead."""
+    """OpenCV's seamless cloning of the car into the canvas, inside the car's own mask. The
+    image's outermost rows and columns (the solver's boundary) get the car pasted hard, and so
+    does a whole car whose mask inside them is under 3x3 pixels (OpenCV cannot clone that)."""
     H, W = img.shape[:2]
     iy, ix, cy, cx = _clip(
         int(row["x"]), int(row["y"]), int(row["width"]), int(row["height"]), (H, W)
     )
-    part = car[cy, cx]
     mask = np.zeros((H, W), np.uint8)
     mask[iy, ix] = np.where(label[cy, cx], 255, 0)
-    mask[[0, -1], :] = 0
-    mask[:, [0, -1]] = 0
-    if not mask.any():
-        return
+    edge = mask.copy()
+    edge[1:-1, 1:-1] = 0
+    mask[edge > 0] = 0
     bx, by, bw, bh = cv2.boundingRect(mask)
     if bw < 3 or bh < 3:
         _composite(img, car, row)
         return
+    if edge.any():
+        hard = img.copy()
+        _composite(hard, car, row)
+    part = car[cy, cx]
     src = img.copy()
     alpha = cv2.cvtColor(cv2.extractChannel(part, 3), cv2.COLOR_GRAY2RGB)
     src[iy, ix] = cv2.divide(cv2.cvtColor(part, cv2.COLOR_RGBA2RGB), alpha, scale=255)
     img[...] = cv2.seamlessClone(src, img, mask, (bx + bw // 2, by + bh // 2), cv2.NORMAL_CLONE)
+    if edge.any():
+        img[edge > 0] = hard[edge > 0]
 
 
 def _stamp(inst: NDArray[np.uint16], label: NDArray[np.bool_], row: Any) -> None:

@@ -421,3 +421,20 @@ def test_poisson_on_a_car_too_small_to_clone() -> None:
     img, inst = render(row, bg, Cutouts([car]))
     assert (img[12:14, 10:12] == 200).all() and (inst[12:14, 10:12] == 1).all()
     assert inst.sum() == 4
+
+
+def test_poisson_pastes_the_image_border_hard() -> None:
+    """Seamless cloning needs the image's outermost rows and columns as its boundary: a car
+    touching them is pasted hard there, so every labelled pixel shows the car."""
+    from pipeline.scenes import Cutouts, render
+
+    car = np.zeros((10, 12, 4), np.uint8)
+    car[..., :3], car[..., 3] = 200, 255
+    row = np.zeros(1, fmt.INSTANCE_DTYPE)
+    row["instance"], row["x"], row["y"], row["width"], row["height"] = 1, 0, 5, 12, 10
+    row["scale"], row["blend"] = 1.0, fmt.BLENDS.index("poisson")
+    bg = np.full((32, 48, 3), 50, np.uint8)
+    img, inst = render(row, bg, Cutouts([car]))
+    assert (inst[5:15, 0:12] == 1).all()
+    assert (img[5:15, 0] == 200).all()  # the border column: hard
+    assert (img[:5] == 50).all() and (img[16:] == 50).all()  # nothing outside the car
