@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import math
 import time
@@ -83,9 +82,8 @@ class OverlayConfig:
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["size"] = list(self.size) if self.size else None
-        # Recorded only when used: a default dataset's manifest is today's, so it resumes. As
-        # the manifest's JSON holds it (lists, not tuples), so that a rerun's compares equal.
-        d["scene"] = json.loads(json.dumps(self.scene.to_json())) if self.scenes else None
+        # Recorded only when used: a default dataset's manifest is today's, so it resumes.
+        d["scene"] = self.scene.to_json() if self.scenes else None
         if d["scene"] is None:
             del d["scene"]
         return d

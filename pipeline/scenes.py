@@ -17,6 +17,7 @@ overlay, so a sample never depends on its shard or worker):
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -109,9 +110,9 @@ class SceneConfig:
         return self == SceneConfig()
 
     def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["horizons"] = dict(self.horizons)
-        return d
+        """The config as the manifest's JSON holds it (lists, not tuples), so that a rerun's
+        config compares equal to the one read back."""
+        return json.loads(json.dumps({**asdict(self), "horizons": dict(self.horizons)}))
 
 
 # ------------------------------------------------------------------------------ the draws

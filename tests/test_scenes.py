@@ -407,18 +407,22 @@ def test_bad_options(options, status, says, sources, tmp_path: Path, cli_run) ->
     assert not out.exists()
 
 
+def poisson_render(x: int, y: int, w: int, h: int) -> tuple[np.ndarray, np.ndarray]:
+    """One opaque grey-200 car of w x h at (x, y), Poisson-blended on a 48x32 grey-50 image."""
+    from pipeline.scenes import Cutouts, render
+
+    car = np.zeros((h, w, 4), np.uint8)
+    car[..., :3], car[..., 3] = 200, 255
+    row = np.zeros(1, fmt.INSTANCE_DTYPE)
+    row["instance"], row["x"], row["y"], row["width"], row["height"] = 1, x, y, w, h
+    row["scale"], row["blend"] = 1.0, fmt.BLENDS.index("poisson")
+    return render(row, np.full((32, 48, 3), 50, np.uint8), Cutouts([car]))
+
+
 def test_poisson_on_a_car_too_small_to_clone() -> None:
     """OpenCV cannot clone a mask under 3x3 pixels: such a car is pasted hard, in both making
     and re-making, and still labelled."""
-    from pipeline.scenes import Cutouts, render
-
-    car = np.zeros((2, 2, 4), np.uint8)
-    car[..., :3], car[..., 3] = 200, 255
-    row = np.zeros(1, fmt.INSTANCE_DTYPE)
-    row["instance"], row["x"], row["y"], row["width"], row["height"] = 1, 10, 12, 2, 2
-    row["scale"], row["blend"] = 1.0, fmt.BLENDS.index("poisson")
-    bg = np.full((32, 48, 3), 50, np.uint8)
-    img, inst = render(row, bg, Cutouts([car]))
+    img, inst = poisson_render(10, 12, 2, 2)
     assert (img[12:14, 10:12] == 200).all() and (inst[12:14, 10:12] == 1).all()
     assert inst.sum() == 4
 
@@ -426,15 +430,7 @@ def test_poisson_on_a_car_too_small_to_clone() -> None:
 def test_poisson_pastes_the_image_border_hard() -> None:
     """Seamless cloning needs the image's outermost rows and columns as its boundary: a car
     touching them is pasted hard there, so every labelled pixel shows the car."""
-    from pipeline.scenes import Cutouts, render
-
-    car = np.zeros((10, 12, 4), np.uint8)
-    car[..., :3], car[..., 3] = 200, 255
-    row = np.zeros(1, fmt.INSTANCE_DTYPE)
-    row["instance"], row["x"], row["y"], row["width"], row["height"] = 1, 0, 5, 12, 10
-    row["scale"], row["blend"] = 1.0, fmt.BLENDS.index("poisson")
-    bg = np.full((32, 48, 3), 50, np.uint8)
-    img, inst = render(row, bg, Cutouts([car]))
+    img, inst = poisson_render(0, 5, 12, 10)
     assert (inst[5:15, 0:12] == 1).all()
     assert (img[5:15, 0] == 200).all()  # the border column: hard
     assert (img[:5] == 50).all() and (img[16:] == 50).all()  # nothing outside the car
