@@ -20,6 +20,8 @@ from tqdm import tqdm
 
 from pipeline.dataset import BLENDS
 from pipeline.errors import OnBad, PipelineError
+from pipeline.exports import FORMATS as EXPORT_FORMATS
+from pipeline.exports.common import ExportOptions
 from pipeline.overlay import FORMATS, SUBSAMPLINGS, OverlayConfig
 from pipeline.prep.dedupe import DedupeConfig
 from pipeline.prep.foregrounds import ForegroundConfig
@@ -521,16 +523,54 @@ def verify(dataset: Path, remake: int, backend: Backend) -> None:
 
 @cli.command()
 @dataset_arg
-@out_option("Folder to write fg_bg/, mask/, depth/, bg/ and samples.csv into.")
+@out_option("Folder to write the export into.")
+@click.option(
+    "--format",
+    "format_",
+    type=click.Choice(EXPORT_FORMATS),
+    default="folders",
+    show_default=True,
+    help="folders: fg_bg/ mask/ depth/ bg/ + samples.csv; coco: annotations.json (instances, "
+    "RLE) + images; yolo: YOLO segmentation labels + data.yaml; webdataset: one tar per shard.",
+)
+@click.option(
+    "--holdout-backgrounds",
+    type=click.FloatRange(min=0),
+    default=0,
+    show_default=True,
+    help="Write train/ and val/, holding these backgrounds out for val (a fraction below 1 or "
+    "a count), drawn as the trainer draws its validation backgrounds.",
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=ExportOptions.seed,
+    show_default=True,
+    help="The seed of the --holdout-backgrounds draw (the trainer config's seed).",
+)
+@click.option("--yolo-boxes", is_flag=True, help="yolo: box labels instead of polygons.")
+@click.option("--with-bg", is_flag=True, help="webdataset: add bg.png to every sample.")
 @backend_options()
 @handle_errors
-def export(dataset: Path, out: Path, backend: Backend) -> None:
-    """Write the dataset as plain image folders plus samples.csv."""
+def export(
+    dataset: Path,
+    out: Path,
+    format_: str,
+    holdout_backgrounds: float,
+    seed: int,
+    yolo_boxes: bool,
+    with_bg: bool,
+    backend: Backend,
+) -> None:
+    """Write the dataset in a layout other tools read (resumable; see docs/FORMAT.md)."""
     from pipeline.exports import run_export
 
-    with progress_bar("export") as bar:
-        made = run_export(dataset, out, "folders", backend, bar)
-    click.echo(f"export: {made:,} samples written (the rest were done earlier) -> {out}")
+    options = ExportOptions(holdout_backgrounds, seed, yolo_boxes, with_bg)
+    with progress_bar(f"export {format_}") as bar:
+        made = run_export(dataset, out, format_, backend, bar, options)
+    click.echo(
+        f"export {format_}: {made:,} samples written (the rest were done earlier) -> {out}"
+    )
 
 
 DEDUPE = DedupeConfig()

@@ -61,6 +61,28 @@ def small_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def scenes_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A format-2 (scenes) dataset: 4 backgrounds 160x96 x 2 cars x 2 mirrors x 3 positions = 48
+    samples of 1-4 cars (occluding, truncated, blended) in shards of 20, 20, 8, no depth.
+    Shared by the whole session: tests copy it before changing it."""
+    from pipeline.overlay import OverlayConfig, run_overlay
+    from pipeline.scenes import SceneConfig
+
+    tmp = tmp_path_factory.mktemp("scenes_dataset")
+    bgs, fgs = make_inputs(tmp, num_bg=4, bg_size=(160, 96))
+    scene = SceneConfig(
+        cars=(1, 4),
+        scale=(0.6, 1.2),
+        truncation=0.2,
+        blends=("none", "gaussian", "motion"),
+        shadow=0.5,
+    )
+    config = OverlayConfig(positions=3, mirror=True, shard_size=20, scene=scene)
+    run_overlay(bgs, [fgs], tmp / "ds", config)
+    return tmp / "ds"
+
+
+@pytest.fixture(scope="session")
 def with_depth(small_dataset: Path, tmp_path_factory, cli_run) -> tuple[Path, str]:
     """A copy of small_dataset with depth from the half-width test checkpoint (made once per
     session, shared by the depth tests), and the depth command's output."""

@@ -246,7 +246,7 @@ def test_export_folders(built: Path, tmp_path: Path, cli_run) -> None:
     assert int(r["x"]) == s.meta["x"] and r["fg_name"] == ds.assets.fg_names[s.meta["fg"]]
     # resume: a second run has nothing left to do
     res = cli_run("export", built, "--out", out, "--workers", "1")
-    assert "export: 0 samples written" in res.output
+    assert "export folders: 0 samples written" in res.output
 
 
 def test_export_depth_and_refusals(ds_copy: Path, tmp_path: Path, cli_run) -> None:

@@ -34,6 +34,7 @@ from numpy.typing import NDArray
 from pipeline import codec
 from pipeline.dataset import Dataset
 from pipeline.errors import DatasetError
+from pipeline.splits import split_backgrounds
 
 from .config import AugmentConfig, TrainConfig
 from .model import Normalisation
@@ -50,20 +51,6 @@ class Split:
     val_bgs: tuple[int, ...]
     n_train: int
     n_val: int
-
-
-def split_backgrounds(num_bg: int, holdout: float, seed: int) -> tuple[list[int], list[int]]:
-    """(train ids, validation ids), sorted. holdout < 1 is a fraction, >= 1 a count; at least
-    one background stays on each side when there are two or more."""
-    if num_bg < 2:
-        raise DatasetError(
-            f"validation is held out by background, and the dataset has {num_bg}; "
-            "make it from two or more backgrounds"
-        )
-    k = round(num_bg * holdout) if holdout < 1 else int(holdout)
-    k = min(max(k, 1), num_bg - 1)
-    perm = np.random.default_rng([seed, 0x5A17]).permutation(num_bg)
-    return sorted(int(i) for i in perm[k:]), sorted(int(i) for i in perm[:k])
 
 
 def samples_per_background(ds: Dataset) -> NDArray[np.int64]:

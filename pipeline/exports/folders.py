@@ -3,8 +3,9 @@
 Output DIR/fg_bg/NNNNNNN.jpg (the stored bytes, not re-encoded; .png for PNG datasets),
 DIR/mask/NNNNNNN.png (8-bit, 0/255), DIR/depth/NNNNNNN.png (16-bit, depth * 65535) when the
 dataset has depth, DIR/bg/BBBB.png (each background once), and DIR/samples.csv linking each
-sample to its files, background, foreground and placement. Every file is written atomically; an
-interrupted export resumes shard by shard.
+sample to its files, background, foreground and placement. With a holdout, the same layout under
+DIR/train/ and DIR/val/ (each with the backgrounds its samples use). Every file is written
+atomically; an interrupted export resumes shard by shard.
 """
 
 from __future__ import annotations
@@ -19,7 +20,15 @@ from .. import dataset as fmt
 from ..files import atomic_write_bytes, writing
 from ..progress import Progress
 from ..runner import Backend
-from .common import done_marker, export_shards, prepare_export
+from .common import (
+    ExportOptions,
+    Split,
+    export_shards,
+    join_parts,
+    make_split,
+    prepare_export,
+    write_parts,
+)
 
 COLUMNS = [
     "index",
@@ -57,40 +66,50 @@ def _row(m: Any, name: str, ext: str, depth_file: str, assets: fmt.Assets) -> li
     ]
 
 
-def export_shard(root: str, k: int, out: str, with_depth: bool) -> int:
+def export_shard(root: str, k: int, out: str, with_depth: bool, split: Split) -> int:
     """Write shard k's files and its rows of samples.csv (its done marker); returns samples."""
     with fmt.open_dataset(root) as ds:
         batch = ds.read_shard(k)
-        dest, masks, ext = Path(out), batch.masks(), batch.extension
-        rows = io.StringIO()
-        writer = csv.writer(rows)
+        masks, ext = batch.masks(), batch.extension
+        rows = {name: io.StringIO() for name in split.names}
+        writers = {name: csv.writer(rows[name]) for name in split.names}
         for i, m in enumerate(batch.meta):
             name = f"{int(m['index']):07d}"
+            subset = split.subset(m["bg"])
+            dest = Path(out) / subset
             atomic_write_bytes(dest / "fg_bg" / f"{name}.{ext}", batch.encoded[i].tobytes())
             codec.write_png(dest / "mask" / f"{name}.png", masks[i], PNG_LEVEL)
             depth_file = ""
             if with_depth and batch.depth is not None:
                 depth_file = f"depth/{name}.png"
                 codec.write_png(dest / depth_file, codec.depth_to_u16(batch.depth[i]), PNG_LEVEL)
-            writer.writerow(_row(m, name, ext, depth_file, ds.assets))
-        atomic_write_bytes(done_marker(dest, k, "csv"), rows.getvalue().encode())
+            writers[subset].writerow(_row(m, name, ext, depth_file, ds.assets))
+        write_parts(out, k, {name: text.getvalue() for name, text in rows.items()})
     return len(batch)
 
 
-def run_folders(root: str | Path, out: str | Path, backend: Backend, progress: Progress) -> int:
+def run_folders(
+    root: str | Path,
+    out: str | Path,
+    backend: Backend,
+    progress: Progress,
+    options: ExportOptions = ExportOptions(),
+) -> int:
     """Export every sample as plain files; returns the number of samples exported by this run."""
-    ds = fmt.open_dataset(root)
-    out = Path(out)
-    with_depth = ds.has_depth
-    prepare_export(out, ds, ["fg_bg", "mask", "bg"] + (["depth"] if with_depth else []))
-    for b, bg in enumerate(ds.backgrounds):
-        target = out / "bg" / f"{b:04d}.png"
-        if not target.exists():
-            codec.write_png(target, bg, PNG_LEVEL)
-    made = sum(export_shards(ds, out, export_shard, (with_depth,), "csv", backend, progress))
-    with writing(out / "samples.csv") as tmp, open(tmp, "w", newline="") as f:
-        f.write(",".join(COLUMNS) + "\n")
-        for k in range(len(ds.shards)):
-            f.write(done_marker(out, k, "csv").read_text())
-    ds.close()
+    with fmt.open_dataset(root) as ds:
+        out = Path(out)
+        with_depth = ds.has_depth
+        split = make_split(ds, options)
+        subs = ["fg_bg", "mask", "bg"] + (["depth"] if with_depth else [])
+        prepare_export(out, ds, split.folders(subs), "folders", options)
+        for b, bg in enumerate(ds.backgrounds):
+            target = out / split.subset(b) / "bg" / f"{b:04d}.png"
+            if not target.exists():
+                codec.write_png(target, bg, PNG_LEVEL)
+        job = (with_depth, split)
+        made = sum(export_shards(ds, out, export_shard, job, "json", backend, progress))
+        for name, text in join_parts(out, len(ds.shards)).items():
+            with writing(out / name / "samples.csv") as tmp, open(tmp, "w", newline="") as f:
+                f.write(",".join(COLUMNS) + "\n")
+                f.write(text)
     return made
