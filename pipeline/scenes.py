@@ -322,36 +322,85 @@ def visibility(
     return shares, boxes
 
 
+@dataclass
+class _View:
+    """One kept car while a sample's cars are chosen: where it lies in the image (clipped), its
+    label there, the part of it no nearer kept car covers, and its whole label's pixel count."""
+
+    pos: int
+    depth: tuple[int, int]
+    rows: slice
+    cols: slice
+    label: NDArray[np.bool_]
+    seen: NDArray[np.bool_]
+    total: int
+
+    @property
+    def share(self) -> float:
+        return _share(self.seen, self.total)
+
+
+def _share(seen: NDArray[np.bool_], total: int) -> float:
+    return int(np.count_nonzero(seen)) / max(1, total)
+
+
+def _view(pos: int, row: tuple[int, int, int, int, int], label: NDArray[np.bool_], hw) -> _View:
+    x, y, w, h, slot = row
+    iy, ix, cy, cx = _clip(x, y, w, h, hw)
+    mine = label[cy, cx]
+    total = int(np.count_nonzero(label))
+    return _View(pos, (y + h, slot), iy, ix, mine, mine.copy(), total)
+
+
+def _shared(a: _View, b: _View) -> tuple[tuple[slice, slice], tuple[slice, slice]] | None:
+    """Where two views overlap, in a's and in b's coordinates (None if they do not)."""
+    y0, y1 = max(a.rows.start, b.rows.start), min(a.rows.stop, b.rows.stop)
+    x0, x1 = max(a.cols.start, b.cols.start), min(a.cols.stop, b.cols.stop)
+    if y1 <= y0 or x1 <= x0:
+        return None
+    ay, ax, by, bx = a.rows.start, a.cols.start, b.rows.start, b.cols.start
+    return (
+        (slice(y0 - ay, y1 - ay), slice(x0 - ax, x1 - ax)),
+        (slice(y0 - by, y1 - by), slice(x0 - bx, x1 - bx)),
+    )
+
+
 def choose_cars(
     rows: NDArray[Any], labels: Sequence[NDArray[np.bool_]], hw: tuple[int, int], min_visible: float
-) -> list[int]:
-    """Positions (in `rows`, one sample's candidates in slot order) of the cars to paste: the
-    first always; each other one unless it would leave itself, or make another car, less than
-    min_visible visible. Decided in slot order, so it depends on the draws alone."""
-    boxes = _boxes(rows)
-    kept, shares = [0], np.array([_alone(boxes[0], labels[0], hw)])
+) -> list[_View]:
+    """The cars to paste, from one sample's candidates (`rows`, slot order): the first always;
+    each other one unless it would leave itself, or make another car, less than min_visible
+    visible. Decided in slot order, so it depends on the draws alone. Returns the kept cars'
+    views (in slot order): `seen` is each one's visible pixels, exactly what `visibility` finds
+    for the kept set, updated one car at a time over the boxes each new car touches."""
+    fields = ("x", "y", "width", "height", "instance")
+    geometry = list(zip(*(rows[k].tolist() for k in fields), strict=True))
+    kept = [_view(0, geometry[0], labels[0], hw)]
     for j in range(1, len(rows)):
-        trial = [*kept, j]
-        if any(_overlap(boxes[j], boxes[k]) for k in kept):
-            new = visibility(rows[trial], [labels[k] for k in trial], hw, with_boxes=False)[0]
-        else:  # nobody's view changes: only the new car's own truncation counts
-            new = np.append(shares, _alone(boxes[j], labels[j], hw))
-        worse = (new[:-1] < min_visible) & (new[:-1] < shares - 1e-12)
-        if new[-1] >= min_visible and not worse.any():
-            kept, shares = trial, new
+        new = _view(j, geometry[j], labels[j], hw)
+        changed: list[tuple[_View, NDArray[np.bool_]]] = []
+        for old in kept:
+            where = _shared(new, old)
+            if where is None:
+                continue
+            (ny, nx), (oy, ox) = where
+            if old.depth > new.depth:  # the kept car is nearer: it hides part of the new one
+                new.seen[ny, nx] &= ~old.label[oy, ox]
+            else:
+                seen = old.seen.copy()
+                seen[oy, ox] &= ~new.label[ny, nx]
+                changed.append((old, seen))
+        if new.share < min_visible:
+            continue
+        shares = [
+            (int(np.count_nonzero(seen)) / max(1, old.total), old.share) for old, seen in changed
+        ]
+        if any(now < min_visible and now < before - 1e-12 for now, before in shares):
+            continue
+        for old, seen in changed:
+            old.seen = seen
+        kept.append(new)
     return kept
-
-
-def _alone(box: tuple[int, int, int, int], label: NDArray[np.bool_], hw: tuple[int, int]) -> float:
-    """Visible share of a car that no other car covers: what truncation leaves of it."""
-    _, _, cy, cx = _clip(*box, hw)
-    inside = int(np.count_nonzero(label[cy, cx]))
-    return inside / max(1, int(np.count_nonzero(label)))
-
-
-def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> bool:
-    """Whether two (x, y, width, height) boxes share a pixel."""
-    return a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[3] and b[1] < a[1] + a[3]
 
 
 # ------------------------------------------------------------------------------ rendering
@@ -460,17 +509,15 @@ def _stamp(inst: NDArray[np.uint16], label: NDArray[np.bool_], row: Any) -> None
     inst[iy, ix][label[cy, cx]] = row["instance"]
 
 
-def render(
+def paint(
     rows: NDArray[Any],
     background: NDArray[np.uint8],
     cutouts: Cutouts,
     cars: Sequence[tuple[NDArray[np.uint8], NDArray[np.bool_]]] | None = None,
-) -> tuple[NDArray[np.uint8], NDArray[np.uint16]]:
-    """Re-make one sample from its instance records (INSTANCE_DTYPE rows, in id order = far to
-    near): (fg_bg (H, W, 3) uint8, instance mask (H, W) uint16). cars: each row's scaled car
-    and its label, when the caller already has them."""
+) -> NDArray[np.uint8]:
+    """The composite of one sample's records (in id order = far to near): (H, W, 3) uint8.
+    cars: each row's scaled car and its label, when the caller already has them."""
     img = background.copy()
-    inst = np.zeros(background.shape[:2], np.uint16)
     for k, row in enumerate(rows):
         car, label = cars[k] if cars is not None else cutouts.scaled(row)
         if row["shadow"]:
@@ -479,6 +526,22 @@ def render(
             _poisson(img, car, label, row)
         else:
             _composite(img, car, row)
+    return img
+
+
+def render(
+    rows: NDArray[Any],
+    background: NDArray[np.uint8],
+    cutouts: Cutouts,
+    cars: Sequence[tuple[NDArray[np.uint8], NDArray[np.bool_]]] | None = None,
+) -> tuple[NDArray[np.uint8], NDArray[np.uint16]]:
+    """Re-make one sample from its instance records (INSTANCE_DTYPE rows, in id order = far to
+    near): (fg_bg (H, W, 3) uint8, instance mask (H, W) uint16, each label stamped over the
+    farther ones). cars: as for `paint`."""
+    cars = cars if cars is not None else [cutouts.scaled(row) for row in rows]
+    img = paint(rows, background, cutouts, cars)
+    inst = np.zeros(background.shape[:2], np.uint16)
+    for (_, label), row in zip(cars, rows, strict=True):
         _stamp(inst, label, row)
     return img, inst
 
@@ -500,15 +563,24 @@ def make_scene(
     """One sample from its candidate cars (slot order; the first is the combination's car)."""
     hw = background.shape[:2]
     cars, labels = zip(*(cutouts.scaled(r) for r in candidates), strict=True)
-    kept = choose_cars(candidates, labels, hw, min_visible)
-    rows = candidates[kept]
-    order = far_to_near(rows)
-    rows = rows[order]
+    views = choose_cars(candidates, labels, hw, min_visible)
+    views.sort(key=lambda v: v.depth)  # far to near, as far_to_near orders records
+    rows = candidates[[v.pos for v in views]]
     rows["instance"] = np.arange(1, len(rows) + 1)
-    chosen = [kept[k] for k in order]
-    shares, boxes = visibility(rows, [labels[k] for k in chosen], hw)
-    rows["visible"] = shares
-    rows["x0"], rows["y0"], rows["x1"], rows["y1"] = boxes.T
-    img, inst = render(rows, background, cutouts, [(cars[k], labels[k]) for k in chosen])
-    first = int(np.flatnonzero(np.asarray(chosen) == 0)[0])
+    inst = np.zeros(hw, np.uint16)
+    for k, v in enumerate(views, start=1):
+        rows["visible"][k - 1] = v.share
+        rows["x0"][k - 1], rows["y0"][k - 1], rows["x1"][k - 1], rows["y1"][k - 1] = _tight(v)
+        inst[v.rows, v.cols][v.seen] = k
+    img = paint(rows, background, cutouts, [(cars[v.pos], labels[v.pos]) for v in views])
+    first = next(k for k, v in enumerate(views) if v.pos == 0)
     return Scene(rows, img, inst, first)
+
+
+def _tight(v: _View) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1) of a view's visible pixels in the image, exclusive ends; zeros if none."""
+    ys, xs = np.flatnonzero(v.seen.any(axis=1)), np.flatnonzero(v.seen.any(axis=0))
+    if len(ys) == 0:
+        return 0, 0, 0, 0
+    x, y = v.cols.start, v.rows.start
+    return x + int(xs[0]), y + int(ys[0]), x + int(xs[-1]) + 1, y + int(ys[-1]) + 1
