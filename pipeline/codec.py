@@ -7,6 +7,9 @@ JPEG goes through simplejpeg (libjpeg-turbo without OpenCV's copies and channel 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +34,29 @@ def encode(rgb: NDArray[np.uint8], fmt: str, quality: int = 95, subsampling: str
     if not ok:
         raise ValueError("PNG encoding failed")
     return buf.tobytes()
+
+
+class Encoder:
+    """Encodes composites on a helper thread while the caller makes the next ones (libjpeg-turbo
+    and OpenCV release the GIL, so one worker process keeps two cores busy): `submit(rgb)` in
+    sample order (the array must not change afterwards), then `results()` in the same order."""
+
+    def __init__(self, pool: ThreadPoolExecutor, fmt: str, quality: int, subsampling: str) -> None:
+        self._pool, self._args = pool, (fmt, quality, subsampling)
+        self._futures: list[Future[bytes]] = []
+
+    def submit(self, rgb: NDArray[np.uint8]) -> None:
+        self._futures.append(self._pool.submit(encode, rgb, *self._args))
+
+    def results(self) -> list[bytes]:
+        return [f.result() for f in self._futures]
+
+
+@contextmanager
+def encoder(fmt: str, quality: int = 95, subsampling: str = "420") -> Iterator[Encoder]:
+    """An `Encoder` whose thread ends with the block (an error in it surfaces in `results`)."""
+    with ThreadPoolExecutor(1, thread_name_prefix="encode") as pool:
+        yield Encoder(pool, fmt, quality, subsampling)
 
 
 def decode(data: bytes | NDArray[np.uint8]) -> NDArray[np.uint8]:

@@ -256,13 +256,13 @@ def _plain_shard(job: ShardJob, assets: _WorkerAssets, meta: NDArray[Any]) -> fm
     """One car per composite at its cutout's size (today's dataset, format version 1)."""
     cfg, geom = job.config, job.geometry
     masks = np.zeros((len(meta), geom.height, (geom.width + 7) // 8), np.uint8)
-    images: list[bytes] = []
-    for i, m in enumerate(meta):
-        fg = assets.prepared[m["fg"]][m["flipped"]]
-        x, y = int(m["x"]), int(m["y"])
-        out = paste(assets.backgrounds[m["bg"]], fg, x, y)
-        images.append(codec.encode(out, cfg.format, cfg.quality, cfg.subsampling))
-        fg.stamp_mask(masks[i], x, y)
+    with codec.encoder(cfg.format, cfg.quality, cfg.subsampling) as encoder:
+        for i, m in enumerate(meta):
+            fg = assets.prepared[m["fg"]][m["flipped"]]
+            x, y = int(m["x"]), int(m["y"])
+            encoder.submit(paste(assets.backgrounds[m["bg"]], fg, x, y))
+            fg.stamp_mask(masks[i], x, y)
+        images = encoder.results()
     return fmt.ShardArrays(images, masks, meta, geom.width, cfg.format)
 
 
@@ -275,15 +275,19 @@ def _scene_shard(job: ShardJob, assets: _WorkerAssets, meta: NDArray[Any]) -> fm
     cands = draw_candidates(cfg.seed, cfg.scene, meta, assets.fg_sizes, geom.mirrors, hw, horizons)
     starts = np.searchsorted(cands["index"], meta["index"])
     ends = np.append(starts[1:], len(cands))
-    images, rows = [], []
+    rows = []
     inst = np.zeros((len(meta), *hw), np.uint16)
-    for i, bg_id in enumerate(meta["bg"]):
-        bg = assets.backgrounds[bg_id]
-        scene = make_scene(cands[starts[i] : ends[i]], bg, assets.cutouts, cfg.scene.min_visible)
-        images.append(codec.encode(scene.image, cfg.format, cfg.quality, cfg.subsampling))
-        inst[i] = scene.instance_mask
-        rows.append(scene.rows)
-        meta["x"][i], meta["y"][i] = scene.rows[scene.first]["x"], scene.rows[scene.first]["y"]
+    with codec.encoder(cfg.format, cfg.quality, cfg.subsampling) as encoder:
+        for i, bg_id in enumerate(meta["bg"]):
+            bg = assets.backgrounds[bg_id]
+            cands_i = cands[starts[i] : ends[i]]
+            scene = make_scene(cands_i, bg, assets.cutouts, cfg.scene.min_visible)
+            encoder.submit(scene.image)
+            inst[i] = scene.instance_mask
+            rows.append(scene.rows)
+            first = scene.rows[scene.first]
+            meta["x"][i], meta["y"][i] = first["x"], first["y"]
+        images = encoder.results()
     masks = np.packbits(inst > 0, axis=-1)
     instances = np.concatenate(rows)
     return fmt.ShardArrays(

@@ -68,14 +68,16 @@ def overlay_stage(root: Path) -> dict:
 
 def own_label(fg_rgba: np.ndarray, rec: dict) -> np.ndarray:
     """A car's label as the contract defines it, computed here from the alpha channel alone:
-    the cutout's alpha (mirrored if flipped) resized to the record's size (bilinear; area
-    averaging where it shrinks by more than 2x), >= 128."""
+    the cutout's alpha (mirrored if flipped), halved by area averaging (floor sizes) while the
+    half still covers the record's size and the level is 8 px or more on a side, then resized
+    bilinearly to the record's size, >= 128."""
     alpha = fg_rgba[..., 3][:, ::-1] if rec["flipped"] else fg_rgba[..., 3]
     a = np.ascontiguousarray(alpha)
     h, w = int(rec["height"]), int(rec["width"])
+    while min(a.shape) >= 8 and a.shape[0] // 2 >= h and a.shape[1] // 2 >= w:
+        a = cv2.resize(a, (a.shape[1] // 2, a.shape[0] // 2), interpolation=cv2.INTER_AREA)
     if a.shape != (h, w):
-        far = 2 * h < a.shape[0] or 2 * w < a.shape[1]
-        a = cv2.resize(a, (w, h), interpolation=cv2.INTER_AREA if far else cv2.INTER_LINEAR)
+        a = cv2.resize(a, (w, h), interpolation=cv2.INTER_LINEAR)
     return a >= 128
 
 
