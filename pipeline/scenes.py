@@ -433,13 +433,17 @@ def _shaped(car: NDArray[np.uint8], row: Any) -> tuple[NDArray[np.uint8], int]:
 
 
 def motion_kernel(length: float, angle: float) -> NDArray[np.float32]:
-    """A normalised line of `length` pixels at `angle` degrees: a short directional blur."""
+    """A normalised line of `length` pixels at `angle` degrees: a short directional blur (the
+    rounded points of an evenly spaced line through the centre)."""
     n = int(math.ceil(length)) | 1
     k = np.zeros((n, n), np.float32)
     c = n // 2
     dx, dy = math.cos(math.radians(angle)), -math.sin(math.radians(angle))
-    t = np.linspace(-(length - 1) / 2, (length - 1) / 2, max(2, int(round(length))))
-    k[np.rint(c + t * dy).astype(np.intp), np.rint(c + t * dx).astype(np.intp)] = 1
+    m = max(2, int(round(length)))
+    half = (length - 1) / 2
+    for i in range(m):
+        t = -half + 2 * half * i / (m - 1)
+        k[round(c + t * dy), round(c + t * dx)] = 1
     return k / k.sum()
 
 
@@ -535,7 +539,7 @@ def paint(
     """The composite of one sample's records (in id order = far to near): (H, W, 3) uint8.
     cars: each row's scaled car and its label, when the caller already has them."""
     img = background.copy()
-    for k, row in enumerate(rows):
+    for k, row in enumerate(records(rows)):
         car, label = cars[k] if cars is not None else cutouts.scaled(row)
         if row["shadow"]:
             _shadow(img, row)
@@ -574,20 +578,28 @@ class Scene:
     first: int
 
 
+def records(rows: NDArray[Any]) -> list[dict[str, Any]]:
+    """INSTANCE_DTYPE rows as dicts of Python numbers: what the painting code reads, field by
+    field (a numpy record's field access costs ten times a dict's)."""
+    names = rows.dtype.names
+    return [dict(zip(names, values, strict=True)) for values in rows.tolist()]
+
+
 def make_scene(
     candidates: NDArray[Any], background: NDArray[np.uint8], cutouts: Cutouts, min_visible: float
 ) -> Scene:
     """One sample from its candidate cars (slot order; the first is the combination's car)."""
     hw = background.shape[:2]
-    cars, labels = zip(*(cutouts.scaled(r) for r in candidates), strict=True)
+    cars, labels = zip(*(cutouts.scaled(r) for r in records(candidates)), strict=True)
     views = choose_cars(candidates, labels, hw, min_visible)
     views.sort(key=lambda v: v.depth)  # far to near, as far_to_near orders records
     rows = candidates[[v.pos for v in views]]
     rows["instance"] = np.arange(1, len(rows) + 1)
+    rows["visible"] = [v.share for v in views]
+    boxes = np.array([_tight(v) for v in views], np.int64).reshape(-1, 4)
+    rows["x0"], rows["y0"], rows["x1"], rows["y1"] = boxes.T
     inst = np.zeros(hw, np.uint16)
     for k, v in enumerate(views, start=1):
-        rows["visible"][k - 1] = v.share
-        rows["x0"][k - 1], rows["y0"][k - 1], rows["x1"][k - 1], rows["y1"][k - 1] = _tight(v)
         inst[v.rows, v.cols][v.seen] = k
     img = paint(rows, background, cutouts, [(cars[v.pos], labels[v.pos]) for v in views])
     first = next(k for k, v in enumerate(views) if v.pos == 0)
@@ -596,8 +608,8 @@ def make_scene(
 
 def _tight(v: _View) -> tuple[int, int, int, int]:
     """(x0, y0, x1, y1) of a view's visible pixels in the image, exclusive ends; zeros if none."""
-    ys, xs = np.flatnonzero(v.seen.any(axis=1)), np.flatnonzero(v.seen.any(axis=0))
-    if len(ys) == 0:
+    x, y, w, h = cv2.boundingRect(v.seen.view(np.uint8))
+    if w == 0:
         return 0, 0, 0, 0
-    x, y = v.cols.start, v.rows.start
-    return x + int(xs[0]), y + int(ys[0]), x + int(xs[-1]) + 1, y + int(ys[-1]) + 1
+    x, y = x + v.cols.start, y + v.rows.start
+    return x, y, x + w, y + h
