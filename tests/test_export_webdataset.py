@@ -12,9 +12,11 @@ from typing import Any
 import cv2
 import numpy as np
 import webdataset as wds
+from synth import make_inputs
 
 from pipeline import codec
 from pipeline import dataset as fmt
+from pipeline.overlay import OverlayConfig, run_overlay
 from pipeline.splits import split_backgrounds
 
 
@@ -130,6 +132,18 @@ def test_with_bg_on_version_1(small_dataset: Path, tmp_path: Path, cli_run) -> N
         b = json.loads(got["json"])["bg"]
         assert np.array_equal(png(got["bg.png"])[..., ::-1], ds.backgrounds[b])
         assert got["bg.png"] == (out / f"backgrounds/{b:04d}.png").read_bytes()
+
+
+def test_png_dataset_keeps_its_png_bytes(tmp_path: Path, cli_run) -> None:
+    bgs, fgs = make_inputs(tmp_path, num_bg=2)
+    run_overlay(bgs, [fgs], tmp_path / "ds", OverlayConfig(positions=1, format="png"))
+    out = tmp_path / "wds"
+    export(cli_run, tmp_path / "ds", out)
+    ds = fmt.open_dataset(tmp_path / "ds")
+    samples = read_back(out)
+    assert len(samples) == len(ds) == 4
+    assert not any("fg_bg.jpg" in s for s in samples)
+    check_samples(ds, samples, "png")
 
 
 def test_depth(with_depth: tuple[Path, str], tmp_path: Path, cli_run) -> None:

@@ -128,11 +128,15 @@ def shard_samples(
 
 def write_tar(path: Path, samples: list[dict[str, Any]]) -> int:
     """Write the samples as one tar, atomically; returns its size in bytes."""
-    with writing(path) as tmp:
-        with open(tmp, "wb", buffering=1 << 20) as f, wds.TarWriter(f, mtime=MTIME) as sink:
-            for sample in samples:
-                sink.write(sample)
-        return tmp.stat().st_size
+    # encoder=False: the values are bytes already, and stay exactly those bytes
+    with (
+        writing(path) as tmp,
+        open(tmp, "wb", buffering=1 << 20) as f,
+        wds.TarWriter(f, encoder=False, mtime=MTIME) as sink,
+    ):
+        for sample in samples:
+            sink.write(sample)
+    return path.stat().st_size
 
 
 def export_shard(root: str, k: int, out: str, with_depth: bool, with_bg: bool, split: Split) -> int:
