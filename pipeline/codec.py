@@ -7,7 +7,7 @@ JPEG goes through simplejpeg (libjpeg-turbo without OpenCV's copies and channel 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,7 +39,8 @@ def encode(rgb: NDArray[np.uint8], fmt: str, quality: int = 95, subsampling: str
 class Encoder:
     """Encodes composites on a helper thread while the caller makes the next ones (libjpeg-turbo
     and OpenCV release the GIL, so one worker process keeps two cores busy): `submit(rgb)` in
-    sample order (the array must not change afterwards), then `results()` in the same order."""
+    sample order (the array must not change afterwards), then `results()` in the same order;
+    `run(fn, *args)` gives the same thread other work that releases the GIL (a Future)."""
 
     def __init__(self, pool: ThreadPoolExecutor, fmt: str, quality: int, subsampling: str) -> None:
         self._pool, self._args = pool, (fmt, quality, subsampling)
@@ -47,6 +48,9 @@ class Encoder:
 
     def submit(self, rgb: NDArray[np.uint8]) -> None:
         self._futures.append(self._pool.submit(encode, rgb, *self._args))
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        return self._pool.submit(fn, *args)
 
     def results(self) -> list[bytes]:
         return [f.result() for f in self._futures]

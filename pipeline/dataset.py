@@ -150,7 +150,9 @@ class ShardArrays:
     float16 (shuffle + gzip); depth_attrs: attributes for the depth array (the depth stage's
     record of how it was made). instance_masks: optional (n, H, W) uint16 ids (0 = no car) and
     instances: the matching (m,) INSTANCE_DTYPE records sorted by (index, instance); given
-    together they make the shard format version 2.
+    together they make the shard format version 2. instance_chunks: optionally, each
+    instance mask already compressed by `instance_chunk` (a writer that compresses them while it
+    makes the next samples); else they are compressed here.
     """
 
     images: list[bytes]
@@ -162,6 +164,7 @@ class ShardArrays:
     depth_attrs: dict[str, Any] | None = None
     instance_masks: NDArray[np.uint16] | None = None
     instances: NDArray[Any] | None = None
+    instance_chunks: list[bytes] | None = None
 
     @property
     def version(self) -> int:
@@ -272,7 +275,7 @@ def _write_instances(f: h5py.File, shard: ShardArrays, first: int) -> None:
             f"{first}..{first + n - 1}"
         )
     ids = np.ascontiguousarray(shard.instance_masks, dtype="<u2")
-    _write_chunked(f, "instance_mask", ids, INSTANCE_GZIP)
+    _write_chunked(f, "instance_mask", ids, INSTANCE_GZIP, shard.instance_chunks)
     _dataset(f, "instances", rows)
     _dataset(f, "instance_offsets", instance_offsets(rows["index"], first, n))
 
@@ -287,10 +290,18 @@ def _shuffle_deflate(plane: NDArray[Any], level: int = DEPTH_GZIP) -> bytes:
     return zlib.compress(plane.view(np.uint8).reshape(-1, 2).T.tobytes(), level)
 
 
-def _write_chunked(f: h5py.File, name: str, data: NDArray[Any], level: int) -> None:
+def instance_chunk(ids: NDArray[np.uint16]) -> bytes:
+    """One (H, W) instance mask as its shard stores it (ShardArrays.instance_chunks)."""
+    return _shuffle_deflate(np.ascontiguousarray(ids, dtype="<u2"), INSTANCE_GZIP)
+
+
+def _write_chunked(
+    f: h5py.File, name: str, data: NDArray[Any], level: int, chunks: list[bytes] | None = None
+) -> None:
     """A (n, H, W) array of a 2-byte type, one chunk per sample, shuffle + gzip `level`. The
-    chunks are compressed in threads (zlib releases the GIL) and written with
-    write_direct_chunk, since h5py's own filter runs on one core (~3 ms a map)."""
+    chunks (unless given, compressed already) are compressed in threads (zlib releases the GIL)
+    and written with write_direct_chunk, since h5py's own filter runs on one core (~3 ms a
+    map)."""
     if len(data) == 0:
         _dataset(f, name, data)
         return
@@ -304,6 +315,10 @@ def _write_chunked(f: h5py.File, name: str, data: NDArray[Any], level: int) -> N
         compression_opts=level,
         track_times=False,
     )
+    if chunks is not None:
+        for i, chunk in enumerate(chunks):
+            ds.id.write_direct_chunk((i, 0, 0), chunk)
+        return
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
         for i, chunk in enumerate(pool.map(_shuffle_deflate, data, [level] * len(data))):
             ds.id.write_direct_chunk((i, 0, 0), chunk)

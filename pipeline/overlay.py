@@ -21,6 +21,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -275,7 +276,8 @@ def _scene_shard(job: ShardJob, assets: _WorkerAssets, meta: NDArray[Any]) -> fm
     cands = draw_candidates(cfg.seed, cfg.scene, meta, assets.fg_sizes, geom.mirrors, hw, horizons)
     starts = np.searchsorted(cands["index"], meta["index"])
     ends = np.append(starts[1:], len(cands))
-    rows = []
+    rows: list[NDArray[Any]] = []
+    chunks: list[Future[bytes]] = []
     inst = np.zeros((len(meta), *hw), np.uint16)
     with codec.encoder(cfg.format, cfg.quality, cfg.subsampling) as encoder:
         for i, bg_id in enumerate(meta["bg"]):
@@ -284,14 +286,21 @@ def _scene_shard(job: ShardJob, assets: _WorkerAssets, meta: NDArray[Any]) -> fm
             scene = make_scene(cands_i, bg, assets.cutouts, cfg.scene.min_visible)
             encoder.submit(scene.image)
             inst[i] = scene.instance_mask
+            chunks.append(encoder.run(fmt.instance_chunk, inst[i]))
             rows.append(scene.rows)
             first = scene.rows[scene.first]
             meta["x"][i], meta["y"][i] = first["x"], first["y"]
         images = encoder.results()
     masks = np.packbits(inst > 0, axis=-1)
-    instances = np.concatenate(rows)
     return fmt.ShardArrays(
-        images, masks, meta, geom.width, cfg.format, instance_masks=inst, instances=instances
+        images,
+        masks,
+        meta,
+        geom.width,
+        cfg.format,
+        instance_masks=inst,
+        instances=np.concatenate(rows),
+        instance_chunks=[c.result() for c in chunks],
     )
 
 

@@ -4,6 +4,7 @@ instance arrays), independent of the scene engine."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -43,6 +44,14 @@ def hand_shard(n: int = 3, h: int = 20, w: int = 30, first: int = 7) -> fmt.Shar
     masks = np.packbits(ids > 0, axis=-1)
     images = [b"\xff\xd8" + bytes([j]) * (10 + j) for j in range(n)]
     return fmt.ShardArrays(images, masks, meta, w, "jpeg", instance_masks=ids, instances=rows)
+
+
+def test_precompressed_instance_chunks_give_the_same_shard(tmp_path: Path) -> None:
+    shard = hand_shard()
+    fmt.write_shard(tmp_path / "plain.h5", shard, 7)
+    chunks = [fmt.instance_chunk(ids) for ids in shard.instance_masks]
+    fmt.write_shard(tmp_path / "pre.h5", dataclasses.replace(shard, instance_chunks=chunks), 7)
+    assert (tmp_path / "plain.h5").read_bytes() == (tmp_path / "pre.h5").read_bytes()
 
 
 def test_v2_shard_round_trip(tmp_path: Path) -> None:
