@@ -254,7 +254,14 @@ def collate(items: Sequence[Item], ragged: tuple[str, ...] = ("boxes",)) -> Item
         first = values[0]
         if key in ragged:
             out[key] = values
-        elif isinstance(first, np.ndarray | int | float | np.number):
+            continue
+        shapes = sorted({tuple(np.shape(v)) for v in values})
+        if len(shapes) > 1:
+            raise ValueError(
+                f"collate: {key!r} has other shapes in other items ({shapes}); stack it in "
+                f"the transform, or name it in ragged= to keep a list"
+            )
+        if isinstance(first, np.ndarray | int | float | np.number):
             out[key] = np.stack(values)
         elif type(first).__module__.partition(".")[0] == "torch":
             out[key] = _import_torch().stack(values)
