@@ -1,5 +1,9 @@
 """The input pipeline: tf.data straight from the HDF5 shards, through the reading API.
 
+`tf_dataset(path, batch_size, ...)` is the one entry: train, evaluate and anyone else's Keras
+or TensorFlow code read through it (`train_dataset` and `eval_dataset` are its trainer-config
+shorthands).
+
 Contract:
 - A sample is `({"bg": (H,W,3) uint8, "fg_bg": (H,W,3) uint8}, {"mask": (H,W,1) uint8 in {0,1},
   "depth": (H,W,1) float16 in [0,1]})`; `depth` only when the dataset has it. `bg` is the
@@ -21,7 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.pool import ThreadPool
 from pathlib import Path
@@ -32,7 +36,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from pipeline import codec
-from pipeline.dataset import Dataset
+from pipeline.dataset import Dataset, open_dataset
 from pipeline.errors import DatasetError
 from pipeline.splits import split_backgrounds
 
@@ -440,18 +444,115 @@ def make_tf_dataset(
     )
 
 
+SPLITS = ("train", "val", "all")
+
+
+def tf_dataset(
+    path: str | Path | Dataset,
+    batch_size: int,
+    *,
+    split: str | Sequence[int] = "all",
+    holdout: float = 0.1,
+    seed: int = 0,
+    with_depth: bool | None = None,
+    shuffle: bool = False,
+    shuffle_shards: int = 4,
+    augment: AugmentConfig | None = None,
+    image_size: tuple[int, int] | None = None,
+    resize_targets: bool = True,
+    repeat: bool = False,
+    start: int = 0,
+    max_samples: int | None = None,
+) -> Any:
+    """The trainer's input pipeline as a `tf.data.Dataset` of `(inputs, targets)` batches:
+        inputs  {"bg": (B, h, w, 3) uint8 RGB, "fg_bg": (B, h, w, 3) uint8 RGB}
+        targets {"mask": (B, h', w', 1) uint8 in {0, 1}, "depth": (B, h', w', 1) float16 in
+                 [0, 1] (only with depth)}
+    (h, w) = image_size, or the dataset's size; (h', w') the same, or the dataset's size with
+    resize_targets=False. Not normalised: the trainer's model normalises inside itself with
+    stats.json (`load_normalisation`); another model can take `tf.cast(x, tf.float32) / 255`.
+
+    path: a dataset folder or an open `Dataset`. split: "train" or "val" (backgrounds held out
+    by `pipeline.splits.split_backgrounds(num_bg, holdout, seed)`: holdout < 1 a fraction, >= 1
+    a count; the trainer's rule), "all", or the background ids to read. with_depth: None reads
+    depth when the dataset has it. shuffle: shard order and samples, drawn from (seed, pass),
+    `shuffle_shards` shards mixed at a time. augment: flips and colour jitter of fg_bg, drawn
+    from (seed, stream position). repeat=False: one pass, the last batch may be shorter, and
+    the dataset knows its number of batches (at most max_samples samples); repeat=True: the
+    endless stream of full batches from stream position `start` (a multiple of batch_size), as
+    training reads it: a resumed run sees the batches it would have seen.
+    """
+    import tensorflow as tf
+
+    ds = path if isinstance(path, Dataset) else open_dataset(path)
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be 1 or more, got {batch_size}")
+    if with_depth is None:
+        with_depth = ds.has_depth
+    elif with_depth and not ds.has_depth:
+        raise DatasetError(f"{ds.root} has no depth; run `cli.py depth {ds.root}` first")
+    counts = samples_per_background(ds)
+    bg_ids = _backgrounds(split, len(counts), holdout, seed)
+    n = int(counts.sum() if bg_ids is None else counts[list(bg_ids)].sum())
+    reader = ShardBlocks(ds, bg_ids, with_depth, seed, shuffle, shuffle_shards)
+    hflip = augment.hflip if augment is not None else 0.0
+    maker = BatchMaker(
+        ds, with_depth, hflip, seed, image_size=image_size, resize_targets=resize_targets
+    )
+    if repeat and n == 0:
+        raise DatasetError(f"{ds.root}: no samples in split {split!r} to repeat")
+    if repeat and max_samples is not None:
+        raise ValueError("max_samples limits one pass; it does not go with repeat=True")
+    if max_samples is not None:
+        n = min(n, max_samples)
+
+    def blocks() -> Iterator[Block]:
+        return reader.stream(start, n) if repeat else reader.single_pass(max_samples)
+
+    out = make_tf_dataset(
+        maker, lambda: maker.batches(blocks(), batch_size, repeat), ds, augment, seed
+    )
+    if not repeat:
+        out = out.apply(tf.data.experimental.assert_cardinality(-(-n // batch_size)))
+    return out
+
+
+def _backgrounds(
+    split: str | Sequence[int], num_bg: int, holdout: float, seed: int
+) -> tuple[int, ...] | None:
+    """The background ids a split reads (None: all)."""
+    if isinstance(split, str):
+        if split not in SPLITS:
+            raise ValueError(
+                f"split must be one of {', '.join(SPLITS)} or background ids, got {split!r}"
+            )
+        if split == "all":
+            return None
+        train, val = split_backgrounds(num_bg, holdout, seed)
+        return tuple(train if split == "train" else val)
+    ids = tuple(int(b) for b in split)
+    bad = [b for b in ids if not 0 <= b < num_bg]
+    if bad:
+        raise ValueError(f"background ids {bad} out of range 0..{num_bg - 1}")
+    return ids
+
+
 def train_dataset(
     ds: Dataset, cfg: TrainConfig, split: Split, with_depth: bool, start: int = 0
 ) -> Any:
-    """Endless training batches from stream position `start` (a multiple of the batch size)."""
-    reader = ShardBlocks(ds, split.train_bgs, with_depth, cfg.seed, cfg.shuffle, cfg.shuffle_shards)
-    maker = BatchMaker(ds, with_depth, cfg.augment.hflip, cfg.seed, image_size=cfg.image_size)
-    return make_tf_dataset(
-        maker,
-        lambda: maker.batches(reader.stream(start, split.n_train), cfg.batch_size, True),
+    """`tf_dataset`'s training stream for a config and split (from stream position `start`)."""
+    return tf_dataset(
         ds,
-        cfg.augment,
-        cfg.seed,
+        cfg.batch_size,
+        split=split.train_bgs,
+        seed=cfg.seed,
+        with_depth=with_depth,
+        shuffle=cfg.shuffle,
+        shuffle_shards=cfg.shuffle_shards,
+        augment=cfg.augment,
+        image_size=cfg.image_size,
+        repeat=True,
+        start=start,
     )
 
 
@@ -462,19 +563,16 @@ def eval_dataset(
     batch_size: int,
     image_size: tuple[int, int] | None,
     max_samples: int | None = None,
-    count: int | None = None,
     resize_targets: bool = True,
 ) -> Any:
-    """One deterministic pass over the samples of the given backgrounds (None: all). `count`:
-    the number of samples it gives, if known (Keras then knows when the pass ends).
-    resize_targets=False: inputs at image_size, masks and depth at the dataset's size."""
-    import tensorflow as tf
-
-    reader = ShardBlocks(ds, bg_ids, with_depth)
-    maker = BatchMaker(ds, with_depth, image_size=image_size, resize_targets=resize_targets)
-    out = make_tf_dataset(
-        maker, lambda: maker.batches(reader.single_pass(max_samples), batch_size, False), ds
+    """`tf_dataset`'s one deterministic pass over the samples of the given backgrounds (None:
+    all)."""
+    return tf_dataset(
+        ds,
+        batch_size,
+        split="all" if bg_ids is None else bg_ids,
+        with_depth=with_depth,
+        image_size=image_size,
+        resize_targets=resize_targets,
+        max_samples=max_samples,
     )
-    if count is not None:
-        out = out.apply(tf.data.experimental.assert_cardinality(-(-count // batch_size)))
-    return out

@@ -103,8 +103,13 @@ def run_evaluate(
     bs = batch_size or cfg["validation"].get("batch_size") or cfg["batch_size"]
     count = _count(ds, bg_ids)
     image_size = size if size != native else None
-    tfds = data.eval_dataset(
-        ds, bg_ids, "depth" in heads, bs, image_size, count=count, resize_targets=False
+    tfds = data.tf_dataset(
+        ds,
+        bs,
+        split="all" if bg_ids is None else bg_ids,
+        with_depth="depth" in heads,
+        image_size=image_size,
+        resize_targets=False,
     )
     logs = model.evaluate(tfds, return_dict=True, verbose=0)
     result = {

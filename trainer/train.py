@@ -445,23 +445,26 @@ def _fit(model: Any, ctx: RunContext, ds: Dataset, plan: TrainPlan, start: int) 
     from .tensorboard import tensorboard_callback
 
     cfg, split = ctx.cfg, plan.split
-    train = data.train_dataset(ds, cfg, split, plan.with_depth, start * plan.steps * cfg.batch_size)
-    val_bs = cfg.validation.batch_size or cfg.batch_size
-    n_val = min(split.n_val, cfg.validation.max_samples or split.n_val)
-    val = data.eval_dataset(
+    common = {"with_depth": plan.with_depth, "image_size": cfg.image_size}
+    train = data.tf_dataset(
         ds,
-        split.val_bgs,
-        plan.with_depth,
-        val_bs,
-        cfg.image_size,
-        cfg.validation.max_samples,
-        n_val,
+        cfg.batch_size,
+        split=split.train_bgs,
+        seed=cfg.seed,
+        shuffle=cfg.shuffle,
+        shuffle_shards=cfg.shuffle_shards,
+        augment=cfg.augment,
+        repeat=True,
+        start=start * plan.steps * cfg.batch_size,
+        **common,
+    )
+    val_bs = cfg.validation.batch_size or cfg.batch_size
+    val = data.tf_dataset(
+        ds, val_bs, split=split.val_bgs, max_samples=cfg.validation.max_samples, **common
     )
     sample = None
     if cfg.tensorboard_images:
-        images = data.eval_dataset(
-            ds, split.val_bgs, plan.with_depth, cfg.tensorboard_images, cfg.image_size
-        )
+        images = data.tf_dataset(ds, cfg.tensorboard_images, split=split.val_bgs, **common)
         sample = next(iter(images))
     log_dir = Path(cfg.log_dir) if cfg.log_dir else ctx.run_dir / "logs"
     callbacks = [
