@@ -27,8 +27,8 @@ Invariants:
   then per sample only its composite, mask, instance mask and depth (`Dataset[i]` reads the
   compound meta and instance records of every sample through h5py, which costs more than the
   pictures). The records themselves: `TorchDataset.dataset[i].instances`.
-- Picklable (the spawn start method): only the path and the settings travel; each process opens
-  the dataset itself.
+- Picklable (the spawn start method): only the path and the settings (and the transform, which
+  must then pickle: a module-level function) travel; each process opens the dataset itself.
 - Importing this module imports neither torch, nor TensorFlow, nor h5py (the reading API is
   imported when a TorchDataset is made; torch only with as_tensors=True).
 """
