@@ -51,7 +51,7 @@ class ModelConfig:
 
 def divisor(model: ModelConfig) -> int:
     """What the model's input height and width must be multiples of."""
-    if model.name == "mobilenet_unet":
+    if model.name in ("mobilenet_unet", "resnet34_unet"):
         return 32  # five stride-2 stages
     return 16 * model.stem_stride  # four poolings, after the stem
 
@@ -112,6 +112,55 @@ class AugmentConfig:
 
 
 @dataclass(frozen=True)
+class LrFinderConfig:
+    """The learning-rate range test (Smith 2017): lr ramps from start_lr to end_lr over `steps`
+    batches (exponentially or linearly); the loss is smoothed (exponential moving average with
+    weight `smoothing` on the newest loss) and the test stops once it passes `diverge` x the
+    best smoothed loss."""
+
+    start_lr: float = 1e-7
+    end_lr: float = 10.0
+    steps: int = 100
+    step_mode: str = "exp"
+    smoothing: float = 0.05
+    diverge: float = 5.0
+
+
+@dataclass(frozen=True)
+class PruningConfig:
+    """Magnitude (L1) unstructured pruning of the convolution kernels: at the start of every
+    epoch, `amount` of the weights still unpruned are zeroed (smallest |w| first, ranked over all
+    kernels together with scope "global", per layer with "layer") and held at zero after."""
+
+    amount: float = 0.2
+    scope: str = "global"
+    every: str = "epoch"
+
+
+@dataclass(frozen=True)
+class ModelOptimizationConfig:
+    pruning: PruningConfig | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.pruning, dict):
+            object.__setattr__(self, "pruning", PruningConfig(**self.pruning))
+
+
+@dataclass(frozen=True)
+class TransformationsConfig:
+    """albumentations transforms by name, as JSON objects ({"name": ..., "p": ..., its
+    parameters, optionally "targets": ["fg_bg", "bg"]}), for the training and the validation
+    stream; kept as tuples of the JSON objects and validated by trainer.augment."""
+
+    train: tuple[dict[str, Any], ...] = ()
+    val: tuple[dict[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "train", tuple(self.train))
+        object.__setattr__(self, "val", tuple(self.val))
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
     epochs: int = 10
@@ -134,11 +183,18 @@ class TrainConfig:
     # XLA-compiled training and validation steps: 2.3-2.6x the speed of TensorFlow's graph
     # mode for the small U-Net on this project's CPU (Keras's "auto" leaves it off on TF).
     jit_compile: bool = True
+    lr_finder: LrFinderConfig = field(default_factory=LrFinderConfig)
+    # Run the range test before training and train with its suggestion (as lr, and as max_lr
+    # under one_cycle).
+    lr_finder_use: bool = False
+    model_optimization: ModelOptimizationConfig = field(default_factory=ModelOptimizationConfig)
+    transformations: TransformationsConfig = field(default_factory=TransformationsConfig)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         if self.image_size is not None:
             d["image_size"] = list(self.image_size)
+        d["transformations"] = {k: list(v) for k, v in d["transformations"].items()}
         # Only the options of the chosen optimizer and scheduler: the record reads as configured.
         opt = d["optimizer"]
         d["optimizer"] = {k: v for k, v in opt.items() if k in OPTIMIZER_PARAMS[opt["name"]]} | {
@@ -167,6 +223,9 @@ _SECTIONS: dict[str, type] = {
     "optimizer": OptimizerConfig,
     "scheduler": SchedulerConfig,
     "augment": AugmentConfig,
+    "lr_finder": LrFinderConfig,
+    "model_optimization": ModelOptimizationConfig,
+    "transformations": TransformationsConfig,
 }
 
 
@@ -254,8 +313,18 @@ def _check_cross_keys(raw: dict[str, Any], source: str) -> None:
             f"got {n}"
         )
     model = raw.get("model") or {}
-    if model.get("name") == "mobilenet_unet" and model.get("stem_stride", 1) != 1:
+    if (
+        model.get("name") in ("mobilenet_unet", "resnet34_unet")
+        and model.get("stem_stride", 1) != 1
+    ):
         raise ConfigError(f"{source}: 'model.stem_stride' applies to model 'unet' only")
+    finder = raw.get("lr_finder") or {}
+    lo = finder.get("start_lr", LrFinderConfig.start_lr)
+    hi = finder.get("end_lr", LrFinderConfig.end_lr)
+    if lo >= hi:
+        raise ConfigError(
+            f"{source}: 'lr_finder.start_lr' ({lo:g}) must be below 'lr_finder.end_lr' ({hi:g})"
+        )
     if raw.get("image_size"):
         h, w = raw["image_size"]
         k = divisor(ModelConfig(**model))
