@@ -179,7 +179,10 @@ def test_resume_gives_the_same_bytes(
     lost = [out / f"images/{i:07d}.jpg" for i in range(20, 40, 3)]
     for path in lost:
         path.unlink()
+    left = out / "images/0000021.jpg.tmp4321"  # what a killed worker leaves
+    left.write_bytes(b"half")
     res = export(cli_run, scenes_dataset, out, "--workers", "1")
+    assert not left.exists()
     assert "export coco: 20 samples written" in res
     whole = (scenes_export / "annotations.json").read_bytes()
     assert (out / "annotations.json").read_bytes() == whole

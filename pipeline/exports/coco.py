@@ -11,19 +11,24 @@ pixels whose id in the instance mask is the record's `instance` (RLE made and me
 pycocotools, never by hand; `bbox` is the record's stored box and must agree with the RLE's);
 image id = sample index; annotation ids 1..N in (sample, instance) order per annotations file,
 numbered when the file is joined, so they do not depend on shards or workers. An instance with
-no visible pixel is skipped and listed in `info.skipped_instances`. Each shard writes its files,
-then its marker carrying its image entries (one JSON line per image with its annotations);
-`run_coco` joins them into annotations.json, written atomically.
+no visible pixel is skipped and listed in `info.skipped_instances`.
+
+Each shard writes its files, then its marker carrying its entries as lines of JSON text ("i "
+image, then "a " each of its annotations, "s " each instance skipped); `run_coco` joins them, in
+shard order, into annotations.json (written atomically, the same bytes for any worker count and
+after any resume) and removes the temporary files a killed run left.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 from numpy.typing import NDArray
 from pycocotools import mask as mask_api
@@ -67,19 +72,19 @@ def encode_instances(
     W], "counts": str}), their areas (m,) int64 and boxes (m, 4) int64 [x, y, w, h] as
     pycocotools computes them ([0, 0, 0, 0] for an empty mask)."""
     _, h, w = ids.shape
-    # Each sample's ids column-major, once: a C-order (c, W, H) stack of 0/1 masks is then the
-    # (H, W, c) Fortran-order array pycocotools encodes, filled without a transpose per car.
-    cols = np.ascontiguousarray(ids.transpose(0, 2, 1))
+    plane = np.empty((h, w), np.uint8)
+    # A C-order (c, W, H) stack of 0/1 masks is the (H, W, c) Fortran-order array pycocotools
+    # encodes: each car's mask is compared in place, then transposed into the stack.
     stack = np.empty((min(CHUNK, len(sample)), w, h), np.uint8)
     rles: list[dict[str, Any]] = []
     areas, boxes = [np.zeros(0, np.int64)], [np.zeros((0, 4), np.int64)]
-    for a in range(0, len(sample), CHUNK):
-        pairs = list(
-            zip(sample[a : a + CHUNK].tolist(), instance[a : a + CHUNK].tolist(), strict=True)
-        )
-        for t, (j, v) in enumerate(pairs):
-            np.equal(cols[j], v, out=stack[t].view(np.bool_))
-        chunk = mask_api.encode(stack[: len(pairs)].transpose(2, 1, 0))
+    pairs = list(zip(sample.tolist(), instance.tolist(), strict=True))
+    for a in range(0, len(pairs), CHUNK):
+        part = pairs[a : a + CHUNK]
+        for t, (j, v) in enumerate(part):
+            np.equal(ids[j], v, out=plane.view(np.bool_))
+            cv2.transpose(plane, dst=stack[t])
+        chunk = mask_api.encode(stack[: len(part)].transpose(2, 1, 0))
         areas.append(mask_api.area(chunk).astype(np.int64))
         boxes.append(np.rint(mask_api.toBbox(chunk)).astype(np.int64))
         rles += chunk
@@ -110,22 +115,23 @@ def check_instances(
     labelled = int(np.count_nonzero(ids))
     if labelled != int(area.sum()):
         raise DatasetError(
-            f"damaged shard: {where} ({labelled} labelled pixels, {int(area.sum())} of them in "
-            "an instance with a record); run `cli.py verify`"
+            f"damaged shard: {where} ({labelled} labelled pixels in the instance masks, but the "
+            f"records' instances cover {int(area.sum())}); run `cli.py verify`"
         )
 
 
-def image_entry(m: Any, file_name: str, size: tuple[int, int], depth_file: str) -> dict[str, Any]:
+def image_entry(
+    index: int, bg: int, fg: int, file_name: str, size: tuple[int, int], depth_file: str
+) -> dict[str, Any]:
     """One COCO image: id = the sample index; bg_id, fg_id: its background and first car."""
-    index = int(m["index"])
     entry = {
         "id": index,
         "file_name": file_name,
         "height": size[0],
         "width": size[1],
         "sample_index": index,
-        "bg_id": int(m["bg"]),
-        "fg_id": int(m["fg"]),
+        "bg_id": bg,
+        "fg_id": fg,
     }
     if depth_file:
         entry["depth_file"] = depth_file
@@ -173,15 +179,17 @@ def export_shard(root: str, k: int, out: str, with_depth: bool, split: Split) ->
         del ids
         anns = annotation_lines(rows, rles, area, bbox)
         lines: dict[str, list[str]] = {name: [] for name in split.names}
-        for j, m in enumerate(batch.meta):
-            name, subset = f"{int(m['index']):07d}", split.subset(m["bg"])
-            dest, file_name = Path(out) / subset, f"images/{name}.{batch.extension}"
-            atomic_write_bytes(dest / file_name, batch.encoded[j].tobytes())
+        meta = [batch.meta[key].tolist() for key in ("index", "bg", "fg")]
+        for j, (index, bg, fg) in enumerate(zip(*meta, strict=True)):
+            name, subset = f"{index:07d}", split.subset(bg)
+            dest, file_name = os.path.join(out, subset), f"images/{name}.{batch.extension}"
+            atomic_write_bytes(os.path.join(dest, file_name), batch.encoded[j].tobytes())
             depth_file = ""
             if with_depth and batch.depth is not None:
                 depth_file = f"depth/{name}.png"
-                codec.write_png(dest / depth_file, codec.depth_to_u16(batch.depth[j]), PNG_LEVEL)
-            image = image_entry(m, file_name, size, depth_file)
+                depth = codec.depth_to_u16(batch.depth[j])
+                codec.write_png(os.path.join(dest, depth_file), depth, PNG_LEVEL)
+            image = image_entry(index, bg, fg, file_name, size, depth_file)
             lines[subset].append("i " + json.dumps(image, separators=SEP))
             lines[subset] += anns[off[j] : off[j + 1]]
         write_parts(out, k, {name: "".join(t + "\n" for t in ts) for name, ts in lines.items()})
@@ -217,6 +225,13 @@ def coco_text(text: str, info: dict[str, Any]) -> tuple[str, int]:
     ), len(skipped)
 
 
+def remove_temporaries(out: Path, folders: list[str]) -> None:
+    """Files a killed run left under their temporary names (`files.tmp_name`)."""
+    for folder in folders:
+        for path in (out / folder).glob("*.tmp[0-9]*"):
+            path.unlink(missing_ok=True)
+
+
 def run_coco(
     root: str | Path,
     out: str | Path,
@@ -232,6 +247,7 @@ def run_coco(
         split = make_split(ds, options)
         subs = ["images"] + (["depth"] if with_depth else [])
         prepare_export(out, ds, split.folders(subs), "coco", options)
+        remove_temporaries(out, split.folders(subs))
         job = (with_depth, split)
         made = sum(export_shards(ds, out, export_shard, job, "json", backend, progress))
         joined = join_parts(out, len(ds.shards))
