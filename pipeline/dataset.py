@@ -654,11 +654,52 @@ def read_assets(path: Path) -> Assets:
 # ------------------------------------------------------------------------------ reading API
 
 
+@dataclass
+class _OpenShard:
+    """One shard as `Dataset[i]` reads it: the open file, its per-sample arrays, and the small
+    tables read once (through h5py, a compound row costs more to read than a sample's
+    pictures)."""
+
+    file: h5py.File
+    first: int
+    width: int
+    fg_bg: h5py.Dataset  # the blob of encoded composites
+    mask: h5py.Dataset  # (n, H, ceil(W/8)) bit-packed
+    depth: h5py.Dataset | None  # (n, H, W) float16
+    instance_mask: h5py.Dataset | None  # (n, H, W) uint16, version 2
+    offsets: NDArray[np.int64]  # (n+1,) into the fg_bg blob
+    meta: NDArray[Any]  # (n,) META_DTYPE
+    instances: NDArray[Any] | None  # (m,) INSTANCE_DTYPE, version 2
+    instance_offsets: NDArray[np.int64] | None  # (n+1,) into instances
+
+
+def _open_shard(path: Path) -> _OpenShard:
+    try:
+        f = h5py.File(path, "r")
+        v2 = "instances" in f
+        return _OpenShard(
+            f,
+            int(f.attrs["first"]),
+            int(f.attrs["width"]),
+            f["fg_bg"],
+            f["mask"],
+            f.get("depth"),
+            f["instance_mask"] if v2 else None,
+            f["fg_bg_offsets"][()].astype(np.int64),
+            f["meta"][()],
+            f["instances"][()] if v2 else None,
+            f["instance_offsets"][()].astype(np.int64) if v2 else None,
+        )
+    except (OSError, KeyError) as e:
+        raise DatasetError(f"cannot open shard: {path} ({e}); run `cli.py verify`") from None
+
+
 class Dataset:
     """Random access to a finished dataset: `len(ds)`, `ds[i]` -> `Sample`, plus the sources.
 
-    Shard files are opened lazily and kept open; a Dataset pickles without its open files, so
-    it can be handed to worker processes.
+    Shard files are opened lazily and kept open, each with its small tables (offsets, meta,
+    instance records) read once; a Dataset pickles (and `copy.copy`s) without its open files, so
+    it can be handed to worker processes, which open their own.
     """
 
     def __init__(self, root: str | Path) -> None:
@@ -670,7 +711,7 @@ class Dataset:
         self._firsts = [s["first"] for s in self.shards]
         self._len = int(self.manifest["num_samples"])
         self.format_version = int(self.manifest["format_version"])
-        self._files: dict[int, h5py.File] = {}
+        self._open: dict[int, _OpenShard] = {}
         self._assets: Assets | None = None
         self._fg_shapes: NDArray[np.int64] | None = None
 
@@ -679,8 +720,14 @@ class Dataset:
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_files"] = {}
+        state["_open"] = {}
         return state
+
+    def __copy__(self) -> Dataset:
+        """A copy that shares the sources read so far but none of the open files."""
+        other = Dataset.__new__(Dataset)
+        other.__dict__.update(self.__getstate__())
+        return other
 
     def __enter__(self) -> Dataset:
         return self
@@ -689,9 +736,9 @@ class Dataset:
         self.close()
 
     def close(self) -> None:
-        for f in self._files.values():
-            f.close()
-        self._files.clear()
+        for sh in self._open.values():
+            sh.file.close()
+        self._open.clear()
 
     @property
     def assets(self) -> Assets:
@@ -726,17 +773,11 @@ class Dataset:
     def read_shard(self, k: int) -> ShardBatch:
         return read_shard_file(self.shard_path(k), self._fg_shapes)
 
-    def _file(self, k: int) -> h5py.File:
-        f = self._files.get(k)
-        if f is None:
-            path = self.shard_path(k)
-            try:
-                f = self._files[k] = h5py.File(path, "r")
-            except OSError as e:
-                raise DatasetError(
-                    f"cannot open shard: {path} ({e}); run `cli.py verify`"
-                ) from None
-        return f
+    def _shard(self, k: int) -> _OpenShard:
+        sh = self._open.get(k)
+        if sh is None:
+            sh = self._open[k] = _open_shard(self.shard_path(k))
+        return sh
 
     def __getitem__(self, i: int) -> Sample:
         i = int(i)
@@ -745,16 +786,23 @@ class Dataset:
         if not 0 <= i < self._len:
             raise IndexError(f"sample {i} out of range 0..{self._len - 1}")
         k = bisect.bisect_right(self._firsts, i) - 1
-        j = i - self._firsts[k]
-        f = self._file(k)
-        start, stop = f["fg_bg_offsets"][j : j + 2]
-        fg_bg = decode_image(f["fg_bg"][start:stop])
-        mask = unpack_masks(f["mask"][j], int(f.attrs["width"]))
-        depth = f["depth"][j].astype(np.float32) if "depth" in f else None
-        row = f["meta"][j]
-        if "instances" in f:
-            a, b = f["instance_offsets"][j : j + 2]
-            ids, rows = f["instance_mask"][j], f["instances"][a:b]
+        sh = self._shard(k)
+        try:
+            return self._sample(sh, i - sh.first)
+        except OSError as e:  # h5py: a damaged chunk
+            raise DatasetError(
+                f"damaged shard: {self.shard_path(k)} ({e}); run `cli.py verify`"
+            ) from None
+
+    def _sample(self, sh: _OpenShard, j: int) -> Sample:
+        fg_bg = decode_image(sh.fg_bg[sh.offsets[j] : sh.offsets[j + 1]])
+        mask = unpack_masks(sh.mask[j], sh.width)
+        depth = sh.depth[j].astype(np.float32) if sh.depth is not None else None
+        row = sh.meta[j]
+        if sh.instance_mask is not None:
+            ids = sh.instance_mask[j]
+            a, b = sh.instance_offsets[j : j + 2]  # type: ignore[index]
+            rows = sh.instances[a:b]  # type: ignore[index]
         else:
             ids, rows = (mask > 0).astype(np.uint16), instances_of_v1(row, mask, self.fg_shapes)
         meta = meta_dict(row)

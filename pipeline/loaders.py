@@ -22,11 +22,8 @@ Invariants:
   so backgrounds already read are shared copy-on-write) and never reads, closes or frees the
   inherited handles (they stay referenced): what HDF5 would do with a parent's file closed in a
   child is not something to rely on.
-- The values of the reading API's `Dataset[i]` (the tests compare them byte for byte) at a
-  quarter of its CPU per sample: a process reads each shard's offsets, background ids and
-  record boxes once, then per sample only its composite, mask, instance mask and depth
-  (`Dataset[i]` reads the compound meta and instance records of every sample through h5py,
-  which costs more than the pictures). The records themselves: `TorchDataset.dataset[i]`.
+- The values of the reading API's `Dataset[i]`, read through it (the tests compare them byte
+  for byte); the records themselves: `TorchDataset.dataset[i]`.
 - Picklable (the spawn start method): only the path and the settings (and the transform, which
   must then pickle: a module-level function) travel; each process opens the dataset itself.
 - Importing this module imports neither torch, nor TensorFlow, nor h5py (the reading API is
@@ -35,20 +32,15 @@ Invariants:
 
 from __future__ import annotations
 
-import bisect
 import copy
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from numpy.typing import NDArray
 
 if TYPE_CHECKING:
-    import h5py
-
     from .dataset import Dataset
 
 Item = dict[str, Any]
@@ -136,95 +128,23 @@ class TorchDataset:
         return self.transform(item) if self.transform is not None else item
 
 
-@dataclass
-class _Shard:
-    """One shard's open file and the arrays read once per process (those small ones cost more
-    to read per sample, as compound types through h5py, than the sample's pictures)."""
-
-    file: h5py.File
-    first: int
-    width: int
-    fg_bg: h5py.Dataset  # the blob of encoded composites
-    mask: h5py.Dataset  # (n, H, ceil(W/8)) bit-packed
-    instance_mask: h5py.Dataset | None  # (n, H, W) uint16, version 2
-    depth: h5py.Dataset | None  # (n, H, W) float16
-    offsets: NDArray[np.int64]  # (n+1,) into the fg_bg blob
-    bg: NDArray[np.int64]  # (n,) background ids (meta["bg"])
-    boxes: NDArray[np.int64] | None  # (m, 4) of the version-2 records, else None
-    box_offsets: NDArray[np.int64] | None  # (n+1,) into boxes
-
-
 class _Reader:
-    """One process's reads: `pipeline.dataset.Dataset` for the manifest and backgrounds, and
-    its own shard files. Gives what `Dataset[i]` gives (the tests compare them byte for byte),
-    without the per-sample records."""
+    """One process's reads, through its own `pipeline.dataset.Dataset` (which opens the shard
+    files of this process and reads each shard's small tables once)."""
 
     def __init__(self, ds: Dataset) -> None:
         self.ds = ds
-        self.firsts = [int(s["first"]) for s in ds.shards]  # Dataset sorts them by first
-        self.shards: dict[int, _Shard] = {}
-
-    def shard(self, k: int) -> _Shard:
-        sh = self.shards.get(k)
-        if sh is None:
-            sh = self.shards[k] = self._open(k)
-        return sh
-
-    def _open(self, k: int) -> _Shard:
-        import h5py
-
-        from .dataset import boxes_of_records
-        from .errors import DatasetError
-
-        path = self.ds.shard_path(k)
-        try:
-            f = h5py.File(path, "r")
-            v2 = "instances" in f
-            return _Shard(
-                f,
-                int(f.attrs["first"]),
-                int(f.attrs["width"]),
-                f["fg_bg"],
-                f["mask"],
-                f["instance_mask"] if v2 else None,
-                f.get("depth"),
-                f["fg_bg_offsets"][()].astype(np.int64),
-                f["meta"].fields("bg")[()].astype(np.int64),
-                boxes_of_records(f["instances"][()]) if v2 else None,
-                f["instance_offsets"][()].astype(np.int64) if v2 else None,
-            )
-        except (OSError, KeyError) as e:
-            raise DatasetError(f"cannot read shard: {path} ({e}); run `cli.py verify`") from None
 
     def read(self, i: int, with_bg: bool) -> Item:
-        from .errors import DatasetError
-
-        k = bisect.bisect_right(self.firsts, i) - 1
-        try:
-            return self._read(self.shard(k), i, with_bg)
-        except OSError as e:  # h5py: a damaged chunk
-            path = self.ds.shard_path(k)
-            raise DatasetError(f"damaged shard: {path} ({e}); run `cli.py verify`") from None
-
-    def _read(self, sh: _Shard, i: int, with_bg: bool) -> Item:
-        from .dataset import decode_image, packed_boxes
-
-        j = i - sh.first
-        item: Item = {"fg_bg": decode_image(sh.fg_bg[sh.offsets[j] : sh.offsets[j + 1]])}
+        s = self.ds[i]
+        item: Item = {"fg_bg": s.fg_bg}
         if with_bg:
-            item["bg"] = self.ds.backgrounds[sh.bg[j]].copy()  # not a view of the table
-        packed = sh.mask[j]
-        item["mask"] = np.unpackbits(packed, axis=-1, count=sh.width)
-        if sh.instance_mask is None or sh.boxes is None:
-            # version 1: one car, id 1, boxed by its mask
-            item["instance_mask"] = item["mask"].astype(np.uint16)
-            boxes = packed_boxes(packed[None], sh.width)
-        else:
-            item["instance_mask"] = sh.instance_mask[j]
-            boxes = sh.boxes[sh.box_offsets[j] : sh.box_offsets[j + 1]].copy()
-        if sh.depth is not None:
-            item["depth"] = sh.depth[j].astype(np.float32)
-        item["boxes"] = boxes
+            item["bg"] = s.bg.copy()  # not a view of the table
+        item["mask"] = s.mask // np.uint8(255)
+        item["instance_mask"] = s.instance_mask
+        if s.depth is not None:
+            item["depth"] = s.depth
+        item["boxes"] = s.boxes
         item["index"] = i
         return item
 

@@ -146,7 +146,7 @@ def test_forked_workers_read_what_one_process_reads(scenes_dataset: Path) -> Non
     data = TorchDataset(scenes_dataset)
     expect = {i: digest(data[i]) for i in range(len(data))}  # the parent has every shard open
     parent = data._by_pid[os.getpid()]
-    assert len(parent.shards) == 3
+    assert len(parent.ds._open) == 3
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
     procs = [
