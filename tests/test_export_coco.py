@@ -17,11 +17,13 @@ import pytest
 from pycocotools import mask as mask_api
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from synth import make_inputs
 
 from pipeline import codec
 from pipeline import dataset as fmt
 from pipeline.errors import DatasetError
 from pipeline.exports import coco
+from pipeline.overlay import OverlayConfig, run_overlay
 from pipeline.splits import split_backgrounds
 
 # pycocotools 2.0.11's annToMask under numpy 2 warns on every call; nothing of ours
@@ -56,7 +58,7 @@ def stored_images(ds: fmt.Dataset) -> dict[int, bytes]:
     return images
 
 
-def check_export(root: Path, out: Path) -> COCO:
+def check_export(root: Path, out: Path, ext: str = "jpg") -> COCO:
     """Every sample is an image (its stored bytes) and every record an annotation whose mask is
     exactly the instance mask's pixels of its id."""
     ds = fmt.open_dataset(root)
@@ -72,7 +74,7 @@ def check_export(root: Path, out: Path) -> COCO:
     for i in range(len(ds)):
         s, img = ds[i], gt.imgs[i]
         assert (out / img["file_name"]).read_bytes() == stored[i]
-        assert img["file_name"] == f"images/{i:07d}.jpg" and img["sample_index"] == i
+        assert img["file_name"] == f"images/{i:07d}.{ext}" and img["sample_index"] == i
         assert (img["height"], img["width"]) == s.mask.shape
         assert (img["bg_id"], img["fg_id"]) == (s.meta["bg"], s.meta["fg"])
         anns = sorted(gt.imgToAnns[i], key=lambda a: a["instance_id"])
@@ -101,6 +103,14 @@ def test_masks_are_the_instance_masks_v1(small_dataset: Path, tmp_path: Path, cl
     export(cli_run, small_dataset, tmp_path / "v1", "--workers", "1")
     gt = check_export(small_dataset, tmp_path / "v1")
     assert len(gt.anns) == 12 and all(a["visible"] == 1.0 for a in gt.anns.values())
+
+
+def test_png_dataset(tmp_path: Path, cli_run) -> None:
+    bgs, fgs = make_inputs(tmp_path)
+    run_overlay(bgs, [fgs], tmp_path / "ds", OverlayConfig(positions=1, format="png"))
+    export(cli_run, tmp_path / "ds", tmp_path / "out")
+    gt = check_export(tmp_path / "ds", tmp_path / "out", "png")
+    assert all(img["file_name"].endswith(".png") for img in gt.imgs.values())
 
 
 def evaluate(gt: COCO, dets: list[dict], kind: str) -> float:
