@@ -13,12 +13,13 @@ import h5py
 import numpy as np
 import pytest
 import yaml
-from synth import add_depth
+from synth import add_depth, make_inputs
 
 from pipeline import codec
 from pipeline import dataset as fmt
 from pipeline.errors import DatasetError
 from pipeline.exports import yolo
+from pipeline.overlay import OverlayConfig, run_overlay
 from pipeline.splits import split_backgrounds
 
 
@@ -107,6 +108,14 @@ def test_polygons_cover_the_visible_masks_v2(scenes_dataset: Path, scenes_export
 def test_polygons_cover_the_visible_masks_v1(small_dataset: Path, tmp_path: Path, cli_run):
     export(cli_run, small_dataset, tmp_path / "v1", "--workers", "1")
     assert len(check_polygons(small_dataset, tmp_path / "v1")) == 12
+
+
+def test_png_dataset(tmp_path: Path, cli_run) -> None:
+    bgs, fgs = make_inputs(tmp_path)
+    run_overlay(bgs, [fgs], tmp_path / "ds", OverlayConfig(positions=1, format="png"))
+    export(cli_run, tmp_path / "ds", tmp_path / "out")
+    assert len(check_polygons(tmp_path / "ds", tmp_path / "out")) == 6
+    assert sorted(p.suffix for p in (tmp_path / "out/images").iterdir()) == [".png"] * 6
 
 
 def test_boxes_are_the_visible_boxes(scenes_dataset: Path, tmp_path: Path, cli_run) -> None:
