@@ -22,7 +22,7 @@ import functools
 import json
 import os
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -150,9 +150,9 @@ class ShardArrays:
     float16 (shuffle + gzip); depth_attrs: attributes for the depth array (the depth stage's
     record of how it was made). instance_masks: optional (n, H, W) uint16 ids (0 = no car) and
     instances: the matching (m,) INSTANCE_DTYPE records sorted by (index, instance); given
-    together they make the shard format version 2. instance_chunks: optionally, each
-    instance mask already compressed by `instance_chunk` (a writer that compresses them while it
-    makes the next samples); else they are compressed here.
+    together they make the shard format version 2. instance_chunks: instead of instance_masks,
+    each sample's instance mask compressed already by `instance_chunk` (a writer that compresses
+    them while it makes the next samples, and never holds the whole shard's masks).
     """
 
     images: list[bytes]
@@ -216,7 +216,9 @@ def write_shard(path: Path, shard: ShardArrays, first: int) -> int:
     # cost ~7% of overlay's time. The rename still makes a half-written shard impossible.
     size = sum(map(len, shard.images)) + shard.masks.nbytes + shard.meta.nbytes
     size += 0 if shard.depth is None else shard.depth.size * 2
-    if shard.instance_masks is not None:  # mostly zeros: gzip keeps a small part of it
+    if shard.instance_chunks is not None:
+        size += sum(map(len, shard.instance_chunks)) + len(shard.instance_chunks) * 64
+    elif shard.instance_masks is not None:  # mostly zeros: gzip keeps a small part of it
         size += shard.instance_masks.nbytes // 8 + shard.instance_masks.shape[0] * 64
     with h5_written_to(path, size) as f:
         fill_shard(f, shard, first)
@@ -265,7 +267,8 @@ def _write_instances(f: h5py.File, shard: ShardArrays, first: int) -> None:
     """instance_mask (one chunk per sample, shuffle + gzip 1), instances, instance_offsets."""
     n = len(shard.images)
     rows = np.asarray(shard.instances, dtype=INSTANCE_DTYPE)
-    if shard.instance_masks is None or len(shard.instance_masks) != n:
+    given = shard.instance_chunks if shard.instance_chunks is not None else shard.instance_masks
+    if given is None or len(given) != n:
         raise ValueError(f"a shard of {n} samples with instances needs (n, H, W) instance masks")
     key = rows["index"] * 65536 + rows["instance"]
     inside = (rows["index"] >= first) & (rows["index"] < first + n) & (rows["instance"] > 0)
@@ -274,8 +277,12 @@ def _write_instances(f: h5py.File, shard: ShardArrays, first: int) -> None:
             f"instance records must be sorted by (index, instance), ids from 1, indices in "
             f"{first}..{first + n - 1}"
         )
-    ids = np.ascontiguousarray(shard.instance_masks, dtype="<u2")
-    _write_chunked(f, "instance_mask", ids, INSTANCE_GZIP, shard.instance_chunks)
+    if shard.instance_chunks is not None:
+        shape, chunks = (n, shard.masks.shape[1], shard.width), shard.instance_chunks
+        _write_direct(f, "instance_mask", shape, np.dtype("<u2"), INSTANCE_GZIP, chunks)
+    else:
+        ids = np.ascontiguousarray(shard.instance_masks, dtype="<u2")
+        _write_chunked(f, "instance_mask", ids, INSTANCE_GZIP)
     _dataset(f, "instances", rows)
     _dataset(f, "instance_offsets", instance_offsets(rows["index"], first, n))
 
@@ -295,33 +302,43 @@ def instance_chunk(ids: NDArray[np.uint16]) -> bytes:
     return _shuffle_deflate(np.ascontiguousarray(ids, dtype="<u2"), INSTANCE_GZIP)
 
 
-def _write_chunked(
-    f: h5py.File, name: str, data: NDArray[Any], level: int, chunks: list[bytes] | None = None
-) -> None:
+def _write_chunked(f: h5py.File, name: str, data: NDArray[Any], level: int) -> None:
     """A (n, H, W) array of a 2-byte type, one chunk per sample, shuffle + gzip `level`. The
-    chunks (unless given, compressed already) are compressed in threads (zlib releases the GIL)
-    and written with write_direct_chunk, since h5py's own filter runs on one core (~3 ms a
-    map)."""
+    chunks are compressed in threads (zlib releases the GIL) and written with
+    write_direct_chunk, since h5py's own filter runs on one core (~3 ms a map)."""
     if len(data) == 0:
         _dataset(f, name, data)
         return
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        chunks = pool.map(_shuffle_deflate, data, [level] * len(data))
+        _write_direct(f, name, data.shape, data.dtype, level, chunks)
+
+
+def _write_direct(
+    f: h5py.File,
+    name: str,
+    shape: tuple[int, ...],
+    dtype: np.dtype[Any],
+    level: int,
+    chunks: Iterable[bytes],
+) -> None:
+    """A (n, H, W) dataset, one chunk per sample, shuffle + gzip `level`, from its chunks
+    compressed already (as `_shuffle_deflate` does)."""
+    if shape[0] == 0:
+        _dataset(f, name, np.zeros(shape, dtype))
+        return
     ds = f.create_dataset(
         name,
-        shape=data.shape,
-        dtype=data.dtype,
-        chunks=(1, *data.shape[1:]),
+        shape=shape,
+        dtype=dtype,
+        chunks=(1, *shape[1:]),
         shuffle=True,
         compression="gzip",
         compression_opts=level,
         track_times=False,
     )
-    if chunks is not None:
-        for i, chunk in enumerate(chunks):
-            ds.id.write_direct_chunk((i, 0, 0), chunk)
-        return
-    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-        for i, chunk in enumerate(pool.map(_shuffle_deflate, data, [level] * len(data))):
-            ds.id.write_direct_chunk((i, 0, 0), chunk)
+    for i, chunk in enumerate(chunks):
+        ds.id.write_direct_chunk((i, 0, 0), chunk)
 
 
 def _write_depth(f: h5py.File, depth: NDArray[np.floating], attrs: dict[str, Any]) -> None:

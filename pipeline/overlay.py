@@ -278,29 +278,28 @@ def _scene_shard(job: ShardJob, assets: _WorkerAssets, meta: NDArray[Any]) -> fm
     ends = np.append(starts[1:], len(cands))
     rows: list[NDArray[Any]] = []
     chunks: list[Future[bytes]] = []
-    inst = np.zeros((len(meta), *hw), np.uint16)
+    masks = np.zeros((len(meta), geom.height, (geom.width + 7) // 8), np.uint8)
     with codec.encoder(cfg.format, cfg.quality, cfg.subsampling) as encoder:
         for i, bg_id in enumerate(meta["bg"]):
             bg = assets.backgrounds[bg_id]
             cands_i = cands[starts[i] : ends[i]]
             scene = make_scene(cands_i, bg, assets.cutouts, cfg.scene.min_visible)
             encoder.submit(scene.image)
-            inst[i] = scene.instance_mask
-            chunks.append(encoder.run(fmt.instance_chunk, inst[i]))
+            chunks.append(encoder.run(fmt.instance_chunk, scene.instance_mask))
+            masks[i] = np.packbits(scene.instance_mask > 0, axis=-1)
             rows.append(scene.rows)
             first = scene.rows[scene.first]
             meta["x"][i], meta["y"][i] = first["x"], first["y"]
         images = encoder.results()
-    masks = np.packbits(inst > 0, axis=-1)
+        compressed = [c.result() for c in chunks]
     return fmt.ShardArrays(
         images,
         masks,
         meta,
         geom.width,
         cfg.format,
-        instance_masks=inst,
         instances=np.concatenate(rows),
-        instance_chunks=[c.result() for c in chunks],
+        instance_chunks=compressed,
     )
 
 
