@@ -111,6 +111,33 @@ def write_png(path: str | Path, image: NDArray[Any], compression: int = 3) -> No
     atomic_write_bytes(path, png_bytes(image, compression))
 
 
+# Masks and instance ids are flat regions with hard edges: libpng's adaptive row filters cost
+# ~90% of their encoding time and make the file larger, so they go unfiltered (a 224x224 mask:
+# ~70 us and ~280 B instead of ~700 us and ~620 B), a binary mask also with zlib's RLE.
+# OpenCV before 4.11 has no filter flag and then uses its default filters (same pixels).
+_NO_FILTER = (
+    [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_NONE]
+    if hasattr(cv2, "IMWRITE_PNG_FILTER")
+    else []
+)
+_LABEL_PNG = [cv2.IMWRITE_PNG_COMPRESSION, 1, *_NO_FILTER]
+_MASK_PNG = [*_LABEL_PNG, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE]
+
+
+def label_png_bytes(label: NDArray[Any], binary: bool = False) -> bytes:
+    """PNG bytes of a (H, W) uint8 mask or uint16 id image, encoded for flat labels (binary:
+    a two-valued mask, as 0/255 masks are)."""
+    ok, buf = cv2.imencode(".png", np.ascontiguousarray(label), _MASK_PNG if binary else _LABEL_PNG)
+    if not ok:
+        raise ValueError(f"PNG encoding failed for an array of shape {label.shape}")
+    return buf.tobytes()
+
+
+def write_label_png(path: str | Path, label: NDArray[Any], binary: bool = False) -> None:
+    """Write a label image (see `label_png_bytes`) atomically."""
+    atomic_write_bytes(path, label_png_bytes(label, binary))
+
+
 DEPTH_CODE_MAX = 65535
 
 

@@ -12,8 +12,9 @@ with the trainer's rule (`pipeline.splits`); without it, to the export folder it
 asks `Split.subset(bg)` for the sub-folder of a sample.
 
 Parts: a writer whose output has one file for the whole export (samples.csv, annotations.json)
-stores each shard's share in its marker, as a JSON object {subset: text}, written after the
-shard's files; `join_parts` reads them back in shard order once every shard is done.
+stores each shard's share in its marker, as a JSON object {key: text} (a key is the writer's:
+a subset's name, or a joined file's), written after the shard's files; `join_parts` reads them
+back in shard order once every shard is done.
 """
 
 from __future__ import annotations

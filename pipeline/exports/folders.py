@@ -78,7 +78,7 @@ def export_shard(root: str, k: int, out: str, with_depth: bool, split: Split) ->
             subset = split.subset(m["bg"])
             dest = Path(out) / subset
             atomic_write_bytes(dest / "fg_bg" / f"{name}.{ext}", batch.encoded[i].tobytes())
-            codec.write_png(dest / "mask" / f"{name}.png", masks[i], PNG_LEVEL)
+            codec.write_label_png(dest / "mask" / f"{name}.png", masks[i], binary=True)
             depth_file = ""
             if with_depth and batch.depth is not None:
                 depth_file = f"depth/{name}.png"

@@ -29,10 +29,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-import cv2
-import numpy as np
 import webdataset as wds  # the package (absolute import), not this module
-from numpy.typing import NDArray
 
 from .. import codec
 from .. import dataset as fmt
@@ -51,30 +48,10 @@ from .common import (
 
 # OpenCV's fastest PNG level that still compresses, as in folders (backgrounds, depth).
 PNG_LEVEL = 1
-# Masks and instance ids are flat regions with hard edges: libpng's adaptive row filters cost
-# ~90% of their encoding time and make the file larger, so they go unfiltered (a 224x224 mask:
-# ~70 us and ~280 B instead of ~700 us and ~620 B), the 0/255 mask also with zlib's RLE.
-# OpenCV before 4.11 has no filter flag and then uses its default filters (same pixels).
-_NO_FILTER = (
-    [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_NONE]
-    if hasattr(cv2, "IMWRITE_PNG_FILTER")
-    else []
-)
-MASK_PNG = [cv2.IMWRITE_PNG_COMPRESSION, PNG_LEVEL, *_NO_FILTER]
-MASK_PNG += [cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE]
-IDS_PNG = [cv2.IMWRITE_PNG_COMPRESSION, PNG_LEVEL, *_NO_FILTER]
 MTIME = 0  # every member's mtime: reruns give the same bytes
 INDEX = "shards.json"
 BACKGROUNDS = "backgrounds"
 WIDS_KIND = "wids-shard-index-v1"
-
-
-def label_png(label: NDArray[Any], params: list[int]) -> bytes:
-    """PNG bytes of a (H, W) uint8 mask or uint16 id image, with MASK_PNG or IDS_PNG."""
-    ok, buf = cv2.imencode(".png", np.ascontiguousarray(label), params)
-    if not ok:
-        raise ValueError(f"PNG encoding failed for an array of shape {label.shape}")
-    return buf.tobytes()
 
 
 def tar_name(k: int) -> str:
@@ -113,11 +90,11 @@ def shard_samples(
         sample = {
             "__key__": f"{int(m['index']):07d}",
             image: batch.encoded[i].tobytes(),
-            "mask.png": label_png(masks[i], MASK_PNG),
+            "mask.png": codec.label_png_bytes(masks[i], binary=True),
             "json": json.dumps(sample_json(m, rows, assets), allow_nan=False).encode(),
         }
         if ids is not None:
-            sample["instances.png"] = label_png(ids[i], IDS_PNG)
+            sample["instances.png"] = codec.label_png_bytes(ids[i])
         if with_depth and batch.depth is not None:
             sample["depth.png"] = codec.png_bytes(codec.depth_to_u16(batch.depth[i]), PNG_LEVEL)
         if bg_pngs is not None:
