@@ -209,7 +209,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> TrainConfig:
         validate(raw, source)
-        return _build(raw)
+        return _build(_with_transformations(raw, source))
 
     def with_overrides(self, **kw: Any) -> TrainConfig:
         return replace(self, **kw)
@@ -288,6 +288,20 @@ def validate(raw: Any, source: str = "config") -> None:
     if errors:
         raise ConfigError(f"{source}: {_describe(errors[0])}")
     _check_cross_keys(raw, source)
+
+
+def _with_transformations(raw: dict[str, Any], source: str) -> dict[str, Any]:
+    """The named albumentations transforms checked and in albumentations 2's form, a Resize as
+    'image_size' (trainer.augment, which imports albumentations: only for configs with some)."""
+    t = raw.get("transformations") or {}
+    if not (t.get("train") or t.get("val")):
+        return raw
+    from .augment import canonical_config
+
+    new = canonical_config(raw, source)
+    if new is not raw:
+        validate(new, source)
+    return new
 
 
 def _check_cross_keys(raw: dict[str, Any], source: str) -> None:

@@ -408,8 +408,10 @@ def make_tf_dataset(
     ds: Dataset,
     augment: AugmentConfig | None = None,
     seed: int = 0,
+    augmenter: Any = None,
 ) -> Any:
-    """(inputs, targets) batches from a callable returning an iterator of `maker`'s batches."""
+    """(inputs, targets) batches from a callable returning an iterator of `maker`'s batches;
+    `augmenter` (trainer.augment.Augmenter): the named albumentations transforms."""
     import tensorflow as tf
 
     th, tw = maker.target
@@ -430,6 +432,8 @@ def make_tf_dataset(
         y = {"mask": mask}
         if maker.with_depth:
             y["depth"] = depth[0][..., None]
+        if augmenter is not None:  # after the flip, before the colour jitter
+            x, y = augmenter.tf_apply(tf, pos, x, y)
         if augment is not None and augment.colour:
             x, y = _augment(tf, augment, seed, pos, x, y)
         return x, y
@@ -463,6 +467,7 @@ def tf_dataset(
     repeat: bool = False,
     start: int = 0,
     max_samples: int | None = None,
+    transformations: Sequence[dict[str, Any]] = (),
 ) -> Any:
     """The trainer's input pipeline as a `tf.data.Dataset` of `(inputs, targets)` batches:
         inputs  {"bg": (B, h, w, 3) uint8 RGB, "fg_bg": (B, h, w, 3) uint8 RGB}
@@ -477,7 +482,9 @@ def tf_dataset(
     a count; the trainer's rule), "all", or the background ids to read. with_depth: None reads
     depth when the dataset has it. shuffle: shard order and samples, drawn from (seed, pass),
     `shuffle_shards` shards mixed at a time. augment: flips and colour jitter of fg_bg, drawn
-    from (seed, stream position). repeat=False: one pass, the last batch may be shorter, and
+    from (seed, stream position). transformations: albumentations transforms by name, as a
+    config's `transformations.train` (trainer/augment.py), also drawn from (seed, stream
+    position). repeat=False: one pass, the last batch may be shorter, and
     the dataset knows its number of batches (at most max_samples samples); repeat=True: the
     endless stream of full batches from stream position `start` (a multiple of batch_size), as
     training reads it: a resumed run sees the batches it would have seen.
@@ -509,8 +516,15 @@ def tf_dataset(
     def blocks() -> Iterator[Block]:
         return reader.stream(start, n) if repeat else reader.single_pass(max_samples)
 
+    augmenter = None
+    if transformations:
+        from .augment import Augmenter
+
+        augmenter = Augmenter(transformations, seed, maker.size, with_depth)
+        if augmenter.dual and maker.target != maker.size:
+            raise ValueError("transforms that move pixels need resize_targets=True")
     out = make_tf_dataset(
-        maker, lambda: maker.batches(blocks(), batch_size, repeat), ds, augment, seed
+        maker, lambda: maker.batches(blocks(), batch_size, repeat), ds, augment, seed, augmenter
     )
     if not repeat:
         out = out.apply(tf.data.experimental.assert_cardinality(-(-n // batch_size)))
@@ -553,6 +567,7 @@ def train_dataset(
         image_size=cfg.image_size,
         repeat=True,
         start=start,
+        transformations=cfg.transformations.train,
     )
 
 
