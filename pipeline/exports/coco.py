@@ -225,13 +225,6 @@ def coco_text(text: str, info: dict[str, Any]) -> tuple[str, int]:
     ), len(skipped)
 
 
-def remove_temporaries(out: Path, folders: list[str]) -> None:
-    """Files a killed run left under their temporary names (`files.tmp_name`)."""
-    for folder in folders:
-        for path in (out / folder).glob("*.tmp[0-9]*"):
-            path.unlink(missing_ok=True)
-
-
 def run_coco(
     root: str | Path,
     out: str | Path,
@@ -247,7 +240,6 @@ def run_coco(
         split = make_split(ds, options)
         subs = ["images"] + (["depth"] if with_depth else [])
         prepare_export(out, ds, split.folders(subs), "coco", options)
-        remove_temporaries(out, split.folders(subs))
         job = (with_depth, split)
         made = sum(export_shards(ds, out, export_shard, job, "json", backend, progress))
         joined = join_parts(out, len(ds.shards))

@@ -116,6 +116,18 @@ def prepare_export(
     for sub in (*folders, DONE_DIR):
         make_folder(out / sub)
     write_json(out / MARKER, ident)
+    remove_temporaries(out, folders)
+
+
+def remove_temporaries(out: Path, folders: Sequence[str]) -> None:
+    """Files a killed run left under their temporary names (`files.tmp_name`: NAME.tmpPID) in
+    the export folder, its sub-folders and their parents (a finished file is always renamed
+    into place, so these are never complete)."""
+    places = {out, out / DONE_DIR} | {out / sub for sub in folders}
+    places |= {p.parent for p in places if p != out}
+    for folder in places:
+        for path in folder.glob("*.tmp[0-9]*"):
+            path.unlink(missing_ok=True)
 
 
 def done_marker(out: Path | str, k: int, ext: str) -> Path:

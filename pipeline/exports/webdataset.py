@@ -143,13 +143,6 @@ def bg_png(bg: Any) -> bytes:
     return codec.png_bytes(bg, PNG_LEVEL)
 
 
-def remove_stale_tars(folder: Path) -> None:
-    """Temporary tars a killed run left behind (`files.tmp_name`: NAME.tmpPID); a finished tar
-    is always renamed, so these are never complete."""
-    for tmp in folder.glob("shard-*.tar.tmp*"):
-        tmp.unlink(missing_ok=True)
-
-
 def write_index(folder: Path, name: str, text: str) -> None:
     """DIR/shards.json: the tars of a subset in shard order, as a wids shard index."""
     shards = [json.loads(line) for line in text.splitlines()]
@@ -171,8 +164,6 @@ def run_webdataset(
         out = Path(out)
         split = make_split(ds, options)
         prepare_export(out, ds, split.folders([BACKGROUNDS]), "webdataset", options)
-        for name in split.names:
-            remove_stale_tars(out / name)
         for b, bg in enumerate(ds.backgrounds):
             target = out / split.subset(b) / BACKGROUNDS / f"{b:04d}.png"
             if not target.exists():
