@@ -39,7 +39,11 @@ def _series(rows: list[dict[str, Any]], key: str) -> list[tuple[float, float]]:
     return out
 
 
-def _panel(title: str, series: dict[str, list[tuple[float, float]]]) -> NDArray[np.uint8]:
+def _panel(
+    title: str, series: dict[str, list[tuple[float, float]]], xlabel: str | None = None
+) -> NDArray[np.uint8]:
+    """One panel of line series; `xlabel` replaces the "epoch LO..HI" caption (lr_find.png
+    gives its log-lr range)."""
     img = np.full((PH, PW, 3), 255, np.uint8)
     font = cv2.FONT_HERSHEY_SIMPLEX
     cv2.putText(img, title, (M, 20), font, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
@@ -67,10 +71,12 @@ def _panel(title: str, series: dict[str, list[tuple[float, float]]]) -> NDArray[
         _, py = to_px(xlo, v)
         cv2.line(img, (x0, py), (x1, py), (230, 230, 230), 1)
         cv2.putText(img, f"{v:.3g}", (2, py + 4), font, 0.35, (60, 60, 60), 1, cv2.LINE_AA)
+    label = xlabel or f"epoch {xlo:g}..{xhi:g}"
+    width = cv2.getTextSize(label, font, 0.38, 1)[0][0]
     cv2.putText(
         img,
-        f"epoch {xlo:g}..{xhi:g}",
-        (x1 - 110, y1 + 16),
+        label,
+        (x1 - max(110, width), y1 + 16),
         font,
         0.38,
         (60, 60, 60),
