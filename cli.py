@@ -954,14 +954,27 @@ def train(
 ) -> None:
     """Train the two-input (bg, fg_bg), two-output (mask, depth) U-Net on DATASET's shards.
     Validation is held out by background; progress per epoch; --resume continues a run."""
-    from trainer.config import load_config
+    from trainer.config import read_config
     from trainer.train import resume_hint, run_train
 
-    cfg = load_config(config_path)
+    cfg, legacy = read_config(config_path)
+    translated = None
+    if legacy is not None and not resume:  # (a resumed run keeps its own config)
+        import json
+
+        from trainer.legacy import TRANSLATED
+
+        translated = cfg.to_dict()
+        click.echo(
+            f"config {config_path} is in the original trainer's layout; translated (saved as "
+            f"{out / TRANSLATED}):\n{json.dumps(translated, indent=1)}"
+        )
     limit = time_limit * 60 if time_limit else None
     try:
         with _TrainEcho() as on_event:
-            rep = run_train(dataset, cfg, out, resume, limit, on_event, epochs)
+            rep = run_train(
+                dataset, cfg, out, resume, limit, on_event, epochs, translated=translated
+            )
     except KeyboardInterrupt as e:
         e.hint = resume_hint(out)  # the command that continues depends on the epochs done
         raise
@@ -1006,11 +1019,32 @@ class _TrainEcho:
                 dynamic_ncols=True,
                 file=sys.stderr,
             )
+        elif kind == "lr_find_start":  # lr_finder_use: the range test before training
+            self.close()
+            self.bar = tqdm(
+                total=p["steps"],
+                desc="lr range test",
+                unit="batch",
+                leave=False,
+                dynamic_ncols=True,
+                file=sys.stderr,
+            )
+        elif kind == "lr_find":
+            self.close()
+            for line in _lr_find_lines(p):
+                click.echo(line)
         elif kind == "batch" and self.bar is not None:
             self.bar.update(1)
         elif kind == "epoch":
             self.close()
             click.echo(_epoch_line(p))
+        elif kind == "pruning":
+            per = [s for _, s in p["layers"]]
+            click.echo(
+                f"pruned for epoch {p['epoch']}: {100 * p['sparsity']:.2f}% of {p['weights']:,} "
+                f"conv weights are zero ({p['scope']}, {p['amount']:g} per epoch; "
+                f"{len(per)} kernels {100 * min(per):.1f}-{100 * max(per):.1f}%; -v: each)"
+            )
 
 
 def _echo_train_start(p: dict[str, Any]) -> None:
@@ -1045,6 +1079,82 @@ def _epoch_line(p: dict[str, Any]) -> str:
     if "val_depth_rmse" in p:
         line += f" depth RMSE {f('val_depth_rmse')} d<1.25 {f('val_depth_delta1')}"
     return line + (" *" if p.get("improved") else "")
+
+
+@cli.command("lr-find")
+@dataset_arg
+@path_option(
+    "--config",
+    "-c",
+    "config_path",
+    default=None,
+    help="Training config (JSON): the model, losses, optimizer, batch size and augmentation "
+    "to test, and its 'lr_finder' section; default: the built-in defaults.",
+)
+@click.option(
+    "--start-lr",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="First learning rate (default: the config's lr_finder.start_lr, 1e-7).",
+)
+@click.option(
+    "--end-lr",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Last learning rate (default: lr_finder.end_lr, 10).",
+)
+@click.option(
+    "--steps",
+    type=click.IntRange(min=2),
+    default=None,
+    help="Batches, one per learning rate (default: lr_finder.steps, 100).",
+)
+@click.option(
+    "--step-mode",
+    type=click.Choice(["exp", "linear"]),
+    default=None,
+    help="How the lr rises (default: lr_finder.step_mode, exp).",
+)
+@out_option("Folder for lr_find.csv, lr_find.png, lr_find.json.", default=Path("runs/lr_find"))
+@handle_errors
+def lr_find(
+    dataset: Path,
+    config_path: Path | None,
+    start_lr: float | None,
+    end_lr: float | None,
+    steps: int | None,
+    step_mode: str | None,
+    out: Path,
+) -> None:
+    """The learning-rate range test (Smith 2017, as torch-lr-finder runs it): the config's
+    model trains one batch of DATASET's training split per lr, the lr rising from --start-lr to
+    --end-lr, until the smoothed loss passes lr_finder.diverge x its best. Prints the suggested
+    lr (steepest descent of the smoothed loss); the model itself is not kept."""
+    from dataclasses import replace
+
+    from trainer.config import load_config
+    from trainer.lr_find import run_lr_find
+
+    cfg = load_config(config_path)
+    given = {"start_lr": start_lr, "end_lr": end_lr, "steps": steps, "step_mode": step_mode}
+    finder = replace(cfg.lr_finder, **{k: v for k, v in given.items() if v is not None})
+    with progress_bar("lr-find", unit="batch") as bar:
+        rep = run_lr_find(dataset, cfg.with_overrides(lr_finder=finder), out, progress=bar)
+    for line in _lr_find_lines(rep.summary()):
+        click.echo(line)
+
+
+def _lr_find_lines(p: dict[str, Any]) -> list[str]:
+    """The range test's summary (`LrFindReport.summary()`), for lr-find and for train."""
+    lr = p["suggested_lr"]
+    found = f"suggested lr {lr:.3g}" if lr is not None else f"no suggestion: {p['note']}"
+    return [
+        f"lr-find: {p['steps_done']}/{p['steps']} steps of batch {p['batch_size']} in "
+        f"{p['seconds']:.0f} s, {p['stopped']}",
+        f"  {found} (steepest descent of the smoothed loss; its minimum at lr "
+        f"{p['min_loss_lr']:.3g})",
+        f"  -> {', '.join(p['files'])}",
+    ]
 
 
 run_dir_arg = click.argument("run_dir", type=click.Path(path_type=Path))

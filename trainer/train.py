@@ -456,11 +456,18 @@ def _fit(model: Any, ctx: RunContext, ds: Dataset, plan: TrainPlan, start: int) 
         augment=cfg.augment,
         repeat=True,
         start=start * plan.steps * cfg.batch_size,
+        transformations=cfg.transformations.train,
         **common,
     )
     val_bs = cfg.validation.batch_size or cfg.batch_size
     val = data.tf_dataset(
-        ds, val_bs, split=split.val_bgs, max_samples=cfg.validation.max_samples, **common
+        ds,
+        val_bs,
+        split=split.val_bgs,
+        max_samples=cfg.validation.max_samples,
+        seed=cfg.seed,
+        transformations=cfg.transformations.val,
+        **common,
     )
     sample = None
     if cfg.tensorboard_images:
@@ -471,6 +478,11 @@ def _fit(model: Any, ctx: RunContext, ds: Dataset, plan: TrainPlan, start: int) 
         _callback_class()(ctx),
         tensorboard_callback(log_dir, plan.heads, ctx.full, sample),
     ]
+    if cfg.model_optimization.pruning is not None:
+        from .pruning import pruning_callback
+
+        # First: it prunes before the epoch starts and adds `sparsity` to the epoch's logs.
+        callbacks.insert(0, pruning_callback(cfg.model_optimization.pruning, start > 0, ctx.event))
     model.fit(
         train,
         epochs=cfg.epochs,
@@ -495,10 +507,13 @@ def run_train(
     time_limit: float | None = None,
     on_event: Event | None = None,
     epochs: int | None = None,
+    translated: dict[str, Any] | None = None,
 ) -> TrainReport:
     """Train (or resume) a run; see trainer/run.py for what the run folder holds.
     time_limit (seconds): stop after the last epoch that can finish within it. epochs: replaces
-    the config's (with resume: trains a finished run further; the record is updated)."""
+    the config's (with resume: trains a finished run further; the record is updated).
+    translated: a config file of the original trainer's layout as translated (trainer/legacy.py),
+    saved beside the record as RUN_DIR/translated_config.json."""
     t0 = time.perf_counter()
     event = on_event or _no_event
     run_dir = Path(run_dir)
@@ -512,6 +527,10 @@ def run_train(
     if resume:
         state = read_state(run_dir)
     start = state["epoch"]
+    if cfg.lr_finder_use and not resume:  # a resumed run trains at the lr its record says
+        from .lr_find import use_lr_finder
+
+        cfg, plan = use_lr_finder(ds, cfg, run_dir, event)
     full, model = _build(ds, cfg, plan, start)
     with _failed_writes_say_how_to_go_on(run_dir):
         if resume:
@@ -521,6 +540,12 @@ def run_train(
         else:
             make_folder(run_dir / CKPT)  # only now: a refused run leaves nothing
             write_run(run_dir, plan.record)
+            if translated is not None:
+                from pipeline.files import write_json
+
+                from .legacy import TRANSLATED
+
+                write_json(run_dir / TRANSLATED, translated)
         event("start", _start_info(plan, resume, start, full))
         if start >= cfg.epochs:
             done = "all epochs were already done"
