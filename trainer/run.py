@@ -214,7 +214,8 @@ def history_columns(heads: list[str]) -> list[str]:
 
 def write_history(run_dir: Path, rows: list[dict[str, Any]], heads: list[str]) -> None:
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=history_columns(heads), extrasaction="ignore", restval="")
+    cols = history_columns(heads) + (["sparsity"] if any("sparsity" in r for r in rows) else [])
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", restval="")
     w.writeheader()
     for r in rows:
         w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
