@@ -2,7 +2,7 @@
 
 Contract:
 - Inputs `bg` and `fg_bg`: (B, H, W, 3) uint8 RGB, H and W multiples of 16 (of 32 with
-  `stem_stride: 2` or the MobileNet variant; any size otherwise: the network is fully
+  `stem_stride: 2` or the MobileNet and ResNet variants; any size otherwise: the network is fully
   convolutional). Normalisation with the dataset's stats.json is part of the model
   (Rescaling + Normalization layers), so a saved model needs no stats to predict.
 - Outputs `mask`: (B, H, W, 1) float32 logits; `depth`: (B, H, W, 1) float32 in the dataset's
@@ -19,15 +19,28 @@ Contract:
 - `mobilenet_unet`: a lighter variant, a MobileNetV2 encoder (built with weights=None, so no
   download; `encoder_weights` may name a local weights file) shared by both inputs, whose
   features at each scale are concatenated and decoded by the same up-blocks.
+- `resnet34_unet`: the original trainer's second model, a ResNet-34 encoder (basic blocks,
+  3-4-6-3 per stage; our own Keras layers, since keras-hub is not a dependency and Keras has no
+  ResNet-34) wired like the MobileNet variant: one encoder shared by both inputs (run on them
+  as one batch, so its batch norms see both), its features at strides 2-32 concatenated per
+  scale, decoded by the U-Net's up-blocks (4f, 2f, f, f, then one more to full size with the
+  input stack as skip). Its stage widths are f, 2f, 4f, 8f with f = `base_filters`: 64 is the
+  standard ResNet-34 (21.3M encoder parameters), smaller values a narrower one. `encoder_weights` may name a local file: the Keras weights of the `resnet34`
+  encoder (`.weights.h5`) or a torchvision ResNet-34 state dict saved as `.npz` (ImageNet
+  weights; the layers carry torchvision's names and padding, so they load one to one).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import keras
+import numpy as np
 from keras import layers
+
+from pipeline.errors import ConfigError
 
 from .config import ModelConfig
 
@@ -166,8 +179,116 @@ def build_mobilenet_unet(cfg: ModelConfig, norm: Normalisation) -> keras.Model:
     return keras.Model(inputs, _heads(x, norm), name="mobilenet_unet")
 
 
+# ResNet-34: basic blocks per stage (torchvision's layer1..layer4).
+RESNET34_BLOCKS = (3, 4, 6, 3)
+# torchvision's batch norm epsilon, so that its weights give its outputs.
+_BN_EPS = 1e-5
+
+
+def _conv_bn(x: Any, filters: int, k: int, stride: int, name: str, bn: str) -> Any:
+    """k x k conv (no bias) + batch norm, padded like PyTorch (k // 2 on every side): Keras'
+    "same" pads a stride-2 conv on one side only, which would shift ImageNet features."""
+    if stride > 1:
+        x = layers.ZeroPadding2D(k // 2, name=f"{name}_pad")(x)
+    pad = "valid" if stride > 1 else "same"
+    x = layers.Conv2D(filters, k, stride, padding=pad, use_bias=False, name=name)(x)
+    return layers.BatchNormalization(epsilon=_BN_EPS, name=bn)(x)
+
+
+def _basic_block(x: Any, filters: int, stride: int, name: str) -> Any:
+    """conv3x3-BN-ReLU-conv3x3-BN plus the shortcut (a strided 1x1 conv + BN where the shape
+    changes), then ReLU: He et al. 2016's basic block, as torchvision builds it."""
+    y = _conv_bn(x, filters, 3, stride, f"{name}_conv1", f"{name}_bn1")
+    y = layers.ReLU(name=f"{name}_relu1")(y)
+    y = _conv_bn(y, filters, 3, 1, f"{name}_conv2", f"{name}_bn2")
+    if stride != 1 or x.shape[-1] != filters:
+        x = layers.Conv2D(filters, 1, stride, use_bias=False, name=f"{name}_downsample_0")(x)
+        x = layers.BatchNormalization(epsilon=_BN_EPS, name=f"{name}_downsample_1")(x)
+    x = layers.Add(name=f"{name}_add")([x, y])
+    return layers.ReLU(name=f"{name}_out")(x)
+
+
+def resnet34_encoder(width: int = 64) -> keras.Model:
+    """ResNet-34 without its classifier, on (B, H, W, 3) normalised float inputs; outputs the
+    features at strides 2 (stem, `width` channels), 4, 8, 16 and 32 (8 x `width`). Layer names
+    follow torchvision's parameter names with "." as "_" (layer2_0_downsample_0, ...)."""
+    inp = keras.Input((None, None, 3), name="image")
+    x = _conv_bn(inp, width, 7, 2, "conv1", "bn1")
+    stem = x = layers.ReLU(name="relu")(x)
+    x = layers.ZeroPadding2D(1, name="maxpool_pad")(x)  # after ReLU: zeros act as -inf
+    x = layers.MaxPooling2D(3, 2, name="maxpool")(x)
+    taps = [stem]
+    for s, n in enumerate(RESNET34_BLOCKS):
+        for b in range(n):
+            stride = 2 if s > 0 and b == 0 else 1
+            x = _basic_block(x, width * 2**s, stride, f"layer{s + 1}_{b}")
+        taps.append(x)
+    return keras.Model(inp, taps, name="resnet34")
+
+
+def load_torchvision_resnet(encoder: keras.Model, state: dict[str, np.ndarray]) -> None:
+    """Set the encoder's weights from a torchvision ResNet state dict (numpy arrays by name:
+    conv weights (out, in, kh, kw), batch norm weight, bias, running_mean, running_var); the
+    classifier (fc.*) and num_batches_tracked are ignored. KeyError/ValueError on a mismatch."""
+    for layer in encoder.layers:
+        key = _torch_key(layer.name)
+        if isinstance(layer, layers.Conv2D):
+            w = np.asarray(state[f"{key}.weight"]).transpose(2, 3, 1, 0)
+            layer.set_weights([w])
+        elif isinstance(layer, layers.BatchNormalization):
+            parts = ("weight", "bias", "running_mean", "running_var")
+            layer.set_weights([np.asarray(state[f"{key}.{p}"]) for p in parts])
+
+
+def _torch_key(name: str) -> str:
+    # layer1_0_conv1 -> layer1.0.conv1; layer2_0_downsample_0 -> layer2.0.downsample.0
+    return name.replace("_", ".")
+
+
+def _load_encoder_weights(encoder: keras.Model, path: str) -> None:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"'model.encoder_weights': no such file: {p}")
+    try:
+        if p.suffix == ".npz":
+            with np.load(p) as z:
+                load_torchvision_resnet(encoder, {k: z[k] for k in z.files})
+        else:
+            encoder.load_weights(p)
+    except (KeyError, ValueError, OSError) as e:
+        raise ConfigError(
+            f"'model.encoder_weights': {p} does not fit a ResNet-34 of width "
+            f"{encoder.get_layer('conv1').filters} ({e}); give the Keras weights of the "
+            "resnet34 encoder (.weights.h5) or a torchvision resnet34 state dict (.npz)"
+        ) from None
+
+
+def build_resnet34_unet(cfg: ModelConfig, norm: Normalisation) -> keras.Model:
+    inputs, bg_n, fg_n = _inputs(norm)
+    encoder = resnet34_encoder(cfg.base_filters)
+    if cfg.encoder_weights:
+        _load_encoder_weights(encoder, cfg.encoder_weights)
+    # Both inputs through the encoder as one batch of 2B: one copy of its graph (half the
+    # ops to trace and differentiate), and each batch norm sees bg and fg_bg together.
+    both = layers.Concatenate(axis=0, name="enc_batch")([bg_n, fg_n])
+    feats = [
+        layers.Concatenate(name=f"enc{i}_concat")(keras.ops.split(t, 2, axis=0))
+        for i, t in enumerate(encoder(both))
+    ]
+    f = cfg.base_filters
+    x = feats[4]
+    # The U-Net's decoder widths (4f, 2f, f, f), one level per encoder stride.
+    for i, (skip, filters) in enumerate(zip(feats[3::-1], (4 * f, 2 * f, f, f), strict=True)):
+        x = _up(x, skip, filters, f"up{i + 1}")
+    full = _input_stack(cfg, inputs, bg_n, fg_n)
+    x = _up(x, full, f, "up5")
+    return keras.Model(inputs, _heads(x, norm), name="resnet34_unet")
+
+
 def build_model(cfg: ModelConfig, norm: Normalisation) -> keras.Model:
     """The configured network (see the module docstring for inputs and outputs)."""
     if cfg.name == "mobilenet_unet":
         return build_mobilenet_unet(cfg, norm)
+    if cfg.name == "resnet34_unet":
+        return build_resnet34_unet(cfg, norm)
     return build_unet(cfg, norm)
