@@ -153,9 +153,8 @@ def _dropout_ranges(name: str, params: dict[str, Any]) -> tuple[dict[str, Any], 
         "Cutout": {"num_holes": 8, "max_h_size": 8, "max_w_size": 8},
         "CoarseDropout": {"max_holes": 8, "max_height": 8, "max_width": 8},
     }[name]
-    if name == "CoarseDropout" and not set(params) & {*old, "min_holes", "min_height",
-                                                      "min_width", "fill_value",
-                                                      "mask_fill_value"}:  # fmt: skip
+    old_only = {*old, "min_holes", "min_height", "min_width", "fill_value", "mask_fill_value"}
+    if name == "CoarseDropout" and not set(params) & old_only:
         return params, []
     out = {k: v for k, v in params.items()}
     moved = []
@@ -181,8 +180,8 @@ def _dropout_ranges(name: str, params: dict[str, Any]) -> tuple[dict[str, Any], 
     if "mask_fill_value" in out:
         moved.append("mask_fill_value")
         out["fill_mask"] = out.pop("mask_fill_value")
-    new = ", ".join(f"{k}={out[k]}" for k in ("num_holes_range", "hole_height_range",
-                                              "hole_width_range"))  # fmt: skip
+    ranges = ("num_holes_range", "hole_height_range", "hole_width_range")
+    new = ", ".join(f"{k}={out[k]}" for k in ranges)
     was = f"{name}({', '.join(moved)})" if moved else name
     return out, [f"{was} -> CoarseDropout({new}) (albumentations 2's name and parameters)"]
 
@@ -198,10 +197,12 @@ def canonical_entry(
     if "always_apply" in params:
         always = params.pop("always_apply")
         if always is True:
-            if params.get("p", 1) != 1:
-                notes.append(f"always_apply true overrides p {params['p']}")
+            was = params.get("p")
             params["p"] = 1
-            notes.append("always_apply true -> p 1 (albumentations 2 has no always_apply)")
+            if was != 1:
+                notes.append(f"always_apply true -> p 1 (was {was}; albumentations 2 has none)")
+            else:
+                notes.append("always_apply dropped: p is 1 (albumentations 2 has no always_apply)")
         elif always is not False:
             raise ConfigError(f"{where}: {name}: 'always_apply' must be true or false")
     if name in DROPPED:
@@ -284,8 +285,10 @@ def canonical_config(raw: dict[str, Any], source: str) -> dict[str, Any]:
     log.warning(
         "%s: %s: Resize -> 'image_size' [%d, %d] (every image, mask and depth map is resized as "
         "it is decoded, for training and validation)",
-        source, size_where, *size,
-    )  # fmt: skip
+        source,
+        size_where,
+        *size,
+    )
     return {**raw, "transformations": out, "image_size": list(size)}
 
 
@@ -436,20 +439,21 @@ class Augmenter:
         positions `pos`, augmented into new arrays. Give bg where `touches_bg`, mask (and depth
         where the dataset has it) where `dual`; None comes back for the others. Depth keeps its
         dtype (transformed as float32)."""
-        arrays = [a.copy() if a is not None else None for a in (fg_bg, bg, mask, depth)]
+        given = (fg_bg, bg, mask, depth)
+        outs = [np.empty_like(a) if a is not None else None for a in given]
         composes = self._composes()
         try:
             for i, p in enumerate(pos):
-                one = [a[i] if a is not None else None for a in arrays]
+                one = [a[i] if a is not None else None for a in given]
                 if one[3] is not None:
                     one[3] = one[3].astype(np.float32)
-                out = augment_sample(composes, self.steps, self.rng(p), *one)
-                for a, o in zip(arrays, out, strict=True):
-                    if a is not None:
-                        a[i] = o
+                res = augment_sample(composes, self.steps, self.rng(p), *one)
+                for o, r in zip(outs, res, strict=True):
+                    if o is not None:
+                        o[i] = r
         finally:
             self._pool.put(composes)
-        return tuple(arrays)  # type: ignore[return-value]
+        return tuple(outs)  # type: ignore[return-value]
 
     def tf_apply(self, tf: Any, pos: Any, x: dict[str, Any], y: dict[str, Any]) -> tuple:
         """The batch step inside a tf.data map (`tf.numpy_function`): the pipeline's (x, y) in,

@@ -10,6 +10,7 @@ it back (`load_config` and `from_dict` accept the same keys). No TensorFlow here
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import cache
 from importlib import resources
@@ -350,8 +351,14 @@ def _check_cross_keys(raw: dict[str, Any], source: str) -> None:
 
 def load_config(path: str | Path | None) -> TrainConfig:
     """Read and validate a config file; None gives the defaults."""
+    return read_config(path)[0]
+
+
+def read_config(path: str | Path | None) -> tuple[TrainConfig, Any]:
+    """(the config, None or the `trainer.legacy.Translation` of a file in the original
+    trainer's layout, which is translated). Trailing commas are read with a warning."""
     if path is None:
-        return TrainConfig()
+        return TrainConfig(), None
     path = Path(path)
     try:
         text = path.read_text()
@@ -359,8 +366,21 @@ def load_config(path: str | Path | None) -> TrainConfig:
         raise ConfigError(f"config file does not exist: {path}") from None
     except OSError as e:
         raise ConfigError(f"cannot read config file: {path} ({e.strerror or e})") from None
+    from . import legacy
+
     try:
         raw = json.loads(text)
     except ValueError as e:
-        raise ConfigError(f"config {path} is not valid JSON ({e})") from None
-    return TrainConfig.from_dict(raw, source=f"config {path}")
+        try:
+            raw, lines = legacy.loads_lenient(text)
+        except ValueError:
+            raise ConfigError(f"config {path} is not valid JSON ({e})") from None
+        at = ", ".join(map(str, lines))
+        logging.getLogger(__name__).warning(
+            "config %s: trailing comma(s) at line %s, not JSON; read as if absent", path, at
+        )
+    translation = None
+    if legacy.is_legacy(raw):
+        translation = legacy.translate(raw, f"config {path}")
+        raw = translation.config
+    return TrainConfig.from_dict(raw, source=f"config {path}"), translation
