@@ -348,4 +348,4 @@ def loads_lenient(text: str) -> tuple[Any, list[int]]:
         lines.append(text.count("\n", 0, m.start()) + 1)
         return m.group(2)
 
-    return json.loads(_TRAILING_COMMA.sub(fix, text)), lines
+    return json.loads(_TRAILING_COMMA.sub(fix, text)), sorted(set(lines))
