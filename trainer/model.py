@@ -25,9 +25,10 @@ Contract:
   as one batch, so its batch norms see both), its features at strides 2-32 concatenated per
   scale, decoded by the U-Net's up-blocks (4f, 2f, f, f, then one more to full size with the
   input stack as skip). Its stage widths are f, 2f, 4f, 8f with f = `base_filters`: 64 is the
-  standard ResNet-34 (21.3M encoder parameters), smaller values a narrower one. `encoder_weights` may name a local file: the Keras weights of the `resnet34`
-  encoder (`.weights.h5`) or a torchvision ResNet-34 state dict saved as `.npz` (ImageNet
-  weights; the layers carry torchvision's names and padding, so they load one to one).
+  standard ResNet-34 (21.3M encoder parameters), smaller values a narrower one.
+  `encoder_weights` may name a local file: the Keras weights of the `resnet34` encoder
+  (`.weights.h5`) or a torchvision ResNet-34 state dict saved as `.npz` (ImageNet weights; the
+  layers carry torchvision's names and padding, so they load one to one).
 """
 
 from __future__ import annotations
