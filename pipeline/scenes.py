@@ -462,8 +462,10 @@ def _shadow(img: NDArray[np.uint8], row: Any) -> None:
     centre = (int(round(cx)) - x0, int(round(cy)) - y0)
     axes = (max(1, int(round(sw))), max(1, int(round(sh))))
     cv2.ellipse(canvas, centre, axes, 0, 0, 360, 1.0, -1, cv2.LINE_AA)
-    dark = cv2.GaussianBlur(canvas, (0, 0), sigma) * (255 * float(row["shadow_opacity"]))
-    keep = cv2.cvtColor(255 - cv2.convertScaleAbs(dark), cv2.COLOR_GRAY2RGB)
+    # keep = 255 - 255 x opacity x blur(ellipse), rounded: what is left of the ground's light.
+    blur = cv2.GaussianBlur(canvas, (0, 0), sigma)
+    keep = cv2.convertScaleAbs(blur, alpha=-255 * float(row["shadow_opacity"]), beta=255)
+    keep = cv2.cvtColor(keep, cv2.COLOR_GRAY2RGB)
     region = img[y0:y1, x0:x1]
     region[...] = cv2.multiply(region, keep, scale=1 / 255)
 
