@@ -1201,12 +1201,65 @@ def evaluate(
     r = run_evaluate(
         run_dir, dataset, split=split, checkpoint=checkpoint, batch_size=batch_size, out=out
     )
+    e = r.get("export")
+    what = f"{e['model_format']} export ({e['quantize']})" if e else f"{checkpoint} checkpoint"
     click.echo(
         f"evaluate: {r['num_samples']:,} samples of {r['dataset']} ({split}), "
-        f"{checkpoint} checkpoint, {r['seconds']:.1f} s -> {r['path']}"
+        f"{what}, {r['seconds']:.1f} s -> {r['path']}"
     )
     for k, v in r["metrics"].items():
         click.echo(f"  {k:<16} {v:.4f}")
+
+
+@cli.command("export-model")
+@run_dir_arg
+@click.option("--format", "fmt", required=True, help="tflite | savedmodel | onnx.")
+@click.option(
+    "--quantize",
+    default="none",
+    show_default=True,
+    help="tflite only: none | dynamic (int8 weights) | float16 | int8 (full integer, "
+    "calibrated on training samples).",
+)
+@out_option(
+    "Model file (a folder for savedmodel); default RUN_DIR/export/model.<format> "
+    "(model_<quantize>.tflite when quantized). Its sidecar is <out>.json.",
+    required=False,
+)
+@checkpoint_option
+@path_option(
+    "--dataset",
+    "calibration",
+    default=None,
+    help="int8: the dataset whose training samples calibrate it (default: the run's).",
+)
+@click.option(
+    "--samples",
+    type=click.IntRange(min=1),
+    default=200,
+    show_default=True,
+    help="int8: how many training samples calibrate it.",
+)
+@handle_errors
+def export_model(
+    run_dir: Path,
+    fmt: str,
+    quantize: str,
+    out: Path | None,
+    checkpoint: str,
+    calibration: Path | None,
+    samples: int,
+) -> None:
+    """Export RUN_DIR's model as TFLite (optionally quantized), a SavedModel or ONNX, with a
+    sidecar JSON that lets `evaluate` score the exported file in place of the run."""
+    from trainer.export_model import run_export_model
+
+    r = run_export_model(run_dir, fmt, quantize, out, checkpoint, calibration, samples)
+    h, w = r.input_size
+    click.echo(
+        f"export-model: {r.format} ({r.quantize}), inputs {w}x{h}, heads {', '.join(r.heads)}, "
+        f"{_human_bytes(r.bytes)}, {r.seconds:.1f} s -> {r.path} (sidecar {r.sidecar.name})"
+    )
 
 
 @cli.command()

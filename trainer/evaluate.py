@@ -12,6 +12,9 @@ rule of `run.model_size`); when that differs from the dataset's size, its output
 back (bilinear, logits and depth) before they are compared with the dataset's own masks and
 depth: the scores are always at the dataset's resolution.
 `split="val"` scores only the run's held-out backgrounds (for the dataset it was trained on).
+An exported model (`cli.py export-model`: its file, or folder, with its sidecar) is scored in
+place of the run, through its own runtime, with the same pipeline, resizing, losses and metrics
+(`export_model.scoring_model`); it takes only the input size it was exported at.
 """
 
 from __future__ import annotations
@@ -89,16 +92,26 @@ def run_evaluate(
     batch_size: int | None = None,
     out: str | Path | None = None,
 ) -> dict[str, Any]:
+    from . import export_model
+
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
-    full, record = load_run_model(run_dir, checkpoint)
+    exported = export_model.read_sidecar(run_dir)
+    if exported is None:
+        full, record = load_run_model(run_dir, checkpoint)
+    else:
+        record, checkpoint = exported["record"], exported["checkpoint"]
     ds = open_dataset(dataset)
     heads = [h for h in record["heads"] if h == "mask" or ds.has_depth]
     bg_ids = scored_backgrounds(ds, record, split)
     native = tuple(int(v) for v in ds.manifest["image_size"])
     # Same relative scale as in training: a run trained at half size sees half-size inputs.
     size = model_size(native, record)
-    model = evaluation_model(full, run_dir, record, heads, size, native)
+    if exported is None:
+        model = evaluation_model(full, run_dir, record, heads, size, native)
+    else:
+        export_model.check_size(exported, size, native, ds.root)
+        model = export_model.scoring_model(exported, heads, size, native)
     cfg = record["config"]
     bs = batch_size or cfg["validation"].get("batch_size") or cfg["batch_size"]
     count = _count(ds, bg_ids)
@@ -111,6 +124,8 @@ def run_evaluate(
         image_size=image_size,
         resize_targets=False,
     )
+    if exported is not None:  # the exported model's outputs are the scoring model's inputs
+        tfds = export_model.predictions(export_model.ExportedModel(exported), tfds, heads)
     logs = model.evaluate(tfds, return_dict=True, verbose=0)
     result = {
         "run": str(run_dir),
@@ -125,6 +140,10 @@ def run_evaluate(
         "seconds": time.perf_counter() - t0,
     }
     path = Path(out) if out else run_dir / "eval" / f"{ds.root.name}_{split}.json"
+    if exported is not None:
+        result["export"] = {k: exported[k] for k in ("model_format", "quantize", "file")}
+        exp = Path(exported["path"])
+        path = Path(out) if out else exp.parent / "eval" / f"{exp.name}_{ds.root.name}_{split}.json"
     make_folder(path.parent)
     write_json(path, result)
     result["path"] = str(path)
