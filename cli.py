@@ -1043,7 +1043,7 @@ class _TrainEcho:
             click.echo(
                 f"pruned for epoch {p['epoch']}: {100 * p['sparsity']:.2f}% of {p['weights']:,} "
                 f"conv weights are zero ({p['scope']}, {p['amount']:g} per epoch; "
-                f"{len(per)} kernels {100 * min(per):.1f}-{100 * max(per):.1f}%; -v: each)"
+                f"{len(per)} kernels {100 * min(per):.1f}-{100 * max(per):.1f}%, each with -v)"
             )
 
 

@@ -55,13 +55,15 @@ _KERNELS = ("kernel", "depthwise_kernel", "pointwise_kernel")
 
 def _drop_smallest(absw: NDArray[np.float32], keep: NDArray[np.bool_], amount: float) -> None:
     """In place: unset round(amount x alive) entries of the flat mask `keep`, those of smallest
-    |w| among the entries still set (ties broken by position, deterministically)."""
+    |w| among the entries still set (a tie at the cut is broken by introselect: the same
+    inputs always give the same mask)."""
     alive = np.flatnonzero(keep)
     k = round(amount * alive.size)
     if k == 0:
         return
-    order = np.argsort(absw[alive], kind="stable")
-    keep[alive[order[:k]]] = False
+    # argpartition, not a full sort: 0.4 s of CPU, not 3.4 s, for the 13.4 M kernel weights
+    # of a base-64 U-Net
+    keep[alive[np.argpartition(absw[alive], k - 1)[:k]]] = False
 
 
 def next_masks(
