@@ -49,9 +49,20 @@ def make_dataset() -> Path:
     return ds
 
 
-def bench_pipeline(ds_path: Path, batch: int, hflip: float, size: int | None) -> dict:
+# The original trainer's list (its config.json, Cutout as albumentations 2's CoarseDropout).
+ORIGINAL_TRANSFORMS = (
+    {"name": "CoarseDropout", "p": 1, "num_holes_range": [1, 1], "hole_height_range": [80, 80],
+     "hole_width_range": [80, 80]},
+    {"name": "Blur", "p": 0.2},
+    {"name": "GaussNoise", "p": 0.2},
+)  # fmt: skip
+
+
+def bench_pipeline(
+    ds_path: Path, batch: int, hflip: float, size: int | None, transforms: tuple = ()
+) -> dict:
     from pipeline.dataset import open_dataset
-    from trainer.config import AugmentConfig, TrainConfig
+    from trainer.config import AugmentConfig, TrainConfig, TransformationsConfig
     from trainer.data import make_split, train_dataset
 
     ds = open_dataset(ds_path)
@@ -59,6 +70,7 @@ def bench_pipeline(ds_path: Path, batch: int, hflip: float, size: int | None) ->
         batch_size=batch,
         augment=AugmentConfig(hflip=hflip),
         image_size=(size, size) if size else None,
+        transformations=TransformationsConfig(train=transforms),
     )
     split = make_split(ds, cfg)
     it = iter(train_dataset(ds, cfg, split, ds.has_depth))
@@ -73,6 +85,7 @@ def bench_pipeline(ds_path: Path, batch: int, hflip: float, size: int | None) ->
         "batch": batch,
         "hflip": hflip,
         "image_size": size or 224,
+        "transforms": "+".join(t["name"] for t in transforms) or "none",
         "samples_per_s": n / wall,
         "cpu_ms_per_sample": used / n * 1000,
         "load": os.getloadavg()[0],
@@ -121,6 +134,7 @@ def main() -> None:
     for batch, hflip, size in ((32, 0.0, None), (32, 0.5, None), (128, 0.0, None),
                                (32, 0.5, 112)):  # fmt: skip
         results["pipeline"].append(bench_pipeline(ds, batch, hflip, size))
+    results["pipeline"].append(bench_pipeline(ds, 128, 0.0, None, ORIGINAL_TRANSFORMS))
     if os.environ.get("BENCH_TRAINER_TRAINING", "1") == "1":
         for size, base, steps in ((112, 8, 12), (224, 8, 6)):
             results["training"].append(bench_training(ds, size, base, steps))
@@ -128,7 +142,8 @@ def main() -> None:
     print(f"\nsynthcar trainer benchmarks ({os.cpu_count()} CPUs), {ds}")
     for r in results["pipeline"]:
         print(
-            f"  input pipeline, {r['image_size']}px, batch {r['batch']}, hflip {r['hflip']}: "
+            f"  input pipeline, {r['image_size']}px, batch {r['batch']}, hflip {r['hflip']}, "
+            f"transforms {r['transforms']}: "
             f"{r['samples_per_s']:,.0f} samples/s, {r['cpu_ms_per_sample']:.2f} CPU-ms/sample "
             f"(= {2000 / r['cpu_ms_per_sample']:,.0f}/s on 2 free cores), load {r['load']:.1f}"
         )
