@@ -49,12 +49,12 @@ def make_dataset() -> Path:
     return ds
 
 
-# The original trainer's list (its config.json, Cutout as albumentations 2's CoarseDropout).
+# The original trainer's list as its config.json translates (trainer/legacy.py, augment.py).
 ORIGINAL_TRANSFORMS = (
     {"name": "CoarseDropout", "p": 1, "num_holes_range": [1, 1], "hole_height_range": [80, 80],
      "hole_width_range": [80, 80]},
     {"name": "Blur", "p": 0.2},
-    {"name": "GaussNoise", "p": 0.2},
+    {"name": "GaussNoise", "p": 0.2, "std_range": [0.0124, 0.02773]},
 )  # fmt: skip
 
 

@@ -119,6 +119,7 @@ def test_the_originals_names_are_accepted_with_a_note(caplog) -> None:
         {"name": "GaussNoise", "always_apply": True, "p": 0.5},
         {"name": "Normalize", "mean": [0.4, 0.4, 0.4], "std": [0.2, 0.2, 0.2]},
         {"name": "CoarseDropout", "max_holes": 4, "min_holes": 2, "max_height": 9, "max_width": 8},
+        {"name": "GaussNoise", "var_limit": [10, 50], "mean": 5},
     ]
     with caplog.at_level(logging.WARNING, "trainer.augment"):
         cfg = load(train(entries))
@@ -138,6 +139,7 @@ def test_the_originals_names_are_accepted_with_a_note(caplog) -> None:
             "hole_height_range": [9, 9],
             "hole_width_range": [8, 8],
         },
+        {"name": "GaussNoise", "std_range": [0.0124, 0.02773], "mean_range": [0.01961] * 2},
     )
     notes = [r.getMessage() for r in caplog.records]
     text = "\n".join(notes)
@@ -146,6 +148,7 @@ def test_the_originals_names_are_accepted_with_a_note(caplog) -> None:
     assert "train[2]: always_apply true -> p 1 (was 0.5" in text
     assert "train[3]: Normalize ignored: the model normalises its inputs" in text
     assert "train[4]: CoarseDropout(max_holes, max_height, max_width, min_holes) ->" in text
+    assert "train[5]: GaussNoise(var_limit, mean) -> GaussNoise(std_range=[0.0124" in text
     # What a run records loads again as it is, with nothing more to say.
     caplog.clear()
     with caplog.at_level(logging.WARNING, "trainer.augment"):

@@ -64,7 +64,9 @@ def write(path: Path, raw: dict) -> Path:
 
 
 def legacy_warnings(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "trainer.legacy"]
+    """The warning lines naming what has no equivalent."""
+    records = [r.getMessage() for r in caplog.records if r.name == "trainer.legacy"]
+    return [m for m in records if "no equivalent here" in m]
 
 
 # -------------------------------------------------------------------------- recognising
@@ -124,7 +126,7 @@ def test_a_hand_written_old_config_translates(tmp_path: Path, caplog) -> None:
     assert cfg.transformations.train == (
         {"name": "CoarseDropout", "p": 1, "num_holes_range": [1, 1],
          "hole_height_range": [8, 8], "hole_width_range": [8, 8]},
-        {"name": "GaussNoise", "p": 0.5},
+        {"name": "GaussNoise", "p": 0.5, "std_range": [0.0124, 0.02773]},  # 0.4's default
     )  # fmt: skip
     assert cfg.transformations.val == () and cfg.log_dir is None
     (line,) = legacy_warnings(caplog)  # ONE line names everything left out
@@ -224,6 +226,8 @@ def test_the_original_config_translates(shared_data: Path, caplog) -> None:
     assert cfg.lr_finder_use is False and cfg.model_optimization.pruning is None
     assert [t["name"] for t in cfg.transformations.train] == ["CoarseDropout", "Blur", "GaussNoise"]
     assert cfg.transformations.train[0]["hole_height_range"] == [80, 80]
+    assert cfg.transformations.train[2]["std_range"] == [0.0124, 0.02773]
+    assert "GaussNoise keeps the original's default noise" in caplog.text
     assert cfg.transformations.val == () and cfg.log_dir is None
     assert "trailing comma(s) at line 42" in caplog.text
     (line,) = legacy_warnings(caplog)

@@ -186,6 +186,27 @@ def _dropout_ranges(name: str, params: dict[str, Any]) -> tuple[dict[str, Any], 
     return out, [f"{was} -> CoarseDropout({new}) (albumentations 2's name and parameters)"]
 
 
+def _noise_std(params: dict[str, Any], where: str) -> tuple[dict[str, Any], list[str]]:
+    """GaussNoise's 1.x `var_limit` (a variance in 0-255 pixel units, a number v meaning
+    [0, v]) and `mean` (pixels) as 2.x's `std_range` and `mean_range` (fractions of 255)."""
+    out = dict(params)
+    moved = [k for k in ("var_limit", "mean") if k in out]
+    if "var_limit" in out:
+        v = out.pop("var_limit")
+        lo, hi = (0, v) if isinstance(v, int | float) else (v if isinstance(v, list) else [])
+        if not all(isinstance(x, int | float) and x >= 0 for x in (lo, hi)):
+            raise ConfigError(f"{where}: GaussNoise: 'var_limit' must be a variance or two")
+        out["std_range"] = [round(float(lo) ** 0.5 / 255, 5), round(float(hi) ** 0.5 / 255, 5)]
+    if "mean" in out:
+        m = out.pop("mean")
+        if not isinstance(m, int | float):
+            raise ConfigError(f"{where}: GaussNoise: 'mean' must be a number (pixels)")
+        out["mean_range"] = [round(m / 255, 5)] * 2
+    new = ", ".join(f"{k}={out[k]}" for k in ("std_range", "mean_range") if k in out)
+    note = f"GaussNoise({', '.join(moved)}) -> GaussNoise({new}) (albumentations 2's parameters)"
+    return out, [note]
+
+
 def canonical_entry(
     entry: dict[str, Any], where: str
 ) -> tuple[dict[str, Any] | None, list[str], tuple[int, int] | None]:
@@ -213,6 +234,9 @@ def canonical_entry(
         params, more = _dropout_ranges(name, params)
         notes += more
         name = "CoarseDropout"
+    if name == "GaussNoise" and ("var_limit" in params or "mean" in params):
+        params, more = _noise_std(params, where)
+        notes += more
     out = {"name": name, **params}
     notes += check_entry(out, where)
     return out, notes, None

@@ -7,6 +7,10 @@ lists per output ({"mask": ["BCEWithLogitsLoss"]}), `optimizer.type`, `scheduler
 as a string. Every one of them is invalid in this trainer's schema, so a config of this layout
 is never taken for an old one.
 
+Transform entries are kept for trainer/augment.py to bring to albumentations 2's form (Cutout,
+always_apply, Normalize, Resize), with the one default that changed written out (GaussNoise's
+var_limit, see `_pin_defaults`).
+
 Output: `translate(raw, source)` returns a `Translation`: the config in this trainer's layout
 (validated afterwards by `TrainConfig.from_dict`, like any config) and what had no equivalent,
 logged as ONE warning line; nothing is dropped silently. Keys of this trainer's own layout found
@@ -101,6 +105,7 @@ WHY = {
 class Translation:
     config: dict[str, Any]  # this trainer's layout
     unmapped: dict[str, str] = field(default_factory=dict)  # key -> why it has no equivalent
+    notes: list[str] = field(default_factory=list)  # translations worth a word
 
     def warning(self, source: str) -> str:
         items = "; ".join(f"{k}: {why}" for k, why in self.unmapped.items())
@@ -152,7 +157,7 @@ def translate(raw: dict[str, Any], source: str = "config") -> Translation:
         elif key == "lr_finder":
             _lr_finder(value, out, why)
         elif key == "transformations":
-            _transformations(value, out, why)
+            _transformations(value, out, why, tr.notes)
         elif key == "model":
             _model(value, out, why)
         elif key == "model_initializer":
@@ -174,6 +179,8 @@ def translate(raw: dict[str, Any], source: str = "config") -> Translation:
             )
     if why:
         log.warning(tr.warning(source))
+    for note in tr.notes:
+        log.warning("%s: %s", source, note)
     return tr
 
 
@@ -283,7 +290,7 @@ def _lr_finder(value: Any, out: dict, why: dict) -> None:
     out["lr_finder"] = finder
 
 
-def _transformations(value: Any, out: dict, why: dict) -> None:
+def _transformations(value: Any, out: dict, why: dict, notes: list[str]) -> None:
     if not isinstance(value, dict):
         why["transformations"] = f"{value!r}: give train and test"
         return
@@ -300,10 +307,27 @@ def _transformations(value: Any, out: dict, why: dict) -> None:
         if which not in ("albumentation", "albumentations"):
             why[f"transformations.{part}.which"] = f"{which!r}: only albumentations transforms"
             continue
-        t[ours] = list(spec.get("what") or [])
+        what = spec.get("what") or []
+        t[ours] = [
+            _pin_defaults(e, f"transformations.{ours}[{i}]", notes) for i, e in enumerate(what)
+        ]
         for k in sorted(set(spec) - {"which", "what"}):
             why[f"transformations.{part}.{k}"] = "not a key of transformations"
     out["transformations"] = t
+
+
+def _pin_defaults(entry: Any, where: str, notes: list[str]) -> Any:
+    """The original trainer ran albumentations 0.4-0.5 (Cutout, ToTensor): where its entries
+    rely on a default that albumentations 2 changed, the old default is written out. GaussNoise
+    was var_limit (10, 50) in pixels, a std of 0.012-0.028; 2.x's default is 0.2-0.44."""
+    noise = isinstance(entry, dict) and entry.get("name") == "GaussNoise"
+    if noise and not {"var_limit", "std_range"} & set(entry):
+        notes.append(
+            f"{where}: GaussNoise keeps the original's default noise, var_limit [10, 50] in "
+            "pixels (albumentations 2's default std_range [0.2, 0.44] is ten times stronger)"
+        )
+        return {**entry, "var_limit": [10.0, 50.0]}
+    return entry
 
 
 def _model(value: Any, out: dict, why: dict) -> None:
