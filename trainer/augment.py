@@ -220,7 +220,9 @@ def canonical_entry(
         if always is True:
             was = params.get("p")
             params["p"] = 1
-            if was != 1:
+            if was is None:
+                notes.append("always_apply true -> p 1 (albumentations 2 has no always_apply)")
+            elif was != 1:
                 notes.append(f"always_apply true -> p 1 (was {was}; albumentations 2 has none)")
             else:
                 notes.append("always_apply dropped: p is 1 (albumentations 2 has no always_apply)")
