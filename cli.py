@@ -1195,7 +1195,8 @@ def evaluate(
     out: Path | None,
 ) -> None:
     """Score a trained run on DATASET (mask IoU and Dice; depth RMSE and delta<1.25), at the
-    dataset's own resolution; printed and saved as JSON."""
+    dataset's own resolution; printed and saved as JSON. RUN_DIR may also be a model file
+    written by export-model (with its sidecar)."""
     from trainer.evaluate import run_evaluate
 
     r = run_evaluate(
