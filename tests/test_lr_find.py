@@ -266,11 +266,22 @@ def test_lr_finder_use_trains_with_the_suggestion_and_records_it(
 
 
 def test_lr_finder_use_without_a_suggestion_stops_before_training(
-    ds: Path, tmp_path: Path, cli_run, error_line
+    ds: Path, tmp_path: Path, cli_run, error_line, monkeypatch
 ) -> None:
-    finder = {"start_lr": 1e-4, "end_lr": 1e-3, "steps": 2}
-    cfg = write_config(tmp_path / "c.json", lr_finder_use=True, lr_finder=finder)
-    line = error_line(cli_run("train", ds, "--config", cfg, "--out", tmp_path / "run"))
-    assert "lr range test gave no suggestion (too few points (2)" in line
-    assert "'lr_finder_use' to false" in line
-    assert not (tmp_path / "run" / "config.json").exists()
+    """(A curve too short for a gradient: test_ramp_smoothing_and_suggestion_on_known_values;
+    here the range test itself is skipped, which saves building and tracing a model.)"""
+    import trainer.lr_find
+
+    def no_suggestion(ds, cfg, out_dir, progress):
+        return trainer.lr_find.LrFindReport(
+            Path(out_dir), [1e-4, 1e-3], [0.6, 0.6], [0.6, 0.6], None, None, 1e-4,
+            "all 2 steps done", "too few points (2) to take a gradient", 2, 8, 0.1,
+        )  # fmt: skip
+
+    monkeypatch.setattr(trainer.lr_find, "run_lr_find", no_suggestion)
+    cfg = write_config(tmp_path / "c.json", lr_finder_use=True)
+    run = tmp_path / "run"
+    line = error_line(cli_run("train", ds, "--config", cfg, "--out", run))
+    assert "lr range test gave no suggestion (too few points (2) to take a gradient" in line
+    assert str(run / "lr_find.png") in line and "'lr_finder_use' to false" in line
+    assert not (run / "config.json").exists()

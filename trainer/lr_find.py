@@ -287,7 +287,9 @@ def run_lr_find(
     plan = plan_run(ds, cfg)  # stats.json, image size, a batch: refused before anything runs
     test_cfg = cfg.with_overrides(scheduler=None)  # the lr as a variable the test sets
     _, model = _build(ds, test_cfg, plan, 0)  # the weights training would start from
-    curve = range_test(model, _batches(ds, cfg, plan), cfg.lr_finder, progress)
+    batches = _batches(ds, cfg, plan)
+    curve = range_test(model, batches, cfg.lr_finder, progress)
+    del batches, model  # stop the input pipeline's read-ahead now, not at return
     if not len(curve.lrs):
         raise RunError(f"lr range test: {curve.stopped}; lower lr_finder.start_lr")
     k, why = suggest(curve.lrs, curve.smoothed)
