@@ -62,6 +62,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_dedupe.py
 	$(PY) bench/bench_depth.py
 	$(PY) bench/bench_trainer.py
+	$(PY) bench/bench_export.py
 
 # DenseDepth on a GPU (the device machine): composites/s and GPU utilisation at 224 and 448.
 bench-gpu: $(STAMP)
