@@ -568,9 +568,7 @@ def export(
     options = ExportOptions(holdout_backgrounds, seed, yolo_boxes, with_bg)
     with progress_bar(f"export {format_}") as bar:
         made = run_export(dataset, out, format_, backend, bar, options)
-    click.echo(
-        f"export {format_}: {made:,} samples written (the rest were done earlier) -> {out}"
-    )
+    click.echo(f"export {format_}: {made:,} samples written (the rest were done earlier) -> {out}")
 
 
 DEDUPE = DedupeConfig()
