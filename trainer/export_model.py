@@ -423,7 +423,7 @@ def scoring_model(meta: dict[str, Any], heads: list[str], size: tuple, native: t
     }
     model = keras.Model(ins, out)
     loss, metrics = build_losses(cfg, heads, meta["mask_pos_weight"])
-    model.compile(loss=loss, metrics=metrics, jit_compile=False)
+    model.compile(loss=loss, metrics=metrics, jit_compile=cfg.jit_compile)  # as evaluate does
     return model
 
 
