@@ -32,7 +32,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -235,7 +235,9 @@ def export_models(
     from . import data
     from .model import Normalisation, build_model
 
-    full = build_model(cfg.model, Normalisation.from_dict(record["normalisation"]))
+    # The checkpoint holds every weight: a pretrained encoder file need not be there any more.
+    model_cfg = replace(cfg.model, encoder_weights=None)
+    full = build_model(model_cfg, Normalisation.from_dict(record["normalisation"]))
     full.load_weights(ckpt)
     size = fit_sides(record["image_size"], cfg.model)
     heads = list(record["heads"])
