@@ -37,23 +37,49 @@ def encode(rgb: NDArray[np.uint8], fmt: str, quality: int = 95, subsampling: str
 
 
 class Encoder:
-    """Encodes composites on a helper thread while the caller makes the next ones (libjpeg-turbo
-    and OpenCV release the GIL, so one worker process keeps two cores busy): `submit(rgb)` in
-    sample order (the array must not change afterwards), then `results()` in the same order;
-    `run(fn, *args)` gives the same thread other work that releases the GIL (a Future)."""
+    """Encodes composites on a helper thread while the caller makes the next ones (libjpeg-turbo,
+    zlib and OpenCV release the GIL, so one worker process keeps two cores busy).
 
-    def __init__(self, pool: ThreadPoolExecutor, fmt: str, quality: int, subsampling: str) -> None:
-        self._pool, self._args = pool, (fmt, quality, subsampling)
-        self._futures: list[Future[bytes]] = []
+    `submit(rgb, side, *args)` in sample order (the arrays must not change afterwards): the
+    image is encoded and `side(*args)` (other per-sample work that releases the GIL, such as
+    compressing label maps), if given, runs beside it; `results()` then gives the encoded images
+    and `side_results()` the side work's results, both in submission order. Samples go to the
+    thread `batch` at a time: each task costs the caller the GIL for queueing and waking the
+    thread, and the thread needs the GIL back around every call, so fewer, larger tasks keep
+    the two threads out of each other's way."""
 
-    def submit(self, rgb: NDArray[np.uint8]) -> None:
-        self._futures.append(self._pool.submit(encode, rgb, *self._args))
+    def __init__(
+        self, pool: ThreadPoolExecutor, fmt: str, quality: int, subsampling: str, batch: int = 8
+    ) -> None:
+        self._pool, self._args, self._batch = pool, (fmt, quality, subsampling), batch
+        self._pending: list[tuple[NDArray[np.uint8], Callable[..., Any] | None, tuple]] = []
+        self._futures: list[Future[list[tuple[bytes, Any]]]] = []
 
-    def run(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
-        return self._pool.submit(fn, *args)
+    def submit(self, rgb: NDArray[np.uint8], side: Callable[..., Any] | None = None, *args: Any):
+        self._pending.append((rgb, side, args))
+        if len(self._pending) >= self._batch:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            self._futures.append(self._pool.submit(_encode_batch, self._pending, self._args))
+            self._pending = []
+
+    def _done(self) -> list[tuple[bytes, Any]]:
+        self._flush()
+        return [item for f in self._futures for item in f.result()]
 
     def results(self) -> list[bytes]:
-        return [f.result() for f in self._futures]
+        return [data for data, _ in self._done()]
+
+    def side_results(self) -> list[Any]:
+        return [side for _, side in self._done()]
+
+
+def _encode_batch(
+    items: list[tuple[NDArray[np.uint8], Callable[..., Any] | None, tuple]], args: tuple
+) -> list[tuple[bytes, Any]]:
+    return [(encode(rgb, *args), side(*a) if side else None) for rgb, side, a in items]
 
 
 @contextmanager

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import bisect
 import functools
+import hashlib
 import json
 import os
+import threading
 import zlib
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -120,8 +122,11 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
-    write_json(Path(root) / MANIFEST, manifest)
+def write_manifest(root: Path, manifest: dict[str, Any], sync: bool = True) -> None:
+    """Write the manifest atomically. sync=False for progress updates while shards are made:
+    an fsync there also forces the shard just written to disk (~40 ms a shard), and resuming
+    does not need it (a shard on disk that the manifest does not list is checked and adopted)."""
+    write_json(Path(root) / MANIFEST, manifest, sync=sync)
 
 
 def prepare_output(root: str | Path) -> Path:
@@ -153,6 +158,8 @@ class ShardArrays:
     together they make the shard format version 2. instance_chunks: instead of instance_masks,
     each sample's instance mask compressed already by `instance_chunk` (a writer that compresses
     them while it makes the next samples, and never holds the whole shard's masks).
+    mask_chunks: optionally each sample's row of `masks` compressed already by `mask_chunk`
+    (the same bytes HDF5's gzip filter would store; a writer makes them off its main thread).
     """
 
     images: list[bytes]
@@ -165,6 +172,7 @@ class ShardArrays:
     instance_masks: NDArray[np.uint16] | None = None
     instances: NDArray[Any] | None = None
     instance_chunks: list[bytes] | None = None
+    mask_chunks: list[bytes] | None = None
 
     @property
     def version(self) -> int:
@@ -205,9 +213,41 @@ def h5_written_to(path: Path, size_hint: int = 0) -> Iterator[h5py.File]:
         head, rest = h5image.file_image(f)
     finally:
         f.close()
-    with writing(path) as tmp, open(tmp, "wb") as out:
-        out.write(head)
-        out.write(rest)
+    digest = hashlib.sha256(head)
+    # Hash on a thread while the bytes are written (both release the GIL): refresh_record
+    # then need not read the file back.
+    hashing = threading.Thread(target=digest.update, args=(rest,))
+    hashing.start()
+    try:
+        with writing(path) as tmp, open(tmp, "wb") as out:
+            out.write(head)
+            out.write(rest)
+    finally:
+        hashing.join()
+    _remember_sha256(path, digest.hexdigest())
+
+
+# sha256 of the files this process wrote, keyed by path, with the (inode, size, mtime) they had
+# then: refresh_record uses it while the file is unchanged.
+_WRITTEN: dict[str, tuple[tuple[int, int, int], str]] = {}
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int]:
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _remember_sha256(path: Path, sha: str) -> None:
+    if len(_WRITTEN) > 4096:
+        _WRITTEN.clear()
+    _WRITTEN[str(Path(path).resolve())] = (_identity(Path(path).stat()), sha)
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file: remembered if this process wrote it and it is unchanged, else read."""
+    known = _WRITTEN.get(str(Path(path).resolve()))
+    if known is not None and known[0] == _identity(Path(path).stat()):
+        return known[1]
+    return sha256_file(path)
 
 
 def write_shard(path: Path, shard: ShardArrays, first: int) -> int:
@@ -242,14 +282,20 @@ def fill_shard(f: h5py.File, shard: ShardArrays, first: int) -> None:
         f.attrs["instances"] = 1
     _dataset(f, "fg_bg", blob if n else np.zeros(0, np.uint8))
     _dataset(f, "fg_bg_offsets", offsets)
-    _dataset(
-        f,
-        "mask",
-        shard.masks,
-        chunks=(1, *shard.masks.shape[1:]) if n else None,
-        compression="gzip",
-        compression_opts=1,
-    )
+    if shard.mask_chunks is not None and n:
+        if len(shard.mask_chunks) != n:
+            raise ValueError(f"a shard of {n} samples needs {n} mask chunks")
+        masks = shard.masks
+        _write_direct(f, "mask", masks.shape, masks.dtype, MASK_GZIP, shard.mask_chunks, False)
+    else:
+        _dataset(
+            f,
+            "mask",
+            shard.masks,
+            chunks=(1, *shard.masks.shape[1:]) if n else None,
+            compression="gzip",
+            compression_opts=MASK_GZIP,
+        )
     _dataset(f, "meta", shard.meta)
     if shard.instances is not None:
         _write_instances(f, shard, first)
@@ -289,6 +335,21 @@ def _write_instances(f: h5py.File, shard: ShardArrays, first: int) -> None:
 
 DEPTH_GZIP = 4
 INSTANCE_GZIP = 1
+MASK_GZIP = 1
+
+
+def mask_chunk(packed: NDArray[np.uint8]) -> bytes:
+    """One sample's bit-packed mask (H, ceil(W/8)) as its shard stores it (gzip, no shuffle):
+    ShardArrays.mask_chunks."""
+    return zlib.compress(np.ascontiguousarray(packed, np.uint8).tobytes(), MASK_GZIP)
+
+
+def scene_label_chunks(ids: NDArray[np.uint16]) -> tuple[NDArray[np.uint8], bytes, bytes]:
+    """From one sample's instance mask: its union mask bit-packed, and the stored chunks of that
+    mask and of the instance mask (what a scene writer needs, made in one call off its main
+    thread)."""
+    packed = np.packbits(ids > 0, axis=-1)
+    return packed, mask_chunk(packed), instance_chunk(ids)
 
 
 def _shuffle_deflate(plane: NDArray[Any], level: int = DEPTH_GZIP) -> bytes:
@@ -299,7 +360,20 @@ def _shuffle_deflate(plane: NDArray[Any], level: int = DEPTH_GZIP) -> bytes:
 
 def instance_chunk(ids: NDArray[np.uint16]) -> bytes:
     """One (H, W) instance mask as its shard stores it (ShardArrays.instance_chunks)."""
-    return _shuffle_deflate(np.ascontiguousarray(ids, dtype="<u2"), INSTANCE_GZIP)
+    ids = np.ascontiguousarray(ids, dtype="<u2")
+    if ids.size and int(ids.max()) < 256:
+        # Every id fits its low byte, so the shuffled chunk is the ids as bytes, then zeros:
+        # fed to zlib in those two parts (the same stream as the shuffled bytes in one piece),
+        # which skips shuffling (a strided copy that costs a third of the compression).
+        out = zlib.compressobj(INSTANCE_GZIP)
+        head = out.compress(ids.astype(np.uint8))
+        return head + out.compress(_zeros(ids.size)) + out.flush()
+    return _shuffle_deflate(ids, INSTANCE_GZIP)
+
+
+@functools.lru_cache(maxsize=4)
+def _zeros(n: int) -> bytes:
+    return bytes(n)
 
 
 def _write_chunked(f: h5py.File, name: str, data: NDArray[Any], level: int) -> None:
@@ -321,9 +395,10 @@ def _write_direct(
     dtype: np.dtype[Any],
     level: int,
     chunks: Iterable[bytes],
+    shuffle: bool = True,
 ) -> None:
-    """A (n, H, W) dataset, one chunk per sample, shuffle + gzip `level`, from its chunks
-    compressed already (as `_shuffle_deflate` does)."""
+    """A (n, H, W) dataset, one chunk per sample, (shuffle +) gzip `level`, from its chunks
+    compressed already (as `_shuffle_deflate` or `mask_chunk` do)."""
     if shape[0] == 0:
         _dataset(f, name, np.zeros(shape, dtype))
         return
@@ -332,7 +407,7 @@ def _write_direct(
         shape=shape,
         dtype=dtype,
         chunks=(1, *shape[1:]),
-        shuffle=True,
+        shuffle=shuffle,
         compression="gzip",
         compression_opts=level,
         track_times=False,
@@ -578,7 +653,7 @@ def rewrite_with_depth(
 def refresh_record(root: Path, rec: dict[str, Any]) -> dict[str, Any]:
     """A shard's manifest record with its size and sha256 as the file is now."""
     path = Path(root) / rec["file"]
-    return {**rec, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    return {**rec, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
 def require_finished(root: str | Path, then: str = "") -> dict[str, Any]:

@@ -90,8 +90,8 @@ def atomic_write_bytes(path: str | Path, data: bytes, sync: bool = False) -> Non
             os.fsync(f.fileno())
 
 
-def write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode(), sync=True)
+def write_json(path: str | Path, obj: Any, sync: bool = True) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode(), sync=sync)
 
 
 def make_folder(path: str | Path) -> Path:

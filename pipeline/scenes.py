@@ -441,9 +441,8 @@ def motion_kernel(length: float, angle: float) -> NDArray[np.float32]:
     dx, dy = math.cos(math.radians(angle)), -math.sin(math.radians(angle))
     m = max(2, int(round(length)))
     half = (length - 1) / 2
-    for i in range(m):
-        t = -half + 2 * half * i / (m - 1)
-        k[round(c + t * dy), round(c + t * dx)] = 1
+    t = -half + 2 * half * np.arange(m) / (m - 1)
+    k[np.rint(c + t * dy).astype(np.intp), np.rint(c + t * dx).astype(np.intp)] = 1
     return k / k.sum()
 
 
@@ -533,15 +532,17 @@ def _stamp(inst: NDArray[np.uint16], label: NDArray[np.bool_], row: Any) -> None
 
 
 def paint(
-    rows: NDArray[Any],
+    rows: NDArray[Any] | Sequence[dict[str, Any]],
     background: NDArray[np.uint8],
     cutouts: Cutouts,
     cars: Sequence[tuple[NDArray[np.uint8], NDArray[np.bool_]]] | None = None,
 ) -> NDArray[np.uint8]:
-    """The composite of one sample's records (in id order = far to near): (H, W, 3) uint8.
-    cars: each row's scaled car and its label, when the caller already has them."""
+    """The composite of one sample's records (in id order = far to near; INSTANCE_DTYPE rows
+    or their `records` dicts): (H, W, 3) uint8. cars: each row's scaled car and its label,
+    when the caller already has them."""
     img = background.copy()
-    for k, row in enumerate(records(rows)):
+    recs = records(rows) if isinstance(rows, np.ndarray) else rows
+    for k, row in enumerate(recs):
         car, label = cars[k] if cars is not None else cutouts.scaled(row)
         if row["shadow"]:
             _shadow(img, row)
@@ -592,18 +593,21 @@ def make_scene(
 ) -> Scene:
     """One sample from its candidate cars (slot order; the first is the combination's car)."""
     hw = background.shape[:2]
-    cars, labels = zip(*(cutouts.scaled(r) for r in records(candidates)), strict=True)
+    recs = records(candidates)
+    cars, labels = zip(*(cutouts.scaled(r) for r in recs), strict=True)
     views = choose_cars(candidates, labels, hw, min_visible)
     views.sort(key=lambda v: v.depth)  # far to near, as far_to_near orders records
-    rows = candidates[[v.pos for v in views]]
-    rows["instance"] = np.arange(1, len(rows) + 1)
-    rows["visible"] = [v.share for v in views]
-    boxes = np.array([_tight(v) for v in views], np.int64).reshape(-1, 4)
-    rows["x0"], rows["y0"], rows["x1"], rows["y1"] = boxes.T
+    kept = []
     inst = np.zeros(hw, np.uint16)
     for k, v in enumerate(views, start=1):
-        inst[v.rows, v.cols][v.seen] = k
-    img = paint(rows, background, cutouts, [(cars[v.pos], labels[v.pos]) for v in views])
+        rec = dict(recs[v.pos], instance=k, visible=v.share)
+        rec["x0"], rec["y0"], rec["x1"], rec["y1"] = _tight(v)
+        kept.append(rec)
+        np.copyto(inst[v.rows, v.cols], k, where=v.seen)
+    # One array from the dicts (their keys are in the dtype's order): field-by-field
+    # assignment into a record array costs several microseconds a field.
+    rows = np.array([tuple(r.values()) for r in kept], candidates.dtype)
+    img = paint(kept, background, cutouts, [(cars[v.pos], labels[v.pos]) for v in views])
     first = next(k for k, v in enumerate(views) if v.pos == 0)
     return Scene(rows, img, inst, first)
 

@@ -55,6 +55,44 @@ def test_precompressed_instance_chunks_give_the_same_shard(tmp_path: Path) -> No
     assert (tmp_path / "plain.h5").read_bytes() == (tmp_path / "pre.h5").read_bytes()
 
 
+def test_precompressed_mask_chunks_give_the_same_shard(tmp_path: Path) -> None:
+    """Masks compressed by mask_chunk (off the writer's main thread) and written directly make
+    the same file as HDF5's own gzip filter."""
+    shard = hand_shard()
+    fmt.write_shard(tmp_path / "plain.h5", shard, 7)
+    chunks = [fmt.mask_chunk(m) for m in shard.masks]
+    fmt.write_shard(tmp_path / "pre.h5", dataclasses.replace(shard, mask_chunks=chunks), 7)
+    assert (tmp_path / "plain.h5").read_bytes() == (tmp_path / "pre.h5").read_bytes()
+    with pytest.raises(ValueError, match="mask chunks"):
+        fmt.write_shard(tmp_path / "bad.h5", dataclasses.replace(shard, mask_chunks=chunks[:1]), 7)
+
+
+def test_instance_chunk_is_the_shuffled_stream_for_any_ids() -> None:
+    """The fast path (every id under 256) gives the same bytes as shuffle + deflate; ids of 256
+    and over take the general path; both decompress to the HDF5 shuffle layout."""
+    import zlib
+
+    ids = hand_shard().instance_masks[2]
+    for a in (ids, ids * 200, np.zeros_like(ids)):
+        raw = a.astype("<u2").view(np.uint8).reshape(-1, 2).T.tobytes()
+        assert fmt.instance_chunk(a) == zlib.compress(raw, fmt.INSTANCE_GZIP)
+        assert zlib.decompress(fmt.instance_chunk(a)) == raw
+
+
+def test_refresh_record_knows_what_this_process_wrote(tmp_path: Path) -> None:
+    """The sha256 taken while writing is the file's, and a changed file is read again."""
+    from pipeline.files import sha256_file
+
+    path = tmp_path / "s.h5"
+    fmt.write_shard(path, hand_shard(), 7)
+    rec = fmt.refresh_record(tmp_path, {"file": "s.h5"})
+    assert rec["sha256"] == sha256_file(path) and rec["bytes"] == path.stat().st_size
+    with h5py.File(path, "a") as f:  # changed in place behind the writer's back
+        f.attrs["first"] = 8
+    assert fmt.refresh_record(tmp_path, {"file": "s.h5"})["sha256"] == sha256_file(path)
+    assert sha256_file(path) != rec["sha256"]
+
+
 def test_v2_shard_round_trip(tmp_path: Path) -> None:
     shard = hand_shard()
     fmt.write_shard(tmp_path / "s.h5", shard, 7)

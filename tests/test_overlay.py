@@ -260,22 +260,23 @@ def test_failed_manifest_write_is_one_error(
     from pipeline import files
 
     bgs, fgs = inputs
-    real, calls = os.fsync, []
+    real, calls = os.replace, []
 
-    def failing(fd: int) -> None:  # only the manifest is synced to disk during overlay
-        calls.append(fd)
-        if len(calls) == 3:
-            code = getattr(errno, errno_name)
-            raise OSError(code, os.strerror(code))
-        real(fd)
+    def failing(src, dst) -> None:  # the third manifest write: progress after the 2nd shard
+        if Path(dst).name == "manifest.json":
+            calls.append(dst)
+            if len(calls) == 3:
+                code = getattr(errno, errno_name)
+                raise OSError(code, os.strerror(code))
+        real(src, dst)
 
-    monkeypatch.setattr(files.os, "fsync", failing)
+    monkeypatch.setattr(files.os, "replace", failing)
     out = tmp_path / "ds"
     line = error_line(make(bgs, fgs, out, "--positions", 4, "--shard-size", 8, "--workers", 1))
     fix = {"ENOSPC": "free space", "EROFS": "make the folder writable", "EIO": "check the disk"}
     assert f"cannot write {out / 'manifest.json'}" in line and fix[errno_name] in line
     assert no_temporaries(out)
-    monkeypatch.setattr(files.os, "fsync", real)
+    monkeypatch.setattr(files.os, "replace", real)
     res = make(bgs, fgs, out, "--positions", 4, "--shard-size", 8, "--workers", 1)
     assert res.exit_code == 0 and "shards made 1, already done 2" in res.output
 
