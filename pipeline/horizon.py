@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
@@ -227,13 +229,21 @@ def horizon_rows(
     """Per background: its horizon fraction and where it came from ("file", "estimated" or
     "default"). The file wins, then the estimate (when `estimate`), then `default`."""
     horizons = horizons or {}
+    if len(backgrounds) != len(names):
+        raise ValueError(f"{len(backgrounds)} backgrounds but {len(names)} names")
+    todo = [k for k, name in enumerate(names) if name not in horizons] if estimate else []
+    # OpenCV and numpy release the GIL for most of an estimate: threads share the cores.
+    with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
+        estimates = dict(
+            zip(todo, pool.map(estimate_horizon, [backgrounds[k] for k in todo]), strict=True)
+        )
     fracs: list[float] = []
     sources: list[str] = []
-    for rgb, name in zip(backgrounds, names, strict=True):
+    for k, name in enumerate(names):
         if name in horizons:
             frac, src = horizons[name], "file"
         else:
-            est = estimate_horizon(rgb) if estimate else None
+            est = estimates.get(k)
             frac, src = (est, "estimated") if est is not None else (default, "default")
         fracs.append(float(frac))
         sources.append(src)

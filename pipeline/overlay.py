@@ -19,8 +19,10 @@ import dataclasses
 import functools
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -226,11 +228,16 @@ class _WorkerAssets:
         assets = fmt.read_assets(path)
         self.backgrounds = assets.backgrounds
         self.fg_sizes = np.array([fg.shape[:2] for fg in assets.foregrounds], dtype=np.int64)
-        self.prepared = [
-            [PreparedForeground.from_rgba(fg, flip=bool(m)) for m in range(mirrors)]
-            for fg in assets.foregrounds
-        ]
+        self.foregrounds, self.mirrors = assets.foregrounds, mirrors
         self.cutouts = Cutouts(assets.foregrounds)
+
+    @functools.cached_property
+    def prepared(self) -> list[list[PreparedForeground]]:
+        """Each foreground (and its mirror) ready to paste at its own size (one-car shards)."""
+        return [
+            [PreparedForeground.from_rgba(fg, flip=bool(m)) for m in range(self.mirrors)]
+            for fg in self.foregrounds
+        ]
 
 
 @functools.lru_cache(maxsize=2)
@@ -323,12 +330,19 @@ class Inputs:
     ignored: list[str] = field(default_factory=list)
 
 
-def _read_or_skip(read: Callable[[Path], Any], path: Path, on_bad: OnBad) -> Any:
-    try:
-        return read(path)
-    except BadImageError as e:
-        on_bad(e)
-        return None
+def _read_all(read: Callable[[Path], Any], paths: Sequence[Path]) -> list[tuple[Any, str | None]]:
+    """(image, sha256 of the file) of every path, in order, read on a few threads (decoding
+    and hashing release the GIL); a bad file gives (its BadImageError, None), for the caller
+    to hand to its OnBad in name order."""
+
+    def one(path: Path) -> tuple[Any, str | None]:
+        try:
+            return read(path), sha256_file(path)
+        except BadImageError as e:
+            return e, None
+
+    with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
+        return list(pool.map(one, paths))
 
 
 def load_backgrounds(
@@ -337,13 +351,14 @@ def load_backgrounds(
     listing = list_images(folder, "backgrounds")
     inputs.ignored += [str(p) for p in listing.ignored]
     arrays, names, shas, paths = [], [], [], []
-    for p in listing.images:
-        rgb = _read_or_skip(read_rgb, p, on_bad)
-        if rgb is None:
+    read = _read_all(read_rgb, listing.images)
+    for p, (rgb, sha) in zip(listing.images, read, strict=True):
+        if isinstance(rgb, BadImageError):
+            on_bad(rgb)
             continue
         arrays.append(rgb if size is None else fit_crop(rgb, *size))
         names.append(p.name)
-        shas.append(sha256_file(p))
+        shas.append(sha)
         paths.append(p)
     if not arrays:
         raise InputFolderError(f"no usable backgrounds in {folder} (all were skipped as bad)")
@@ -378,8 +393,11 @@ def load_foregrounds(
                     "rename one of the folders"
                 )
             seen[name] = p
-            rgba = _read_or_skip(read_rgba, p, on_bad)
-            if rgba is None:
+        read = _read_all(read_rgba, listing.images)
+        for p, (rgba, sha) in zip(listing.images, read, strict=True):
+            name = f"{Path(folder).name}/{p.name}"
+            if isinstance(rgba, BadImageError):
+                on_bad(rgba)
                 continue
             h, w = rgba.shape[:2]
             if h > H or w > W:
@@ -393,7 +411,7 @@ def load_foregrounds(
                 continue
             inputs.foregrounds.append(rgba)
             inputs.fg_names.append(name)
-            inputs.fg_sha.append(sha256_file(p))
+            inputs.fg_sha.append(sha)
     if not inputs.foregrounds:
         raise InputFolderError(
             "no usable foregrounds in " + ", ".join(map(str, folders)) + " (all were skipped)"
