@@ -441,8 +441,9 @@ def motion_kernel(length: float, angle: float) -> NDArray[np.float32]:
     dx, dy = math.cos(math.radians(angle)), -math.sin(math.radians(angle))
     m = max(2, int(round(length)))
     half = (length - 1) / 2
-    t = -half + 2 * half * np.arange(m) / (m - 1)
-    k[np.rint(c + t * dy).astype(np.intp), np.rint(c + t * dx).astype(np.intp)] = 1
+    for i in range(m):
+        t = -half + 2 * half * i / (m - 1)
+        k[round(c + t * dy), round(c + t * dx)] = 1
     return k / k.sum()
 
 
