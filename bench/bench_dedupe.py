@@ -1,16 +1,24 @@
-"""Dedupe benchmark: precision and recall on a labelled set, and hashing/clustering speed.
+"""Dedupe benchmark: precision and recall on labelled sets, and hashing/verifying/clustering speed.
 
     .venv/bin/python bench/bench_dedupe.py              # quality + timing, writes nothing
     .venv/bin/python bench/bench_dedupe.py --quality    # only precision / recall
     .venv/bin/python bench/bench_dedupe.py --timing --n 10000
 
-The labelled set: every photo of ../shared/data/s15a/backgrounds, s15ab/backgrounds_raw and the
-project's assets/backgrounds (distinct photos of similar roads and malls, plus the same-photo
+The old labelled set: every photo of ../shared/data/s15a/backgrounds, s15ab/backgrounds_raw and
+the project's assets/backgrounds (distinct photos of similar roads and malls, plus the same-photo
 pairs they hold, checked by eye), and for a seeded sample of them, transformed copies: resized,
 re-encoded as JPEG q50-70, cropped 5-10% (random offset), squeezed to 0.75 / 1.33 of the
-aspect, a watermark strip of 8-15% of the height, and a combination of all. Two images are a
-true pair when they come from the same photo. A pair is predicted when the stage puts both in
-one cluster (clusters are transitive, so this is what its output means).
+aspect, a watermark strip of 8-15% of the height, and a combination of all.
+
+The extended set (issue 14) adds, for the same photos, the copies image-search and wallpaper
+sites make: square thumbnails of wide photos (55-65% of the width, 100 or 225 px), zoomed
+off-centre crops keeping 40-70% of the area, a frame, a caption band, a logo/watermark text, a
+squeeze to x0.6-0.8 or x1.25-1.6, grey, sepia, contrast/gamma, and three combinations each
+(shape + tone or logo + long side 100-300 px + JPEG q30-70). The negatives stay hard: the
+photos are all distinct empty roads, malls and shop fronts.
+
+Two images are a true pair when they come from the same photo. A pair is predicted when the
+method puts both in one cluster (clusters are transitive, so this is what its output means).
 """
 
 from __future__ import annotations
@@ -22,6 +30,8 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +91,7 @@ def _resize(im: Image.Image, f: float) -> Image.Image:
 
 
 def transforms(im: Image.Image, rng: np.random.Generator) -> dict[str, Image.Image]:
+    """The old set's copies (kept as they were, so its figures stay comparable)."""
     w, h = im.size
     return {
         "resize": _resize(im, rng.uniform(0.4, 0.8)),
@@ -93,8 +104,130 @@ def transforms(im: Image.Image, rng: np.random.Generator) -> dict[str, Image.Ima
     }
 
 
-def labelled_set(sample: int, seed: int) -> tuple[list[str], list[int], list[str], list]:
-    """names, group ids (same photo = same id), kinds, hash rows."""
+# ------------------------------------------------------ the extended set: what real sites make
+
+
+def _thumb(im: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """A square keeping 55-65% of the width (centre or off-centre), shrunk to 100 or 225."""
+    w, h = im.size
+    side = min(h, round(w * rng.uniform(0.55, 0.65)))
+    x0 = (w - side) // 2 if rng.random() < 0.5 else int(rng.integers(0, w - side + 1))
+    y0 = int(rng.integers(0, h - side + 1))
+    sq = im.crop((x0, y0, x0 + side, y0 + side))
+    return sq.resize((100, 100) if rng.random() < 0.5 else (225, 225), Image.LANCZOS)
+
+
+def _zoom(im: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """An off-centre crop keeping 40-70% of the area (aspect kept)."""
+    w, h = im.size
+    f = np.sqrt(rng.uniform(0.40, 0.70))
+    cw, ch = round(w * f), round(h * f)
+    x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+    return im.crop((x0, y0, x0 + cw, y0 + ch))
+
+
+def _colour(rng: np.random.Generator) -> tuple[int, int, int]:
+    return tuple(int(v) for v in rng.integers(0, 256, 3))
+
+
+def _frame(im: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """A solid border of 3-10% of the width on every side (white, black or a colour)."""
+    w, h = im.size
+    b = max(2, round(w * rng.uniform(0.03, 0.10)))
+    fill = [(255, 255, 255), (0, 0, 0), _colour(rng)][int(rng.integers(0, 3))]
+    out = Image.new("RGB", (w + 2 * b, h + 2 * b), fill)
+    out.paste(im, (b, b))
+    return out
+
+
+def _caption(im: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """A caption band of 10-20% of the height added below (or above) the picture."""
+    w, h = im.size
+    s = round(h * rng.uniform(0.10, 0.20))
+    out = Image.new("RGB", (w, h + s), (255, 255, 255) if rng.random() < 0.5 else (20, 20, 20))
+    top = rng.random() < 0.3
+    out.paste(im, (0, s if top else 0))
+    d = ImageDraw.Draw(out)
+    d.text((6, 2 if top else h + 2), "Empty road at dawn - free wallpaper", fill=(128, 0, 0))
+    return out
+
+
+def _logo(im: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """A watermark: a translucent box with text in a corner and a repeated text across."""
+    im = im.convert("RGBA")
+    w, h = im.size
+    over = Image.new("RGBA", im.size, (0, 0, 0, 0))
+    d = ImageDraw.Draw(over)
+    bw, bh = round(w * rng.uniform(0.15, 0.3)), round(h * rng.uniform(0.08, 0.15))
+    x0 = int(rng.choice([4, w - bw - 4]))
+    y0 = int(rng.choice([4, h - bh - 4]))
+    d.rectangle([x0, y0, x0 + bw, y0 + bh], fill=(255, 255, 255, 150))
+    d.text((x0 + 4, y0 + 4), "LOGO", fill=(0, 0, 0, 255))
+    for k in range(4):
+        d.text((w * k // 4, h // 2 + (k % 2) * 12), "shutterphoto", fill=(255, 255, 255, 120))
+    return Image.alpha_composite(im, over).convert("RGB")
+
+
+def _squeeze(im: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Resized to another aspect ratio: x0.6-0.8 or x1.25-1.6 of the width."""
+    w, h = im.size
+    f = rng.uniform(0.6, 0.8) if rng.random() < 0.5 else rng.uniform(1.25, 1.6)
+    return im.resize((max(16, round(w * f)), h), Image.BILINEAR)
+
+
+def _grey(im: Image.Image, rng: np.random.Generator) -> Image.Image:
+    return im.convert("L").convert("RGB")
+
+
+def _sepia(im: Image.Image, rng: np.random.Generator) -> Image.Image:
+    g = np.asarray(im.convert("L"), np.float32)[..., None]
+    tint = np.array([1.07, 0.74, 0.43], np.float32) * rng.uniform(0.9, 1.1)
+    return Image.fromarray(np.clip(g * tint, 0, 255).astype(np.uint8))
+
+
+def _contrast(im: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Contrast x0.6-1.6 about the mean and a gamma of 0.7-1.4."""
+    a = np.asarray(im, np.float32) / 255
+    a = (a - a.mean()) * rng.uniform(0.6, 1.6) + a.mean()
+    a = np.clip(a, 0, 1) ** rng.uniform(0.7, 1.4)
+    return Image.fromarray((a * 255).astype(np.uint8))
+
+
+def _small(im: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Shrunk to a long side of 100-300 px."""
+    f = rng.uniform(100, 300) / max(im.size)
+    return _resize(im, min(f, 1.0))
+
+
+SHAPES = {"thumb": _thumb, "zoom": _zoom, "frame": _frame, "caption": _caption, "squeeze": _squeeze}
+TONES = {"grey": _grey, "sepia": _sepia, "contrast": _contrast, "logo": _logo}
+
+
+def extended_transforms(im: Image.Image, rng: np.random.Generator) -> dict[str, Image.Image]:
+    """The copies that image-search and wallpaper sites make (issue 14), one of each kind, and
+    three combinations: a shape change, a tone change or logo, JPEG q30-70 and a long side of
+    100-300 px. Square thumbnails only of wide photos (wider than 1.2:1)."""
+    shapes = {k: f for k, f in SHAPES.items() if k != "thumb" or im.width > 1.2 * im.height}
+    out = {name: f(im, rng) for name, f in {**shapes, **TONES}.items()}
+    for n in range(3):
+        shape = list(shapes.values())[int(rng.integers(0, len(shapes)))]
+        tone = list(TONES.values())[int(rng.integers(0, len(TONES)))]
+        combo = _small(tone(shape(im, rng), rng), rng)
+        out[f"combo+{n}"] = _jpeg(combo, int(rng.integers(30, 71)))
+    return out
+
+
+@dataclass
+class Labelled:
+    names: list[str]
+    group: list[int]  # same photo = same id
+    kinds: list[str]  # "original" or the kind of copy
+    images: list[np.ndarray]  # (H, W, 3) uint8
+
+
+def labelled_set(sample: int, seed: int, extended: bool = False) -> Labelled:
+    """The real photos and, for `sample` of them, the old set's copies (and with `extended`
+    the extended set's too, from another stream so the old copies stay the same)."""
     paths = [p for f in FOLDERS for p in list_images(f).images]
     names = [f"{p.parent.name}/{p.name}" for p in paths]
     group = list(range(len(paths)))
@@ -104,27 +237,37 @@ def labelled_set(sample: int, seed: int) -> tuple[list[str], list[int], list[str
     images = [Image.fromarray(read_rgb(p)) for p in paths]
     kinds = ["original"] * len(paths)
     rng = np.random.default_rng(seed)
+    ext_rng = np.random.default_rng([seed, 14])
     chosen = sorted(rng.choice(len(paths), size=min(sample, len(paths)), replace=False))
     for i in chosen:
-        for kind, im in transforms(images[i], rng).items():
+        copies = transforms(images[i], rng)
+        if extended:
+            copies.update(extended_transforms(images[i], ext_rng))
+        for kind, im in copies.items():
             images.append(im)
             names.append(f"{names[i]}~{kind}")
             group.append(group[i])
             kinds.append(kind)
-    hashes = np.stack([image_hashes(np.asarray(im.convert("RGB"))) for im in images])
-    return names, group, kinds, hashes
+    return Labelled(names, group, kinds, [np.asarray(im.convert("RGB")) for im in images])
 
 
-def evaluate(group: list[int], kinds: list[str], hashes: np.ndarray, limits) -> dict:
-    labels = cluster_labels(len(group), find_pairs(hashes, limits))
-    g, lab = np.array(group), np.array(labels)
+Method = Callable[[Labelled, np.ndarray], np.ndarray]
+
+
+def hash_only(limits: tuple[int, int, int]) -> Method:
+    return lambda data, hashes: find_pairs(hashes, limits)
+
+
+def evaluate(data: Labelled, hashes: np.ndarray, method: Method) -> dict:
+    labels = cluster_labels(len(data.group), method(data, hashes))
+    g, lab = np.array(data.group), np.array(labels)
     iu = np.triu_indices(len(g), 1)
     truth = g[iu[0]] == g[iu[1]]
     pred = lab[iu[0]] == lab[iu[1]]
     tp, fp, fn = int(np.sum(truth & pred)), int(np.sum(~truth & pred)), int(np.sum(truth & ~pred))
     missed: Counter[str] = Counter()
     total: Counter[str] = Counter()
-    k = np.array(kinds)
+    k = np.array([kind.split("+")[0] for kind in data.kinds])
     for a, b in zip(iu[0][truth], iu[1][truth], strict=True):
         kind = k[b] if k[a] == "original" else (k[a] if k[b] == "original" else "copy~copy")
         kind = "same photo, two files" if kind == "original" else kind
@@ -152,42 +295,54 @@ def _pool(results: list[dict]) -> dict:
     return _scores(tp, fp, fn, missed, total)
 
 
-GRID = [(t, c) for t in (8, 10, 12) for c in (6, 8, 10)]
+def methods() -> dict[str, Method]:
+    """The methods compared: today's hash-only default first (the baseline)."""
+    c = DedupeConfig()
+    return {f"hash only {c.threshold}/{c.crop_threshold}": hash_only(c.limits)}
 
 
-def quality(sample: int, seeds: list[int]) -> None:
-    runs: dict[tuple[int, int], list[dict]] = {tc: [] for tc in GRID}
-    sizes = []
-    for seed in seeds:
-        names, group, kinds, hashes = labelled_set(sample, seed)
-        sizes.append((len(names), sum(c * (c - 1) // 2 for c in Counter(group).values())))
-        for t, c in GRID:
-            runs[(t, c)].append(evaluate(group, kinds, hashes, (t, c, t)))
+def quality(sample: int, seeds: list[int], sets: list[str]) -> None:
+    for name in sets:
+        runs: dict[str, list[dict]] = {m: [] for m in methods()}
+        sizes = []
+        for seed in seeds:
+            data = labelled_set(sample, seed, extended=name == "extended")
+            hashes = np.stack([image_hashes(im) for im in data.images])
+            true_pairs = sum(c * (c - 1) // 2 for c in Counter(data.group).values())
+            sizes.append((len(data.names), true_pairs))
+            for m, method in methods().items():
+                t0 = time.perf_counter()
+                runs[m].append(evaluate(data, hashes, method))
+                runs[m][-1]["seconds"] = time.perf_counter() - t0
+        _print_set(name, runs, sizes, sample, seeds)
+
+
+def _print_set(name: str, runs: dict[str, list[dict]], sizes: list, sample: int, seeds: list):
     print(
-        f"## Precision and recall: {len(seeds)} labelled sets (seeds {seeds}), each "
-        f"{sizes[0][0]} images ({sample} photos with 7 copies each), "
-        f"{sum(s[1] for s in sizes)} true pairs in all\n"
+        f"## The {name} set: {len(seeds)} labelled sets (seeds {seeds}), each {sizes[0][0]} "
+        f"images ({sample} photos with copies), {sum(s[1] for s in sizes)} true pairs in all\n"
     )
-    print(
-        "| threshold | crop threshold | precision | recall | false pairs | missed pairs | "
-        "per seed (P / R) |"
-    )
+    cols = "method | precision | recall | false pairs | missed pairs | per seed (P / R) | s per set"
+    print(f"| {cols} |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    for (t, c), rs in runs.items():
+    for m, rs in runs.items():
         r = _pool(rs)
         per = ", ".join(f"{x['precision']:.3f} / {x['recall']:.3f}" for x in rs)
+        sec = sum(x["seconds"] for x in rs) / len(rs)
         print(
-            f"| {t} | {c} | {r['precision']:.4f} | {r['recall']:.4f} | {r['fp']} | "
-            f"{r['fn']} | {per} |"
+            f"| {m} | {r['precision']:.4f} | {r['recall']:.4f} | {r['fp']} | {r['fn']} | {per} "
+            f"| {sec:.1f} |"
         )
-    default = (DedupeConfig().threshold, DedupeConfig().crop_threshold)
-    best = _pool(runs[default])
-    print(f"\nDefault (threshold {default[0]}, crop threshold {default[1]}): recall by kind\n")
-    print("| kind of pair | pairs | missed | recall |")
-    print("| --- | --- | --- | --- |")
-    for kind, tot in sorted(best["total"].items()):
-        m = best["missed"][kind]
-        print(f"| {kind} | {tot} | {m} | {1 - m / tot:.3f} |")
+    pooled = {m: _pool(rs) for m, rs in runs.items()}
+    kinds = sorted(next(iter(pooled.values()))["total"])
+    print(f"\nRecall by kind of pair ({name} set), per method\n")
+    print("| kind of pair | pairs | " + " | ".join(pooled) + " |")
+    print("| --- | --- | " + " | ".join("---" for _ in pooled) + " |")
+    for kind in kinds:
+        tot = next(iter(pooled.values()))["total"][kind]
+        cells = [f"{1 - r['missed'][kind] / tot:.3f}" for r in pooled.values()]
+        print(f"| {kind} | {tot} | " + " | ".join(cells) + " |")
+    print()
 
 
 def _synthetic(folder: Path, n: int, seed: int) -> None:
@@ -235,13 +390,14 @@ def main() -> None:
     ap.add_argument("--timing", action="store_true", help="only speed")
     ap.add_argument("--sample", type=int, default=80, help="photos that get transformed copies")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--sets", nargs="+", default=["old", "extended"], choices=["old", "extended"])
     ap.add_argument("--n", type=int, default=10_000, help="images for the speed test")
     ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args()
     if not args.timing:
         if not DATA.is_dir():
             sys.exit(f"the labelled set needs the real images in {DATA}")
-        quality(args.sample, args.seeds)
+        quality(args.sample, args.seeds, args.sets)
     if not args.quality:
         timing(args.n, args.workers)
 
