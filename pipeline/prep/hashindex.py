@@ -1,0 +1,350 @@
+"""hashindex: exact Hamming-radius search over 64-bit hashes, without an all-pairs loop.
+
+Contract: `radius_pairs(a, b, r)` returns every pair (i, j, d) with d = popcount(a[i] ^ b[j])
+<= r, each once, sorted by (i, j); nothing is missed and nothing beyond r is reported (the
+tests compare it with brute force). `multi_pairs` runs several such searches over the columns
+of one hash matrix (dedupe's full/window/band comparisons) and keeps the smallest distance per
+pair and job. Pure functions: arrays in, arrays out, no I/O, no workers (callers split the
+query rows with `first`/`last` over `runner.map_shards`).
+
+Method: multi-index hashing (Norouzi et al.). The 64 bits are cut into m contiguous substrings;
+if two hashes are within r, then by pigeonhole they are within s = r // m on at least one
+substring. For each substring the index side is bucketed by its value (a counting table of
+2**width offsets); each query visits the buckets of every value within s of its own (the flip
+masks of up to s bits), and each candidate found there is verified on all 64 bits, vectorised.
+A pair within s on several substrings is kept only from the first of them, so every pair is
+reported once without a global unique. Memory is bounded: queries go in blocks of KEY_BLOCK
+neighbour keys and candidates are verified in chunks of about CAND_BLOCK.
+
+Choosing m (`plan`): a cost model per substring, neighbour keys (queries x flip masks), plus
+expected candidates (queries x index size x flip masks / 2**width, exact for uniform random
+hashes), plus the table (2**width) and the sort of the index; m is the cheapest of 3..16,
+or brute force (blocked XOR + popcount) where that is cheaper (small inputs, large radii).
+Clustered hashes (near-duplicates) give more candidates than the model expects, but those are
+mostly true pairs, which any method must output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import lru_cache
+from itertools import combinations
+from math import comb
+
+import numpy as np
+from numpy.typing import NDArray
+
+from ..errors import PipelineError
+
+BITS = 64
+MAX_WIDTH = 22  # widest substring: a table of 2**22 + 1 offsets (32 MiB); so m >= 3
+MAX_M = 16
+KEY_BLOCK = 1 << 20  # neighbour keys looked up at once
+CAND_BLOCK = 1 << 21  # candidate pairs verified at once (about; one key's bucket is never split)
+BRUTE_BLOCK = 1 << 22  # XOR results held at once by the brute-force path
+# Relative costs of the cost model (ns on the 2-core box, from bench/bench_hashindex.py).
+COST_PAIR = 2.0  # brute force, per pair compared
+COST_KEY = 12.0  # per neighbour key looked up
+COST_CAND = 20.0  # per candidate verified
+COST_SLOT = 1.5  # per table slot counted
+COST_SORT = 60.0  # per index entry sorted into its buckets
+_EMPTY = np.zeros((0, 3), np.int64)
+
+
+# ------------------------------------------------------------------------- planning
+
+
+def widths(m: int) -> list[int]:
+    """Bit widths of m contiguous substrings of the 64 bits (the first ones one wider)."""
+    return [BITS // m + (k < BITS % m) for k in range(m)]
+
+
+def _ball(width: int, s: int) -> int:
+    """Number of values within s bits of a value of `width` bits."""
+    return sum(comb(width, t) for t in range(min(s, width) + 1))
+
+
+def plan_cost(n_query: int, n_index: int, radius: int, m: int) -> float:
+    """Modelled cost (about ns) of a search with m substrings; m = 0 is brute force."""
+    if m == 0:
+        return COST_PAIR * n_query * n_index
+    s = radius // m
+    cost = 0.0
+    for w in widths(m):
+        ball = _ball(w, s)
+        cost += COST_KEY * n_query * ball + COST_CAND * n_query * n_index * ball / 2.0**w
+        cost += COST_SLOT * 2.0**w + COST_SORT * n_index
+    return cost
+
+
+def plan(n_query: int, n_index: int, radius: int) -> int:
+    """The number of substrings m for a search (0: brute force), the cheapest by plan_cost."""
+    options = [0, *range(-(-BITS // MAX_WIDTH), MAX_M + 1)]
+    return min(options, key=lambda m: plan_cost(n_query, n_index, radius, m))
+
+
+@lru_cache(maxsize=64)
+def flip_masks(width: int, s: int) -> NDArray[np.int64]:
+    """(ball,) int64: every value of `width` bits with at most s bits set, 0 first."""
+    masks = [0]
+    for t in range(1, min(s, width) + 1):
+        masks += [sum(1 << b for b in bits) for bits in combinations(range(width), t)]
+    out = np.array(masks, dtype=np.int64)
+    out.flags.writeable = False
+    return out
+
+
+# ------------------------------------------------------------------------- checks
+
+
+def _hash_vector(x: object, name: str) -> NDArray[np.uint64]:
+    arr = np.asarray(x)
+    if arr.ndim != 1 or arr.dtype != np.uint64:
+        raise PipelineError(
+            f"hashindex: {name} must be a (N,) uint64 array of 64-bit hashes, got shape "
+            f"{arr.shape} dtype {arr.dtype} (pass hashes as numpy.uint64, one per image)"
+        )
+    return np.ascontiguousarray(arr)
+
+
+def _check_radius(radius: object, what: str = "radius") -> int:
+    if isinstance(radius, bool) or not isinstance(radius, int | np.integer):
+        raise PipelineError(f"hashindex: {what} must be an integer in 0..64, got {radius!r}")
+    if not 0 <= radius <= BITS:
+        raise PipelineError(f"hashindex: {what} must be in 0..64 (bits of a hash), got {radius}")
+    return int(radius)
+
+
+def _check_rows(first: int, last: int | None, n: int) -> tuple[int, int]:
+    last = n if last is None else last
+    if not 0 <= first <= last <= n:
+        raise PipelineError(f"hashindex: rows {first}..{last} are outside the {n} query hashes")
+    return first, last
+
+
+# ------------------------------------------------------------------------- search
+
+
+def _popcount(x: NDArray[np.uint64]) -> NDArray[np.int64]:
+    return np.bitwise_count(x).astype(np.int64)
+
+
+def _brute(
+    a: NDArray[np.uint64],
+    b: NDArray[np.uint64],
+    radius: int,
+    first: int,
+    last: int,
+    self_join: bool,
+) -> NDArray[np.int64]:
+    """Blocked all-pairs XOR + popcount over query rows first..last."""
+    found = [_EMPTY]
+    step = max(1, BRUTE_BLOCK // max(1, len(b)))
+    for r0 in range(first, last, step):
+        r1 = min(r0 + step, last)
+        dist = np.bitwise_count(a[r0:r1, None] ^ b[None, :])
+        i, j = np.nonzero(dist <= radius)
+        i += r0
+        if self_join:
+            keep = j > i
+            i, j = i[keep], j[keep]
+        found.append(np.stack([i, j, _popcount(a[i] ^ b[j])], axis=1).astype(np.int64))
+    return np.concatenate(found)
+
+
+class _Substring:
+    """One substring of the index side: its entries grouped by value (counting sort)."""
+
+    def __init__(self, b: NDArray[np.uint64], shift: int, width: int) -> None:
+        self.shift, self.width = shift, width
+        self.mask = np.uint64((1 << width) - 1)
+        keys = self.keys(b)
+        self.order = np.argsort(keys)  # order inside a bucket does not matter
+        self.starts = np.zeros((1 << width) + 1, np.int64)
+        np.cumsum(np.bincount(keys, minlength=1 << width), out=self.starts[1:])
+
+    def keys(self, x: NDArray[np.uint64]) -> NDArray[np.int64]:
+        return ((x >> np.uint64(self.shift)) & self.mask).astype(np.int64)
+
+    def within(self, x: NDArray[np.uint64], s: int) -> NDArray[np.bool_]:
+        """Whether XOR values x are within s bits on this substring."""
+        return np.bitwise_count((x >> np.uint64(self.shift)) & self.mask) <= s
+
+
+def _expand(lo: NDArray[np.int64], cnt: NDArray[np.int64]) -> tuple[NDArray, NDArray]:
+    """(owner, position): every position lo[k] .. lo[k] + cnt[k] - 1, with its k."""
+    owner = np.repeat(np.arange(len(cnt)), cnt)
+    ends = np.cumsum(cnt)
+    pos = np.arange(ends[-1] if len(ends) else 0) + np.repeat(lo - (ends - cnt), cnt)
+    return owner, pos
+
+
+def _chunks(cnt: NDArray[np.int64]) -> list[tuple[int, int]]:
+    """Key ranges whose candidates add up to about CAND_BLOCK each (a key is never split)."""
+    ends = np.cumsum(cnt)
+    if len(ends) == 0 or ends[-1] == 0:
+        return []
+    cuts = np.searchsorted(ends, np.arange(CAND_BLOCK, ends[-1], CAND_BLOCK), side="left")
+    bounds = np.unique(np.concatenate([[0], cuts + 1, [len(cnt)]]).clip(0, len(cnt)))
+    return list(zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True))
+
+
+def _mih(
+    a: NDArray[np.uint64],
+    b: NDArray[np.uint64],
+    radius: int,
+    first: int,
+    last: int,
+    self_join: bool,
+    m: int,
+) -> NDArray[np.int64]:
+    s = radius // m
+    parts, shift = [], BITS
+    for w in widths(m):
+        shift -= w
+        parts.append(_Substring(b, shift, w))
+    found = [_EMPTY]
+    for k, part in enumerate(parts):
+        masks = flip_masks(part.width, s)
+        step = max(1, KEY_BLOCK // len(masks))
+        for q0 in range(first, last, step):
+            q1 = min(q0 + step, last)
+            keys = (part.keys(a[q0:q1])[:, None] ^ masks[None, :]).ravel()
+            lo = part.starts[keys]
+            cnt = part.starts[keys + 1] - lo
+            hit = np.flatnonzero(cnt)
+            lo, cnt, owner_q = lo[hit], cnt[hit], hit // len(masks) + q0
+            for c0, c1 in _chunks(cnt):
+                own, pos = _expand(lo[c0:c1], cnt[c0:c1])
+                i, j = owner_q[c0:c1][own], part.order[pos]
+                if self_join:
+                    keep = j > i
+                    i, j = i[keep], j[keep]
+                x = a[i] ^ b[j]
+                dist = _popcount(x)
+                keep = dist <= radius
+                i, j, x, dist = i[keep], j[keep], x[keep], dist[keep]
+                # reported by the first substring on which the pair is within s, only
+                seen = np.zeros(len(x), bool)
+                for earlier in parts[:k]:
+                    seen |= earlier.within(x, s)
+                keep = ~seen
+                found.append(np.stack([i[keep], j[keep], dist[keep]], axis=1))
+    return np.concatenate(found)
+
+
+def _sorted_rows(pairs: NDArray[np.int64]) -> NDArray[np.int64]:
+    return pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))] if len(pairs) > 1 else pairs
+
+
+def radius_pairs(
+    a: NDArray[np.uint64],
+    b: NDArray[np.uint64] | None,
+    radius: int,
+    first: int = 0,
+    last: int | None = None,
+    m: int | None = None,
+) -> NDArray[np.int64]:
+    """Every pair within `radius` bits: (P, 3) int64 rows (i, j, distance), sorted by (i, j).
+
+    a: (N,) uint64 query hashes; b: (M,) uint64 hashes to search, or None to search a within
+    itself (then i < j, no self pairs). Only query rows first..last are searched (to split the
+    work over workers; the pairs of all ranges together are those of the whole). m: the number
+    of substrings (0: brute force); by default `plan` picks it from the sizes and the radius.
+    """
+    a = _hash_vector(a, "a")
+    self_join = b is None
+    b = a if self_join else _hash_vector(b, "b")
+    radius = _check_radius(radius)
+    first, last = _check_rows(first, last, len(a))
+    if m is None:
+        m = plan(last - first, len(b), radius)
+    elif m != 0 and not -(-BITS // MAX_WIDTH) <= m <= BITS:
+        raise PipelineError(f"hashindex: m must be 0 (brute force) or in 3..64, got {m}")
+    if last == first or len(b) == 0:
+        return _EMPTY.copy()
+    if m == 0:
+        return _sorted_rows(_brute(a, b, radius, first, last, self_join))
+    return _sorted_rows(_mih(a, b, radius, first, last, self_join, m))
+
+
+# ------------------------------------------------------------------------- several columns
+
+
+Job = tuple[int, Sequence[int], int]  # (left column, right columns, limit)
+
+
+def _check_jobs(hashes: object, jobs: Sequence[Job]) -> NDArray[np.uint64]:
+    arr = np.asarray(hashes)
+    if arr.ndim != 2 or arr.dtype != np.uint64:
+        raise PipelineError(
+            f"hashindex: hashes must be an (N, K) uint64 matrix (one row per image), got shape "
+            f"{arr.shape} dtype {arr.dtype}"
+        )
+    k = arr.shape[1]
+    for n, job in enumerate(jobs):
+        try:
+            left, right, limit = job
+            cols = [int(c) for c in right]
+        except (TypeError, ValueError):
+            raise PipelineError(
+                f"hashindex: job {n} must be (left column, [right columns], limit), got {job!r}"
+            ) from None
+        if not cols or not all(0 <= c < k for c in [int(left), *cols]):
+            raise PipelineError(
+                f"hashindex: job {n} names columns {left}, {cols}; give at least one right "
+                f"column, all in 0..{k - 1}"
+            )
+        _check_radius(limit, f"limit of job {n}")
+    return arr
+
+
+def _min_per_pair(pairs: NDArray[np.int64]) -> NDArray[np.int64]:
+    """Rows (i, j, d, job) sorted by (i, j, job), the smallest d of each (i, j, job) kept."""
+    if len(pairs) == 0:
+        return pairs
+    pairs = pairs[np.lexsort((pairs[:, 2], pairs[:, 3], pairs[:, 1], pairs[:, 0]))]
+    first = np.ones(len(pairs), bool)
+    same = (pairs[1:, [0, 1, 3]] == pairs[:-1, [0, 1, 3]]).all(axis=1)
+    first[1:] = ~same
+    return pairs[first]
+
+
+def _job_pairs(
+    hashes: NDArray[np.uint64], job: Job, first: int, last: int, m: int | None
+) -> NDArray[np.int64]:
+    left, right, limit = int(job[0]), [int(c) for c in job[1]], int(job[2])
+    q = np.ascontiguousarray(hashes[:, left])
+    if right == [left] and (first, last) == (0, len(hashes)):
+        # symmetric: search within the column once and mirror
+        half = radius_pairs(q, None, limit, m=m)
+        return np.concatenate([half, half[:, [1, 0, 2]]])
+    n = len(hashes)
+    index = np.ascontiguousarray(hashes[:, right]).ravel()  # row-major: entry r * len + c
+    pairs = radius_pairs(q, index, limit, first, last, m=m)
+    pairs[:, 1] //= len(right)
+    return pairs[pairs[:, 0] != pairs[:, 1]] if n else pairs
+
+
+def multi_pairs(
+    hashes: NDArray[np.uint64],
+    jobs: Sequence[Job],
+    first: int = 0,
+    last: int | None = None,
+    m: int | None = None,
+) -> NDArray[np.int64]:
+    """Pairs of rows matching in any job: (P, 4) int64 rows (i, j, distance, job index).
+
+    hashes: (N, K) uint64, one row of K hashes per image. jobs: (left column, right columns,
+    limit): row i matches row j (i != j) when hashes[i, left] is within `limit` bits of any
+    hashes[j, c], c in the right columns; the distance is the smallest of those. Pairs are
+    ordered (a symmetric job gives both (i, j) and (j, i)); rows sorted by (i, j, job).
+    Only rows i in first..last are searched.
+    """
+    arr = _check_jobs(hashes, jobs)
+    first, last = _check_rows(first, last, len(arr))
+    found = [np.zeros((0, 4), np.int64)]
+    for n, job in enumerate(jobs):
+        pairs = _job_pairs(arr, job, first, last, m)
+        found.append(np.column_stack([pairs, np.full(len(pairs), n, np.int64)]))
+    return _min_per_pair(np.concatenate(found))
