@@ -7,7 +7,7 @@ import pytest
 
 from pipeline.errors import PipelineError
 from pipeline.prep import hashindex
-from pipeline.prep.hashindex import flip_masks, multi_pairs, plan, radius_pairs, widths
+from pipeline.prep.hashindex import flip_masks, multi_pairs, plan, radii, radius_pairs, widths
 
 
 def random_hashes(n: int, seed: int = 0) -> np.ndarray:
@@ -139,6 +139,19 @@ def test_flip_masks_and_widths():
     masks = flip_masks(10, 2)
     assert len(masks) == 1 + 10 + 45 == len(set(masks.tolist()))
     assert masks[0] == 0 and (np.bitwise_count(masks) <= 2).all() and masks.max() < 2**10
+
+
+def test_substring_radii_cover_every_pair():
+    assert (
+        radii(10, 3) == [3, 3, 2]
+        and radii(12, 3) == [4, 3, 3]
+        and radii(2, 5) == [0] * 3 + [-1] * 2
+    )
+    for r in range(20):
+        for m in range(1, 17):
+            rs = radii(r, m)
+            # a pair escaping every substring differs by at least sum(rs) + m bits
+            assert len(rs) == m and sum(rs) + m == r + 1
 
 
 def test_plan_uses_brute_force_for_small_inputs_and_substrings_at_scale():

@@ -7,14 +7,15 @@ of one hash matrix (dedupe's full/window/band comparisons) and keeps the smalles
 pair and job. Pure functions: arrays in, arrays out, no I/O, no workers (callers split the
 query rows with `first`/`last` over `runner.map_shards`).
 
-Method: multi-index hashing (Norouzi et al.). The 64 bits are cut into m contiguous substrings;
-if two hashes are within r, then by pigeonhole they are within s = r // m on at least one
-substring. For each substring the index side is bucketed by its value (a counting table of
-2**width offsets); each query visits the buckets of every value within s of its own (the flip
-masks of up to s bits), and each candidate found there is verified on all 64 bits, vectorised.
-A pair within s on several substrings is kept only from the first of them, so every pair is
-reported once without a global unique. Memory is bounded: queries go in blocks of KEY_BLOCK
-neighbour keys and candidates are verified in chunks of about CAND_BLOCK.
+Method: multi-index hashing (Norouzi, Punjani, Fleet 2012). The 64 bits are cut into m
+contiguous substrings; if two hashes are within r = s * m + a (0 <= a < m), then by pigeonhole
+they are within s on one of the first a + 1 substrings or within s - 1 on one of the others
+(`radii`). For each substring the index side is bucketed by its value (a counting table of
+2**width offsets); each query visits the buckets of every value within that substring's radius
+of its own (flip masks), and each candidate found there is verified on all 64 bits, vectorised.
+A pair found by several substrings is kept only from the first, so every pair is reported once
+without a global unique. Memory is bounded: queries go in blocks of KEY_BLOCK neighbour keys and
+candidates are verified in chunks of about CAND_BLOCK.
 
 Choosing m (`plan`): a cost model per substring, neighbour keys (queries x flip masks), plus
 expected candidates (queries x index size x flip masks / 2**width, exact for uniform random
@@ -64,13 +65,22 @@ def _ball(width: int, s: int) -> int:
     return sum(comb(width, t) for t in range(min(s, width) + 1))
 
 
+def radii(radius: int, m: int) -> list[int]:
+    """Search radius of each of m substrings (-1: not searched). With radius = s * m + a, the
+    first a + 1 substrings are searched within s and the others within s - 1: a pair that
+    escaped all of them would differ by >= (a + 1)(s + 1) + (m - a - 1) s = radius + 1 bits."""
+    s, a = divmod(radius, m)
+    return [s] * (a + 1) + [s - 1] * (m - a - 1)
+
+
 def plan_cost(n_query: int, n_index: int, radius: int, m: int) -> float:
     """Modelled cost (about ns) of a search with m substrings; m = 0 is brute force."""
     if m == 0:
         return COST_PAIR * n_query * n_index
-    s = radius // m
     cost = 0.0
-    for w in widths(m):
+    for w, s in zip(widths(m), radii(radius, m), strict=True):
+        if s < 0:
+            continue
         ball = _ball(w, s)
         cost += COST_KEY * n_query * ball + COST_CAND * n_query * n_index * ball / 2.0**w
         cost += COST_SLOT * 2.0**w + COST_SORT * n_index
@@ -155,8 +165,8 @@ def _brute(
 class _Substring:
     """One substring of the index side: its entries grouped by value (counting sort)."""
 
-    def __init__(self, b: NDArray[np.uint64], shift: int, width: int) -> None:
-        self.shift, self.width = shift, width
+    def __init__(self, b: NDArray[np.uint64], shift: int, width: int, radius: int) -> None:
+        self.shift, self.width, self.radius = shift, width, radius
         self.mask = np.uint64((1 << width) - 1)
         keys = self.keys(b)
         self.order = np.argsort(keys)  # order inside a bucket does not matter
@@ -166,9 +176,9 @@ class _Substring:
     def keys(self, x: NDArray[np.uint64]) -> NDArray[np.int64]:
         return ((x >> np.uint64(self.shift)) & self.mask).astype(np.int64)
 
-    def within(self, x: NDArray[np.uint64], s: int) -> NDArray[np.bool_]:
-        """Whether XOR values x are within s bits on this substring."""
-        return np.bitwise_count((x >> np.uint64(self.shift)) & self.mask) <= s
+    def within(self, x: NDArray[np.uint64]) -> NDArray[np.bool_]:
+        """Whether XOR values x are within this substring's search radius on it."""
+        return np.bitwise_count((x >> np.uint64(self.shift)) & self.mask) <= self.radius
 
 
 def _expand(lo: NDArray[np.int64], cnt: NDArray[np.int64]) -> tuple[NDArray, NDArray]:
@@ -198,14 +208,14 @@ def _mih(
     self_join: bool,
     m: int,
 ) -> NDArray[np.int64]:
-    s = radius // m
     parts, shift = [], BITS
-    for w in widths(m):
+    for w, s in zip(widths(m), radii(radius, m), strict=True):
         shift -= w
-        parts.append(_Substring(b, shift, w))
+        if s >= 0:
+            parts.append(_Substring(b, shift, w, s))
     found = [_EMPTY]
     for k, part in enumerate(parts):
-        masks = flip_masks(part.width, s)
+        masks = flip_masks(part.width, part.radius)
         step = max(1, KEY_BLOCK // len(masks))
         for q0 in range(first, last, step):
             q1 = min(q0 + step, last)
@@ -224,10 +234,10 @@ def _mih(
                 dist = _popcount(x)
                 keep = dist <= radius
                 i, j, x, dist = i[keep], j[keep], x[keep], dist[keep]
-                # reported by the first substring on which the pair is within s, only
+                # reported only by the first substring that finds the pair
                 seen = np.zeros(len(x), bool)
                 for earlier in parts[:k]:
-                    seen |= earlier.within(x, s)
+                    seen |= earlier.within(x)
                 keep = ~seen
                 found.append(np.stack([i[keep], j[keep], dist[keep]], axis=1))
     return np.concatenate(found)
