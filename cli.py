@@ -599,6 +599,31 @@ def _size_text(size: tuple[int, int]) -> str:
     help="Largest distance between a picture and a 90% crop window of another.",
 )
 @click.option(
+    "--verify",
+    type=click.Choice(["geometric", "none"]),
+    default=DEDUPE.verify,
+    show_default=True,
+    help="geometric: also take looser hash candidates (whole against window, window against "
+    "window) and keep those that SIFT + RANSAC confirm (crops, thumbnails, frames, captions, "
+    "tone changes); none: the strict hash matches only (faster, fewer found).",
+)
+@click.option(
+    "--candidate-threshold",
+    default=DEDUPE.candidate_threshold,
+    show_default=True,
+    type=int,
+    help="Largest distance of a looser hash candidate sent to --verify geometric.",
+)
+@click.option(
+    "--zooms",
+    default=",".join(f"{z:g}" for z in DEDUPE.zooms),
+    show_default=True,
+    metavar="S[,S...]",
+    help="Sides (fractions of the picture's) of the zoomed windows hashed on a 3x3 grid, "
+    "besides the whole picture, 90% windows, middle band and short-side squares; they find "
+    "zoomed crops for --verify geometric.",
+)
+@click.option(
     "--size",
     default=_size_text(DEDUPE.size),
     show_default=True,
@@ -613,16 +638,30 @@ def dedupe(
     out: Path,
     threshold: int,
     crop_threshold: int,
+    verify: str,
+    candidate_threshold: int,
+    zooms: str,
     size: str,
     on_bad: OnBad,
     backend: Backend,
 ) -> None:
-    """Find clusters of near-duplicate images in SRC (perceptual hashes) and write one keeper
-    per cluster (the largest), resized to --size, plus report.json listing every cluster."""
+    """Find clusters of near-duplicate images in SRC (perceptual hashes, confirmed by local
+    features with --verify geometric) and write one keeper per cluster (the largest, or the
+    picture a crop was cut from), resized to --size, plus report.json listing every cluster."""
+    from pipeline.errors import PipelineError
     from pipeline.prep.dedupe import run_dedupe
 
+    try:
+        sides = tuple(float(z) for z in zooms.split(",") if z.strip())
+    except ValueError:
+        raise PipelineError(f"--zooms must be fractions like 0.8,0.65, got {zooms!r}") from None
     config = DedupeConfig(
-        threshold=threshold, crop_threshold=crop_threshold, size=_size_option(size)
+        threshold=threshold,
+        crop_threshold=crop_threshold,
+        candidate_threshold=candidate_threshold,
+        verify=verify,
+        zooms=sides,
+        size=_size_option(size),
     )
     with progress_bar("dedupe") as bar:
         rep = run_dedupe(src, out, config, backend, on_bad, bar)

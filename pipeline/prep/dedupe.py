@@ -31,10 +31,11 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
-from ..errors import OnBad, PipelineError
+from ..errors import BadImageError, OnBad, PipelineError
 from ..images import fit_crop, list_images, read_rgb
 from ..progress import NO_PROGRESS, Progress
 from ..runner import Backend, map_shards
+from . import geometry
 from .common import (
     PrepRun,
     Record,
@@ -49,14 +50,63 @@ THUMB = 128  # hashes are taken on a thumbnail this long: decoding size does not
 WINDOW = 0.9  # side of the crop windows, as a fraction of the image's
 GRID = (0.0, 0.5, 1.0)  # window offsets: left/top, centre, right/bottom
 BAND = (0.15, 0.85)  # rows of the middle band
-KINDS = ("full", "window", "band")
-NUM_HASHES = 1 + len(GRID) ** 2 + 1
+SQUARES = (0.0, 0.25, 0.5, 0.75, 1.0)  # offsets of the short-side squares along the long side
+ZOOMS = (0.8, 0.65)  # sides of the zoomed windows (each on the 3x3 GRID), of the image's
+# Kinds of a pair in report.json: the three strict hash matches, and a looser hash candidate
+# that geometric verification confirmed ("candidate" never reaches a report).
+KINDS = ("full", "window", "band", "candidate", "geometric")
+CANDIDATE, GEOMETRIC = 3, 4
 # Chosen on the labelled set of bench/bench_dedupe.py. pHash distances are even (32 of the 64
 # bits are set), so 10 admits 0..10. A window match is stricter: nine windows are nine chances
 # for two different roads to look alike (two of the sample roads meet at 10).
 DEFAULT_THRESHOLD = 10
 DEFAULT_CROP_THRESHOLD = 8
+# Candidates for verification: any whole/window or window/window match within this distance.
+DEFAULT_CANDIDATE_THRESHOLD = 16
+VERIFY = ("geometric", "none")
 HASH_CHUNK = 64  # files per hashing task: a hash costs far less than writing a keeper
+VERIFY_CHUNK = 32  # candidate pairs per verification task (~30 ms a pair)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Columns of an image's hash row: 0 the whole picture, 1-9 the 90% windows, 10 the middle
+    band, then the short-side squares along the long side, then 9 windows per zoom."""
+
+    zooms: tuple[float, ...] = ZOOMS
+
+    @property
+    def width(self) -> int:
+        return 11 + len(SQUARES) + len(GRID) ** 2 * len(self.zooms)
+
+    @classmethod
+    def of(cls, hashes: NDArray[np.uint64]) -> Layout:
+        """The layout of a hash matrix (zoom sides do not matter to the search, only counts)."""
+        n_zooms, rest = divmod(hashes.shape[1] - 11 - len(SQUARES), len(GRID) ** 2)
+        if rest or n_zooms < 0:
+            raise ValueError(f"not a dedupe hash matrix: {hashes.shape[1]} columns")
+        return cls(tuple(float(k) for k in range(n_zooms)))
+
+    def jobs(self, loose: bool) -> list[tuple[int, int, int]]:
+        """(row column, other's column, kind) of every comparison the pair search makes; kind
+        indexes KINDS. The strict kinds first; with `loose`, the window-against-whole and
+        window-against-window candidates (centre square against squares, centre zoom against
+        the zooms of its scale)."""
+        grid, band = range(1, 10), 10
+        squares = range(11, 11 + len(SQUARES))
+        jobs = [(0, 0, 0), (band, band, 2)] + [(0, k, 1) for k in grid]
+        if not loose:
+            return jobs
+        jobs += [(0, k, CANDIDATE) for k in range(11, self.width)]
+        centre = squares[len(SQUARES) // 2]
+        jobs += [(centre, k, CANDIDATE) for k in squares if k != centre]
+        for z in range(len(self.zooms)):
+            first = 11 + len(SQUARES) + 9 * z
+            jobs += [(first + 4, first + k, CANDIDATE) for k in range(9) if k != 4]
+        return jobs
+
+
+NUM_HASHES = Layout().width
 
 
 @dataclass(frozen=True)
@@ -65,18 +115,29 @@ class DedupeConfig:
 
     threshold: int = DEFAULT_THRESHOLD  # max Hamming distance (of 64) of whole pictures, bands
     crop_threshold: int = DEFAULT_CROP_THRESHOLD  # the same for a picture against a window
+    candidate_threshold: int = DEFAULT_CANDIDATE_THRESHOLD  # looser, confirmed by verification
+    verify: str = "geometric"  # "geometric" or "none" (only the strict hash matches)
+    zooms: tuple[float, ...] = ZOOMS  # sides of the zoomed windows
     size: tuple[int, int] = (224, 224)  # (height, width) of the written keepers
 
     @property
-    def limits(self) -> tuple[int, int, int]:
-        """Largest distance of each kind of match: (full, window, band)."""
-        return self.threshold, self.crop_threshold, self.threshold
+    def limits(self) -> tuple[int, int, int, int]:
+        """Largest distance of each kind of match: (full, window, band, candidate); candidate
+        is -1 (none) without verification."""
+        loose = self.candidate_threshold if self.verify == "geometric" else -1
+        return self.threshold, self.crop_threshold, self.threshold, loose
 
     def __post_init__(self) -> None:
-        if not 0 <= self.threshold <= 32:
-            raise PipelineError(f"--threshold must be in 0..32, got {self.threshold}")
-        if not 0 <= self.crop_threshold <= 32:
-            raise PipelineError(f"--crop-threshold must be in 0..32, got {self.crop_threshold}")
+        for name in ("threshold", "crop_threshold", "candidate_threshold"):
+            if not 0 <= getattr(self, name) <= 32:
+                flag = "--" + name.replace("_", "-")
+                raise PipelineError(f"{flag} must be in 0..32, got {getattr(self, name)}")
+        if self.verify not in VERIFY:
+            raise PipelineError(f"--verify must be one of {', '.join(VERIFY)}, got {self.verify}")
+        if not all(0.3 <= z < 1 for z in self.zooms) or len(set(self.zooms)) != len(self.zooms):
+            raise PipelineError(
+                f"--zooms must be distinct sides in 0.3..0.99, got {list(self.zooms)}"
+            )
         if min(self.size) < 1:
             raise PipelineError(f"--size must be positive, got {self.size}")
 
@@ -87,9 +148,9 @@ class DedupeConfig:
 # imagehash.phash's algorithm, batched: 32x32 grey, 2-D DCT-II, the 8x8 lowest frequencies
 # against their median. The DCT is a matrix product (only its first 8 rows are needed) and the
 # 32x32 step is OpenCV's area average rather than Pillow's Lanczos (150 us per call, most of
-# the hashing time): the eleven hashes of an image cost ~0.3 ms instead of ~7 ms. The bits
-# differ from imagehash.phash's by a few at most (tests check it); thresholds were measured
-# with these hashes.
+# the hashing time): the hashes of an image cost well under a millisecond instead of ~7 ms.
+# The bits differ from imagehash.phash's by a few at most (tests check it); thresholds were
+# measured with these hashes.
 _N = np.arange(32)
 _DCT8 = np.cos(np.pi * (2 * _N[None, :] + 1) * np.arange(8)[:, None] / 64)  # (8, 32)
 
@@ -103,9 +164,9 @@ def phash_batch(grays: Sequence[NDArray[np.uint8]]) -> NDArray[np.uint64]:
     return np.packbits(bits, axis=1).view(">u8")[:, 0].astype(np.uint64)
 
 
-def _windows(gray: NDArray[np.uint8]) -> list[NDArray[np.uint8]]:
+def _windows(gray: NDArray[np.uint8], side: float = WINDOW) -> list[NDArray[np.uint8]]:
     h, w = gray.shape
-    wh, ww = max(1, round(h * WINDOW)), max(1, round(w * WINDOW))
+    wh, ww = max(1, round(h * side)), max(1, round(w * side))
     return [
         gray[round((h - wh) * gy) :][:wh, round((w - ww) * gx) :][:, :ww]
         for gy in GRID
@@ -113,8 +174,19 @@ def _windows(gray: NDArray[np.uint8]) -> list[NDArray[np.uint8]]:
     ]
 
 
-def image_hashes(rgb: NDArray[np.uint8]) -> NDArray[np.uint64]:
-    """(NUM_HASHES,) uint64 pHashes of an (H, W, 3) uint8 image: full, 9 windows, middle band."""
+def _squares(gray: NDArray[np.uint8]) -> list[NDArray[np.uint8]]:
+    """Short-side squares along the long side: what a square thumbnail of the image keeps."""
+    h, w = gray.shape
+    s = min(h, w)
+    return [
+        gray[:, round((w - s) * f) :][:, :s] if w >= h else gray[round((h - s) * f) :][:s]
+        for f in SQUARES
+    ]
+
+
+def image_hashes(rgb: NDArray[np.uint8], zooms: Sequence[float] = ZOOMS) -> NDArray[np.uint64]:
+    """(Layout(zooms).width,) uint64 pHashes of an (H, W, 3) uint8 image: whole, 9 windows,
+    middle band, squares, zoomed windows (see Layout)."""
     gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
     h, w = gray.shape
     scale = THUMB / max(h, w)
@@ -123,7 +195,9 @@ def image_hashes(rgb: NDArray[np.uint8]) -> NDArray[np.uint64]:
         gray = cv2.resize(gray, size, interpolation=cv2.INTER_AREA)
     h = gray.shape[0]
     band = gray[round(h * BAND[0]) : max(round(h * BAND[1]), round(h * BAND[0]) + 1)]
-    parts = [gray, *_windows(gray), band]
+    parts = [gray, *_windows(gray), band, *_squares(gray)]
+    for z in zooms:
+        parts += _windows(gray, z)
     return phash_batch(parts)
 
 
@@ -135,19 +209,27 @@ def hamming(a: NDArray[np.uint64], b: NDArray[np.uint64]) -> NDArray[np.uint8]:
 # ------------------------------------------------------------------- pairs and clusters (pure)
 
 
+def _jobs(hashes: NDArray[np.uint64], limits: Sequence[int]) -> list[tuple[int, int, int]]:
+    """(row column, other's column, largest distance) of each comparison under limits."""
+    loose = len(limits) > 3 and limits[3] >= 0
+    out = []
+    for lk, rk, kind in Layout.of(hashes).jobs(loose):
+        limit = limits[kind] if kind < CANDIDATE else limits[CANDIDATE]
+        out.append((lk, rk, max(limit, limits[CANDIDATE]) if loose else limit))
+    return out
+
+
 def _block_matches(
-    hashes: NDArray[np.uint64], rows: slice, cols: slice, limits: tuple[int, int, int]
+    hashes: NDArray[np.uint64], rows: slice, cols: slice, jobs: list[tuple[int, int, int]]
 ) -> tuple[NDArray[np.intp], NDArray[np.intp]]:
-    """(row, col) offsets in a block of the pairs that match in any kind. Only booleans are kept
+    """(row, col) offsets in a block of the pairs that match in any job. Only booleans are kept
     per block (duplicates are rare), into reused buffers: this is the hot loop."""
-    full = hashes[rows, 0][:, None]
     shape = (rows.stop - rows.start, cols.stop - cols.start)
     xor, cnt = np.empty(shape, np.uint64), np.empty(shape, np.uint8)
     hit, tmp = np.empty(shape, bool), np.empty(shape, bool)
-    jobs = [(full, 0, limits[0]), (hashes[rows, -1][:, None], NUM_HASHES - 1, limits[2])]
-    jobs += [(full, k, limits[1]) for k in range(1, NUM_HASHES - 1)]
-    for n, (left, k, limit) in enumerate(jobs):
-        np.bitwise_xor(left, hashes[None, cols, k], out=xor)
+    left = {lk: hashes[rows, lk][:, None] for lk, _, _ in jobs}
+    for n, (lk, rk, limit) in enumerate(jobs):
+        np.bitwise_xor(left[lk], hashes[None, cols, rk], out=xor)
         np.bitwise_count(xor, out=cnt)
         np.less_equal(cnt, limit, out=hit if n == 0 else tmp)
         if n:
@@ -156,39 +238,48 @@ def _block_matches(
 
 
 def pair_distance(
-    a: NDArray[np.uint64], b: NDArray[np.uint64], limits: tuple[int, int, int]
+    a: NDArray[np.uint64], b: NDArray[np.uint64], limits: Sequence[int]
 ) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
     """Distance and kind (index into KINDS) of the best match of each pair of hash rows a, b
-    (M, NUM_HASHES): the kind with the smallest margin below its limit."""
+    (M, width): the strict kind with the smallest margin below its limit, else (when limits
+    has a candidate limit >= 0) "candidate" with the smallest distance of any comparison."""
     full = hamming(a[:, :1], b[:, :1])[:, 0].astype(np.int64)
-    win = hamming(a[:, :1], b[:, 1:-1]).min(axis=1).astype(np.int64)
-    band = hamming(a[:, -1:], b[:, -1:])[:, 0].astype(np.int64)
+    win = hamming(a[:, :1], b[:, 1:10]).min(axis=1).astype(np.int64)
+    band = hamming(a[:, 10:11], b[:, 10:11])[:, 0].astype(np.int64)
     dist = np.stack([full, win, band], axis=1)
-    kind = np.argmin(dist - np.array(limits), axis=1)
-    return dist[np.arange(len(dist)), kind], kind
+    kind = np.argmin(dist - np.array(limits[:3]), axis=1)
+    best = dist[np.arange(len(dist)), kind]
+    if len(limits) < 4 or limits[3] < 0 or len(a) == 0:
+        return best, kind
+    strict = best <= np.array(limits[:3])[kind]
+    loose = np.stack([hamming(a[:, lk], b[:, rk]) for lk, rk, _ in _jobs(a, limits)], axis=1)
+    loose = loose.min(axis=1).astype(np.int64)
+    return np.where(strict, best, loose), np.where(strict, kind, CANDIDATE)
 
 
 def find_pairs(
     hashes: NDArray[np.uint64],
-    limits: tuple[int, int, int],
+    limits: Sequence[int],
     first: int = 0,
     last: int | None = None,
     block: tuple[int, int] = (128, 4096),
 ) -> NDArray[np.int64]:
     """Pairs (i, j, distance, kind) with i < j that are duplicates, for rows first..last.
 
-    hashes: (N, NUM_HASHES) uint64; limits: the largest distance of each kind (full, window,
-    band). Window matches are not symmetric, so each row is compared with every column; a
-    pair found from both sides keeps its smaller distance.
+    hashes: (N, width) uint64 (see Layout); limits: the largest distance of each kind (full,
+    window, band[, candidate]). Window matches are not symmetric, so each row is compared with
+    every column; a pair found from both sides keeps its best kind (strict before candidate),
+    then its smaller distance. This is the one candidate search over the hash matrix.
     """
     n = len(hashes)
     last = n if last is None else last
     found = []
+    jobs = _jobs(hashes, limits)
     for r0 in range(first, last, block[0]):
         rows = slice(r0, min(r0 + block[0], last))
         for c0 in range(0, n, block[1]):
             cols = slice(c0, min(c0 + block[1], n))
-            r, c = _block_matches(hashes, rows, cols, limits)
+            r, c = _block_matches(hashes, rows, cols, jobs)
             r, c = r + rows.start, c + cols.start
             keep = r != c
             r, c = r[keep], c[keep]
@@ -198,13 +289,15 @@ def find_pairs(
 
 
 def _canonical(pairs: NDArray[np.int64]) -> NDArray[np.int64]:
-    """Order each pair as i < j and keep the smallest distance of each pair."""
+    """Order each pair as i < j and keep each pair's best match: strict before candidate, then
+    the smallest distance."""
     pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 4)
     if len(pairs) == 0:
         return pairs
     i, j = np.minimum(pairs[:, 0], pairs[:, 1]), np.maximum(pairs[:, 0], pairs[:, 1])
     pairs = np.stack([i, j, pairs[:, 2], pairs[:, 3]], axis=1)
-    pairs = pairs[np.lexsort((pairs[:, 2], pairs[:, 1], pairs[:, 0]))]
+    loose = pairs[:, 3] >= CANDIDATE
+    pairs = pairs[np.lexsort((pairs[:, 2], loose, pairs[:, 1], pairs[:, 0]))]
     first = np.ones(len(pairs), bool)
     first[1:] = (pairs[1:, 0] != pairs[:-1, 0]) | (pairs[1:, 1] != pairs[:-1, 1])
     return pairs[first]
@@ -228,16 +321,107 @@ def cluster_labels(n: int, pairs: NDArray[np.int64]) -> NDArray[np.int64]:
 
 
 def pick_keeper(
-    members: Sequence[int], sizes: Sequence[tuple[int, int]], names: Sequence[str]
+    members: Sequence[int],
+    sizes: Sequence[tuple[int, int]],
+    names: Sequence[str],
+    holders: dict[int, int] | None = None,
 ) -> int:
-    """The member with the most pixels; ties go to the first file name."""
-    return min(members, key=lambda m: (-sizes[m][0] * sizes[m][1], names[m]))
+    """The member with the most pixels (ties go to the first file name), except that a member
+    the geometric match found to be a crop of another (holders: crop -> the one holding it)
+    gives way to the one that holds it, up the chain."""
+    keeper = min(members, key=lambda m: (-sizes[m][0] * sizes[m][1], names[m]))
+    holders = holders or {}
+    seen = {keeper}
+    while keeper in holders and holders[keeper] not in seen:  # a chain, never a loop
+        keeper = holders[keeper]
+        seen.add(keeper)
+    return keeper
+
+
+# ------------------------------------------------------------ geometric verification (workers)
+
+
+def _match_gray(source: Any) -> NDArray[np.uint8]:
+    """A picture prepared for matching, from a path (read here, on the worker) or an array
+    ((H, W, 3) uint8 RGB, or (h, w) uint8 grey)."""
+    rgb = read_rgb(source) if isinstance(source, str | Path) else np.asarray(source)
+    gray = rgb if rgb.ndim == 2 else cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    return geometry.prepare(gray)
+
+
+def _verify_task(sources: dict[int, Any], pairs: list[tuple[int, int]]) -> list[tuple]:
+    """On a worker: (i, j, Match) for each pair; each picture's features computed once per
+    task (the tasks hold runs of pairs that share their first image). A picture that cannot
+    be read any more (it was read when hashed) matches nothing."""
+    cache: dict[int, geometry.Features | None] = {}
+
+    def feats(i: int) -> geometry.Features | None:
+        if i not in cache:
+            try:
+                cache[i] = geometry.features(_match_gray(sources[i]))
+            except BadImageError:
+                cache[i] = None
+        return cache[i]
+
+    out = []
+    for i, j in pairs:
+        fi, fj = feats(i), feats(j)
+        out.append(
+            (i, j, geometry.NO_MATCH if fi is None or fj is None else geometry.match(fi, fj))
+        )
+    return out
+
+
+def verify_pairs(
+    pairs: NDArray[np.int64],
+    sources: Sequence[Any],
+    backend: Backend = Backend(),
+    chunk: int = VERIFY_CHUNK,
+) -> dict[tuple[int, int], geometry.Match]:
+    """The geometric match of each pair (i, j, ...) of pictures sources[i], sources[j] (paths
+    or arrays), in parallel over runs of `chunk` pairs; each pair once (a dict per run)."""
+    todo = sorted({(int(i), int(j)) for i, j in pairs[:, :2]})
+    tasks = []
+    for a in range(0, len(todo), chunk):
+        part = todo[a : a + chunk]
+        used = {k for pair in part for k in pair}
+        tasks.append(({k: sources[k] for k in used}, part))
+    found: dict[tuple[int, int], geometry.Match] = {}
+    for res in map_shards(_verify_task, tasks, backend, writes=False):
+        for i, j, m in res:
+            found[(i, j)] = m
+    return found
+
+
+def find_duplicates(
+    hashes: NDArray[np.uint64],
+    config: DedupeConfig,
+    sources: Sequence[Any],
+    backend: Backend = Backend(),
+) -> tuple[NDArray[np.int64], dict[tuple[int, int], geometry.Match]]:
+    """Duplicate pairs (i, j, distance, kind) and every geometric match computed: the strict
+    hash matches, plus (with verify "geometric") the candidates the geometry confirms. A
+    candidate whose two images the strict matches already join is not verified: it would
+    change no cluster."""
+    pairs = find_pairs_parallel(hashes, config.limits, backend)
+    strict, cand = pairs[pairs[:, 3] < CANDIDATE], pairs[pairs[:, 3] == CANDIDATE]
+    if config.verify == "none" or len(cand) == 0:
+        return strict, {}
+    labels = cluster_labels(len(hashes), strict)
+    cand = cand[labels[cand[:, 0]] != labels[cand[:, 1]]]
+    matches = verify_pairs(cand, sources, backend)
+    ok = np.array([matches[(int(i), int(j))].same for i, j in cand[:, :2]], bool)
+    confirmed = cand[ok] if len(cand) else cand
+    confirmed[:, 3] = GEOMETRIC
+    both = np.concatenate([strict, confirmed])
+    both = both[np.lexsort((both[:, 1], both[:, 0]))]
+    return both, matches
 
 
 # ------------------------------------------------------------------------ the stage (I/O)
 
 
-def hash_item(job: tuple[int, str]) -> tuple[None, Record]:
+def hash_item(job: tuple[int, str], zooms: Sequence[float] = ZOOMS) -> tuple[None, Record]:
     """One (index, path): its size and hashes (nothing to write); raises BadImageError."""
     index, path = job
     rgb = read_rgb(path)
@@ -246,7 +430,7 @@ def hash_item(job: tuple[int, str]) -> tuple[None, Record]:
         "file": Path(path).name,
         "index": index,
         "size": [w, h],
-        "hashes": image_hashes(rgb),
+        "hashes": image_hashes(rgb, zooms),
     }
 
 
@@ -285,29 +469,53 @@ def hash_folder(
     backend: Backend = Backend(),
     on_bad: OnBad | None = None,
     progress: Progress = NO_PROGRESS,
+    zooms: Sequence[float] = ZOOMS,
 ) -> Hashed:
     """Hash every image, in parallel over chunks of files; results in file-name order.
     Unreadable files go to on_bad (default: stop at the first)."""
     jobs = [(i, str(p)) for i, p in enumerate(paths)]
     on_bad = on_bad or OnBad()
-    done = run_items(hash_item, jobs, None, backend, on_bad, progress, chunk=HASH_CHUNK)
+    make = partial(hash_item, zooms=tuple(zooms))
+    done = run_items(make, jobs, None, backend, on_bad, progress, chunk=HASH_CHUNK)
     done.sort(key=lambda r: r["index"])
-    hashes = np.stack([r["hashes"] for r in done]) if done else np.zeros((0, NUM_HASHES), np.uint64)
+    width = Layout(tuple(zooms)).width
+    hashes = np.stack([r["hashes"] for r in done]) if done else np.zeros((0, width), np.uint64)
     return Hashed([paths[r["index"]] for r in done], [tuple(r["size"]) for r in done], hashes)
 
 
-def _clusters(hashed: Hashed, pairs: NDArray[np.int64]) -> list[dict[str, Any]]:
+def _pair_record(
+    names: Sequence[str], pair: NDArray[np.int64], match: geometry.Match | None
+) -> list[Any]:
+    i, j, d, k = (int(v) for v in pair)
+    rec: list[Any] = [names[i], names[j], d, KINDS[k]]
+    if match is not None:
+        score: dict[str, Any] = {"inliers": match.inliers, "covered": match.covered}
+        if match.part:
+            score["crop"] = names[i] if match.part == 1 else names[j]
+        rec.append(score)
+    return rec
+
+
+def _clusters(
+    hashed: Hashed, pairs: NDArray[np.int64], matches: dict[tuple[int, int], geometry.Match]
+) -> list[dict[str, Any]]:
     names = [p.name for p in hashed.paths]
     labels = cluster_labels(len(names), pairs)
     groups: dict[int, list[int]] = {}
     for i, lab in enumerate(labels):
         groups.setdefault(int(lab), []).append(i)
     by_label: dict[int, list[list[Any]]] = {}
-    for i, j, d, k in pairs:
-        by_label.setdefault(int(labels[i]), []).append([names[i], names[j], int(d), KINDS[k]])
+    holders: dict[int, int] = {}
+    for pair in pairs:
+        i, j = int(pair[0]), int(pair[1])
+        m = matches.get((i, j))
+        by_label.setdefault(int(labels[i]), []).append(_pair_record(names, pair, m))
+        if m is not None and m.part:
+            crop, holder = (i, j) if m.part == 1 else (j, i)
+            holders.setdefault(crop, holder)
     clusters = []
     for lab, members in sorted(groups.items()):
-        keeper = pick_keeper(members, hashed.sizes, names)
+        keeper = pick_keeper(members, hashed.sizes, names, holders)
         clusters.append(
             {
                 "keeper": names[keeper],
@@ -345,10 +553,12 @@ def run_dedupe(
     src = Path(src)
     run = PrepRun(out, [src], backend, on_bad)
     listing = list_images(src, "backgrounds")
-    hashed = hash_folder(listing.images, backend, run.on_bad, progress)
+    hashed = hash_folder(listing.images, backend, run.on_bad, progress, config.zooms)
     require_some(hashed.paths, "backgrounds", src)
     t_hash = time.perf_counter() - run.t0
-    clusters = _clusters(hashed, find_pairs_parallel(hashed.hashes, config.limits, backend))
+    hashes = hashed.hashes
+    pairs, matches = find_duplicates(hashes, config, [str(p) for p in hashed.paths], backend)
+    clusters = _clusters(hashed, pairs, matches)
     t_cluster = time.perf_counter() - run.t0 - t_hash
     keepers = [hashed.paths[c.pop("keeper_index")] for c in clusters]
     names = output_names(keepers)
@@ -360,6 +570,9 @@ def run_dedupe(
         "config": {
             "threshold": config.threshold,
             "crop_threshold": config.crop_threshold,
+            "candidate_threshold": config.candidate_threshold,
+            "verify": config.verify,
+            "zooms": list(config.zooms),
             "size": [config.size[1], config.size[0]],
         },
         "source": str(src),
@@ -370,6 +583,10 @@ def run_dedupe(
         "skipped": run.skipped,
         "ignored": ignored_files(listing),
         "seconds": {"hash": round(t_hash, 3), "cluster": round(t_cluster, 3)},
+        "verified": {
+            "candidates": len(matches),
+            "confirmed": sum(m.same for m in matches.values()),
+        },
     }
     extra = {"summary": summary, "clusters": report["clusters"], "images": len(hashed.paths)}
     return run.finish(report, extra)
