@@ -163,15 +163,17 @@ def _brute(
 
 
 class _Substring:
-    """One substring of the index side: its entries grouped by value (counting sort)."""
+    """One substring of the index side: its entries grouped by value (counting sort), and per
+    value its bucket packed in one int64, start | count << 32, so that a lookup is one gather."""
 
     def __init__(self, b: NDArray[np.uint64], shift: int, width: int, radius: int) -> None:
         self.shift, self.width, self.radius = shift, width, radius
         self.mask = np.uint64((1 << width) - 1)
         keys = self.keys(b)
         self.order = np.argsort(keys)  # order inside a bucket does not matter
-        self.starts = np.zeros((1 << width) + 1, np.int64)
-        np.cumsum(np.bincount(keys, minlength=1 << width), out=self.starts[1:])
+        counts = np.bincount(keys, minlength=1 << width)
+        starts = np.cumsum(counts) - counts
+        self.slots = starts | (counts << 32)
 
     def keys(self, x: NDArray[np.uint64]) -> NDArray[np.int64]:
         return ((x >> np.uint64(self.shift)) & self.mask).astype(np.int64)
@@ -199,6 +201,31 @@ def _chunks(cnt: NDArray[np.int64]) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True))
 
 
+def _top_bits(masks: NDArray[np.int64]) -> NDArray[np.int64]:
+    """The highest set bit of each mask (0 for 0)."""
+    top = np.zeros_like(masks)
+    nz = masks > 0
+    top[nz] = np.left_shift(1, np.floor(np.log2(masks[nz])).astype(np.int64))
+    return top
+
+
+def _block_candidates(
+    part: _Substring, qkeys: NDArray[np.int64], self_join: bool
+) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64], NDArray[np.bool_]]:
+    """For a block of query keys: (query offset, bucket start, count, same key) of every
+    non-empty bucket within the substring's radius. In a self-join a pair of different keys is
+    looked up only from the smaller key (its top differing bit is 0 there): half the work."""
+    masks = flip_masks(part.width, part.radius)
+    keys = qkeys[:, None] ^ masks[None, :]
+    slots = part.slots[keys.ravel()]
+    wanted = slots >= 1 << 32
+    if self_join:
+        wanted &= ((qkeys[:, None] & _top_bits(masks)[None, :]) == 0).ravel()
+    hit = np.flatnonzero(wanted)
+    slots = slots[hit]
+    return hit // len(masks), slots & 0xFFFFFFFF, slots >> 32, hit % len(masks) == 0
+
+
 def _mih(
     a: NDArray[np.uint64],
     b: NDArray[np.uint64],
@@ -208,6 +235,8 @@ def _mih(
     self_join: bool,
     m: int,
 ) -> NDArray[np.int64]:
+    if len(b) >= 1 << 31:
+        raise PipelineError(f"hashindex: {len(b)} hashes to search; split them below 2**31")
     parts, shift = [], BITS
     for w, s in zip(widths(m), radii(radius, m), strict=True):
         shift -= w
@@ -215,20 +244,15 @@ def _mih(
             parts.append(_Substring(b, shift, w, s))
     found = [_EMPTY]
     for k, part in enumerate(parts):
-        masks = flip_masks(part.width, part.radius)
-        step = max(1, KEY_BLOCK // len(masks))
+        step = max(1, KEY_BLOCK // len(flip_masks(part.width, part.radius)))
         for q0 in range(first, last, step):
             q1 = min(q0 + step, last)
-            keys = (part.keys(a[q0:q1])[:, None] ^ masks[None, :]).ravel()
-            lo = part.starts[keys]
-            cnt = part.starts[keys + 1] - lo
-            hit = np.flatnonzero(cnt)
-            lo, cnt, owner_q = lo[hit], cnt[hit], hit // len(masks) + q0
+            owner, lo, cnt, same = _block_candidates(part, part.keys(a[q0:q1]), self_join)
             for c0, c1 in _chunks(cnt):
                 own, pos = _expand(lo[c0:c1], cnt[c0:c1])
-                i, j = owner_q[c0:c1][own], part.order[pos]
-                if self_join:
-                    keep = j > i
+                i, j = owner[c0:c1][own] + q0, part.order[pos]
+                if self_join:  # a pair of the same key is found from both sides
+                    keep = (j > i) | ~same[c0:c1][own]
                     i, j = i[keep], j[keep]
                 x = a[i] ^ b[j]
                 dist = _popcount(x)
@@ -238,8 +262,10 @@ def _mih(
                 seen = np.zeros(len(x), bool)
                 for earlier in parts[:k]:
                     seen |= earlier.within(x)
-                keep = ~seen
-                found.append(np.stack([i[keep], j[keep], dist[keep]], axis=1))
+                i, j, dist = i[~seen], j[~seen], dist[~seen]
+                if self_join:
+                    i, j = np.minimum(i, j), np.maximum(i, j)
+                found.append(np.stack([i, j, dist], axis=1))
     return np.concatenate(found)
 
 
@@ -258,9 +284,12 @@ def radius_pairs(
     """Every pair within `radius` bits: (P, 3) int64 rows (i, j, distance), sorted by (i, j).
 
     a: (N,) uint64 query hashes; b: (M,) uint64 hashes to search, or None to search a within
-    itself (then i < j, no self pairs). Only query rows first..last are searched (to split the
-    work over workers; the pairs of all ranges together are those of the whole). m: the number
-    of substrings (0: brute force); by default `plan` picks it from the sizes and the radius.
+    itself (then i < j, no self pairs). Only query rows first..last are searched, to split the
+    work over workers: the pairs of ranges that tile 0..N are those of the whole, each once
+    (sort their concatenation); with b given, a range holds exactly the pairs of its rows i,
+    in a self-join those its rows find (a pair is looked up from the row whose substring value
+    is the smaller, so j may lie outside the range). m: the number of substrings (0: brute
+    force); by default `plan` picks it from the sizes and the radius.
     """
     a = _hash_vector(a, "a")
     self_join = b is None
