@@ -125,7 +125,7 @@ def bench_radius(sizes, radii, kinds, workers, brute_max) -> None:
         for kind in kinds:
             h = make_hashes(kind, n)
             for r in radii:
-                m = hashindex.plan(n, n, r)
+                m = hashindex.plan(n, n, r, self_join=True)
                 pairs, sec, peak = measured(
                     parallel, partial(_radius_task, r=r, m=None), h, workers
                 )
@@ -149,14 +149,14 @@ def bench_sweep(sizes, radii, kinds) -> None:
         for kind in kinds:
             h = make_hashes(kind, n)
             for r in radii:
-                best = hashindex.plan(n, n, r)
+                best = hashindex.plan(n, n, r, self_join=True)
                 for m in range(3, 9):
                     if r // m > 4:
                         continue  # a huge flip ball: not worth timing
                     t0 = time.perf_counter()
                     hashindex.radius_pairs(h, None, r, m=m)
                     sec = time.perf_counter() - t0
-                    model = hashindex.plan_cost(n, n, r, m) / 2 / 1e9  # self-join: half
+                    model = hashindex.plan_cost(n, n, r, m, self_join=True) / 1e9
                     mark = "*" if m == best else ""
                     print(
                         f"| {n:,} | {kind} | {r} | {m}{mark} | {model:.2f} | {sec:.2f} "

@@ -43,12 +43,14 @@ MAX_M = 16
 KEY_BLOCK = 1 << 20  # neighbour keys looked up at once
 CAND_BLOCK = 1 << 21  # candidate pairs verified at once (about; one key's bucket is never split)
 BRUTE_BLOCK = 1 << 22  # XOR results held at once by the brute-force path
-# Relative costs of the cost model (ns on the 2-core box, from bench/bench_hashindex.py).
+# Costs of the cost model, about ns on the 2-core box (fitted with bench/bench_hashindex.py):
 COST_PAIR = 2.0  # brute force, per pair compared
-COST_KEY = 12.0  # per neighbour key looked up
+COST_KEY = 12.0  # per neighbour key looked up in a table that fits in cache (<= 2**18 slots)
+COST_KEY_FAR = 30.0  # the same in a larger table (a random read from memory)
 COST_CAND = 20.0  # per candidate verified
 COST_SLOT = 1.5  # per table slot counted
 COST_SORT = 60.0  # per index entry sorted into its buckets
+NEAR_WIDTH = 18
 _EMPTY = np.zeros((0, 3), np.int64)
 
 
@@ -73,24 +75,27 @@ def radii(radius: int, m: int) -> list[int]:
     return [s] * (a + 1) + [s - 1] * (m - a - 1)
 
 
-def plan_cost(n_query: int, n_index: int, radius: int, m: int) -> float:
-    """Modelled cost (about ns) of a search with m substrings; m = 0 is brute force."""
+def plan_cost(n_query: int, n_index: int, radius: int, m: int, self_join: bool = False) -> float:
+    """Modelled cost (about ns) of a search with m substrings; m = 0 is brute force. A self-join
+    looks each pair up from one side only: half the keys and candidates."""
+    share = 0.5 if self_join else 1.0
     if m == 0:
-        return COST_PAIR * n_query * n_index
+        return COST_PAIR * n_query * n_index * share
     cost = 0.0
     for w, s in zip(widths(m), radii(radius, m), strict=True):
         if s < 0:
             continue
-        ball = _ball(w, s)
-        cost += COST_KEY * n_query * ball + COST_CAND * n_query * n_index * ball / 2.0**w
+        ball = _ball(w, s) * share
+        key = COST_KEY if w <= NEAR_WIDTH else COST_KEY_FAR
+        cost += key * n_query * ball + COST_CAND * n_query * n_index * ball / 2.0**w
         cost += COST_SLOT * 2.0**w + COST_SORT * n_index
     return cost
 
 
-def plan(n_query: int, n_index: int, radius: int) -> int:
+def plan(n_query: int, n_index: int, radius: int, self_join: bool = False) -> int:
     """The number of substrings m for a search (0: brute force), the cheapest by plan_cost."""
     options = [0, *range(-(-BITS // MAX_WIDTH), MAX_M + 1)]
-    return min(options, key=lambda m: plan_cost(n_query, n_index, radius, m))
+    return min(options, key=lambda m: plan_cost(n_query, n_index, radius, m, self_join))
 
 
 @lru_cache(maxsize=64)
@@ -216,13 +221,16 @@ def _block_candidates(
     non-empty bucket within the substring's radius. In a self-join a pair of different keys is
     looked up only from the smaller key (its top differing bit is 0 there): half the work."""
     masks = flip_masks(part.width, part.radius)
-    keys = qkeys[:, None] ^ masks[None, :]
-    slots = part.slots[keys.ravel()]
-    wanted = slots >= 1 << 32
-    if self_join:
-        wanted &= ((qkeys[:, None] & _top_bits(masks)[None, :]) == 0).ravel()
-    hit = np.flatnonzero(wanted)
+    keys = (qkeys[:, None] ^ masks[None, :]).ravel()
+    if self_join:  # before the lookups: a gather in a table of 2**22 slots is the cost
+        look = np.flatnonzero(((qkeys[:, None] & _top_bits(masks)[None, :]) == 0).ravel())
+        slots = np.take(part.slots, keys[look])
+    else:
+        look, slots = None, np.take(part.slots, keys)
+    hit = np.flatnonzero(slots >= 1 << 32)
     slots = slots[hit]
+    if look is not None:
+        hit = look[hit]
     return hit // len(masks), slots & 0xFFFFFFFF, slots >> 32, hit % len(masks) == 0
 
 
@@ -297,7 +305,7 @@ def radius_pairs(
     radius = _check_radius(radius)
     first, last = _check_rows(first, last, len(a))
     if m is None:
-        m = plan(last - first, len(b), radius)
+        m = plan(last - first, len(b), radius, self_join)
     elif m != 0 and not -(-BITS // MAX_WIDTH) <= m <= BITS:
         raise PipelineError(f"hashindex: m must be 0 (brute force) or in 3..64, got {m}")
     if last == first or len(b) == 0:
