@@ -14,7 +14,8 @@ they are within s on one of the first a + 1 substrings or within s - 1 on one of
 2**width offsets); each query visits the buckets of every value within that substring's radius
 of its own (flip masks), and each candidate found there is verified on all 64 bits, vectorised.
 A pair found by several substrings is kept only from the first, so every pair is reported once
-without a global unique. Memory is bounded: queries go in blocks of KEY_BLOCK neighbour keys and
+without a global unique. Within a set (b None) a pair whose substring values differ is looked up
+only from the smaller value, halving the lookups and candidates. Memory is bounded: queries go in blocks of KEY_BLOCK neighbour keys and
 candidates are verified in chunks of about CAND_BLOCK.
 
 Choosing m (`plan`): a cost model per substring, neighbour keys (queries x flip masks), plus
@@ -38,7 +39,7 @@ from numpy.typing import NDArray
 from ..errors import PipelineError
 
 BITS = 64
-MAX_WIDTH = 22  # widest substring: a table of 2**22 + 1 offsets (32 MiB); so m >= 3
+MAX_WIDTH = 22  # widest substring: a table of 2**22 int64 slots (32 MiB); so m >= 3
 MAX_M = 16
 KEY_BLOCK = 1 << 20  # neighbour keys looked up at once
 CAND_BLOCK = 1 << 21  # candidate pairs verified at once (about; one key's bucket is never split)
