@@ -34,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 from PIL import Image, ImageDraw
 
@@ -41,11 +42,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.images import list_images, read_rgb  # noqa: E402
+from pipeline.prep import geometry  # noqa: E402
 from pipeline.prep.dedupe import (  # noqa: E402
     DedupeConfig,
     cluster_labels,
+    find_duplicates,
     find_pairs,
-    find_pairs_parallel,
     hash_folder,
     image_hashes,
 )
@@ -223,6 +225,7 @@ class Labelled:
     group: list[int]  # same photo = same id
     kinds: list[str]  # "original" or the kind of copy
     images: list[np.ndarray]  # (H, W, 3) uint8
+    grays: list[np.ndarray] | None = None  # prepared for geometric matching, when needed
 
 
 def labelled_set(sample: int, seed: int, extended: bool = False) -> Labelled:
@@ -252,10 +255,27 @@ def labelled_set(sample: int, seed: int, extended: bool = False) -> Labelled:
 
 
 Method = Callable[[Labelled, np.ndarray], np.ndarray]
+BACKEND = Backend.local(2)
+VERIFIED: list[int] = []  # candidates each geometric run verified (for the tables)
 
 
 def hash_only(limits: tuple[int, int, int]) -> Method:
     return lambda data, hashes: find_pairs(hashes, limits)
+
+
+def geometric(candidate_threshold: int) -> Method:
+    config = DedupeConfig(candidate_threshold=candidate_threshold, verify="geometric")
+
+    def run(data: Labelled, hashes: np.ndarray) -> np.ndarray:
+        if data.grays is None:
+            data.grays = [
+                geometry.prepare(cv2.cvtColor(im, cv2.COLOR_RGB2GRAY)) for im in data.images
+            ]
+        pairs, matches = find_duplicates(hashes, config, data.grays, BACKEND)
+        VERIFIED.append(len(matches))
+        return pairs
+
+    return run
 
 
 def evaluate(data: Labelled, hashes: np.ndarray, method: Method) -> dict:
@@ -298,7 +318,13 @@ def _pool(results: list[dict]) -> dict:
 def methods() -> dict[str, Method]:
     """The methods compared: today's hash-only default first (the baseline)."""
     c = DedupeConfig()
-    return {f"hash only {c.threshold}/{c.crop_threshold}": hash_only(c.limits)}
+    out = {f"hash only {c.threshold}/{c.crop_threshold} (--verify none)": hash_only(c.limits[:3])}
+    for t in CANDIDATE_THRESHOLDS:
+        out[f"geometric, candidates <= {t}"] = geometric(t)
+    return out
+
+
+CANDIDATE_THRESHOLDS = [12, 16, 20]
 
 
 def quality(sample: int, seeds: list[int], sets: list[str]) -> None:
@@ -312,8 +338,10 @@ def quality(sample: int, seeds: list[int], sets: list[str]) -> None:
             sizes.append((len(data.names), true_pairs))
             for m, method in methods().items():
                 t0 = time.perf_counter()
+                VERIFIED.clear()
                 runs[m].append(evaluate(data, hashes, method))
                 runs[m][-1]["seconds"] = time.perf_counter() - t0
+                runs[m][-1]["verified"] = sum(VERIFIED)
         _print_set(name, runs, sizes, sample, seeds)
 
 
@@ -322,16 +350,17 @@ def _print_set(name: str, runs: dict[str, list[dict]], sizes: list, sample: int,
         f"## The {name} set: {len(seeds)} labelled sets (seeds {seeds}), each {sizes[0][0]} "
         f"images ({sample} photos with copies), {sum(s[1] for s in sizes)} true pairs in all\n"
     )
-    cols = "method | precision | recall | false pairs | missed pairs | per seed (P / R) | s per set"
-    print(f"| {cols} |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    cols = "method | precision | recall | false pairs | missed pairs | per seed (P / R)"
+    print(f"| {cols} | pairs verified per set | s per set |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for m, rs in runs.items():
         r = _pool(rs)
         per = ", ".join(f"{x['precision']:.3f} / {x['recall']:.3f}" for x in rs)
         sec = sum(x["seconds"] for x in rs) / len(rs)
+        ver = sum(x["verified"] for x in rs) / len(rs)
         print(
             f"| {m} | {r['precision']:.4f} | {r['recall']:.4f} | {r['fp']} | {r['fn']} | {per} "
-            f"| {sec:.1f} |"
+            f"| {ver:.0f} | {sec:.1f} |"
         )
     pooled = {m: _pool(rs) for m, rs in runs.items()}
     kinds = sorted(next(iter(pooled.values()))["total"])
@@ -345,43 +374,56 @@ def _print_set(name: str, runs: dict[str, list[dict]], sizes: list, sample: int,
     print()
 
 
-def _synthetic(folder: Path, n: int, seed: int) -> None:
-    """n distinct 224x224 JPEGs (smooth random colour fields), as fast as possible."""
-    import cv2
-
+def _synthetic(folder: Path, n: int, seed: int) -> int:
+    """n JPEGs: 90% distinct 224x224 smooth random colour fields, 10% copies of the real
+    photos (one extended-set kind each, at random), so that verification has work. Returns
+    the number of copies."""
     rng = np.random.default_rng(seed)
-    for i in range(n):
+    photos = [p for f in FOLDERS if f.is_dir() for p in list_images(f).images]
+    n_copies = n // 10 if photos else 0
+    for i in range(n - n_copies):
         small = rng.integers(0, 256, (7, 7, 3), dtype=np.uint8)
         img = cv2.resize(small, (224, 224), interpolation=cv2.INTER_CUBIC)
         cv2.imwrite(str(folder / f"{i:06d}.jpg"), img, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    cache: dict[int, Image.Image] = {}
+    for i in range(n - n_copies, n):
+        k = int(rng.integers(0, len(photos)))
+        im = cache.setdefault(k, _small(Image.fromarray(read_rgb(photos[k])), rng).convert("RGB"))
+        kinds = extended_transforms(im, rng)
+        copy = list(kinds.values())[int(rng.integers(0, len(kinds)))]
+        copy.save(folder / f"{i:06d}.jpg", quality=85)
+    return n_copies
 
 
 def timing(n: int, workers: int) -> None:
-    print(f"\n## Speed ({workers} workers, synthetic 224x224 JPEGs)\n")
-    print("| images | hashing (s) | clustering (s) | total (s) |")
-    print("| --- | --- | --- | --- |")
-    limits, backend = DedupeConfig().limits, Backend.local(workers)
+    backend = Backend.local(workers)
+    config = DedupeConfig()
     with tempfile.TemporaryDirectory() as tmp:
-        _synthetic(Path(tmp), n, 0)
+        copies = _synthetic(Path(tmp), n, 0)
+        print(
+            f"\n## Speed ({workers} workers; {n - copies:,} synthetic 224x224 JPEGs and "
+            f"{copies:,} copies of the real photos, long side 100-300 px)\n"
+        )
+        print(
+            "| images | hashing (s) | pair search + verification (s) | candidates verified | "
+            "clustering (s) | total (s) |"
+        )
+        print("| --- | --- | --- | --- | --- | --- |")
         t0 = time.perf_counter()
-        hashed = hash_folder(list_images(tmp).images, backend)
+        hashed = hash_folder(list_images(tmp).images, backend, zooms=config.zooms)
         t_hash = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    find_pairs_parallel(hashed.hashes, limits, backend)
-    t_pairs = time.perf_counter() - t0
-    print(f"| {n:,} | {t_hash:.1f} | {t_pairs:.1f} | {t_hash + t_pairs:.1f} |")
-    rng = np.random.default_rng(1)
-    for m in (20_000, 40_000):
-        h = rng.integers(0, 2**63, (m, hashed.hashes.shape[1]), dtype=np.int64).view(np.uint64)
         t0 = time.perf_counter()
-        find_pairs_parallel(h, limits, backend)
-        t = time.perf_counter() - t0
-        print(f"| {m:,} (hashes only) | {t_hash * m / n:.0f} (linear estimate) | {t:.1f} | |")
-    est_h, est_c = t_hash * 100_000 / n, t * (100_000 / 40_000) ** 2
+        sources = [str(p) for p in hashed.paths]
+        pairs, matches = find_duplicates(hashed.hashes, config, sources, backend)
+        t_pairs = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    labels = cluster_labels(len(hashed.paths), pairs)
+    t_clu = time.perf_counter() - t0
+    total = t_hash + t_pairs + t_clu
     print(
-        f"| 100,000 (estimate) | {est_h:.0f} | {est_c:.0f} (quadratic from 40K) | "
-        f"{est_h + est_c:.0f} |"
+        f"| {n:,} | {t_hash:.1f} | {t_pairs:.1f} | {len(matches):,} | {t_clu:.2f} | {total:.1f} |"
     )
+    print(f"\n{len(set(labels.tolist())):,} clusters, {len(pairs):,} pairs")
 
 
 def main() -> None:
@@ -394,6 +436,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=10_000, help="images for the speed test")
     ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args()
+    global BACKEND
+    BACKEND = Backend.local(args.workers)
     if not args.timing:
         if not DATA.is_dir():
             sys.exit(f"the labelled set needs the real images in {DATA}")

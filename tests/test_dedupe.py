@@ -13,9 +13,15 @@ import pytest
 from PIL import Image, ImageDraw
 from synth import tree_digest
 
+from pipeline.prep import geometry
 from pipeline.prep.dedupe import (
+    CANDIDATE,
+    GEOMETRIC,
+    KINDS,
     NUM_HASHES,
+    DedupeConfig,
     cluster_labels,
+    find_duplicates,
     find_pairs,
     find_pairs_parallel,
     hamming,
@@ -63,6 +69,52 @@ def variants(img: Image.Image) -> dict[str, Image.Image]:
     }
 
 
+def textured(seed: int, w: int = 240, h: int = 135, shapes: int = 60) -> Image.Image:
+    """A wide 'photo' with detail for local features: photo() plus many small shapes. The
+    same `seed` with another `shapes` seed gives a similar but distinct photo (same colours
+    and layout, other details)."""
+    pil = photo(seed, w, h)
+    rng = np.random.default_rng([seed, shapes])
+    d = ImageDraw.Draw(pil)
+    for _ in range(shapes):
+        x, y = int(rng.integers(0, w - 12)), int(rng.integers(0, h - 12))
+        s = int(rng.integers(3, 12))
+        fill = tuple(int(v) for v in rng.integers(0, 255, 3))
+        if rng.random() < 0.5:
+            d.rectangle([x, y, x + s, y + s // 2 + 1], fill=fill)
+        else:
+            d.line([x, y, x + s, y + int(rng.integers(-s, s))], fill=fill, width=2)
+    return pil
+
+
+def site_copies(img: Image.Image) -> dict[str, Image.Image]:
+    """The copies image-search and wallpaper sites make (issue 14), one of each kind."""
+    w, h = img.size
+    framed = Image.new("RGB", (w + 20, h + 20), (255, 255, 255))
+    framed.paste(img, (10, 10))
+    caption = Image.new("RGB", (w, h + h // 6), (20, 20, 20))
+    caption.paste(img, (0, 0))
+    ImageDraw.Draw(caption).text((4, h + 2), "free wallpaper", fill=(200, 200, 200))
+    logo = img.copy()
+    ImageDraw.Draw(logo).rectangle([w - 60, h - 24, w - 4, h - 4], fill=(255, 255, 255))
+    ImageDraw.Draw(logo).text((w - 56, h - 22), "LOGO", fill=(0, 0, 0))
+    grey = np.asarray(img.convert("L"), np.float32)[..., None]
+    return {  # a square keeping 56% of the width, off-centre, as thumbnails of wide photos
+        "thumbnail": img.crop((70, 0, 70 + h, h)).resize((100, 100), Image.LANCZOS),
+        "zoom": img.crop((int(w * 0.2), int(h * 0.2), w, h)).resize((200, 113)),  # 64% area
+        "frame": framed,
+        "caption": caption,
+        "logo": logo,
+        "squeeze": img.resize((int(w * 0.65), h), Image.BILINEAR),
+        "grey": img.convert("L").convert("RGB"),
+        "sepia": Image.fromarray(np.clip(grey * [1.07, 0.74, 0.43], 0, 255).astype(np.uint8)),
+        "contrast": Image.fromarray(
+            np.clip((np.asarray(img, np.float32) - 128) * 1.5 + 128, 0, 255).astype(np.uint8)
+        ),
+        "combination": jpeg(framed.convert("L").convert("RGB").resize((120, 74)), 40),
+    }
+
+
 def hashes_of(images: list[Image.Image]) -> np.ndarray:
     return np.stack([image_hashes(np.asarray(im.convert("RGB"))) for im in images])
 
@@ -94,6 +146,66 @@ def test_every_kind_of_copy_is_found_and_distinct_photos_are_not():
     assert len(set(labels)) == len(originals)  # and no two photos merged
 
 
+def _arrays(images: list[Image.Image]) -> list[np.ndarray]:
+    return [np.asarray(im.convert("RGB")) for im in images]
+
+
+def test_every_kind_of_site_copy_is_found_with_verification():
+    originals = [textured(s) for s in (1, 2)]
+    images, group, kinds = [], [], []
+    for g, img in enumerate(originals):
+        images.append(img)
+        group.append(g)
+        kinds.append("original")
+        for kind, copy in site_copies(img).items():
+            images.append(copy)
+            group.append(g)
+            kinds.append(kind)
+    hashes = hashes_of(images)
+    pairs, _ = find_duplicates(hashes, DedupeConfig(), _arrays(images))
+    labels, group = cluster_labels(len(images), pairs), np.array(group)
+    for n, kind in enumerate(kinds):
+        assert labels[n] == labels[int(np.flatnonzero(group == group[n])[0])], kind
+    assert len(set(labels)) == len(originals)
+    assert GEOMETRIC in set(pairs[:, 3])
+    # without verification (the strict hashes only) the thumbnail and the zoom are missed
+    strict, matches = find_duplicates(hashes, DedupeConfig(verify="none"), _arrays(images))
+    assert matches == {} and set(strict[:, 3]) <= {0, 1, 2}
+    assert len(set(cluster_labels(len(images), strict))) > len(originals)
+
+
+def test_similar_but_distinct_photos_stay_apart_and_a_false_candidate_is_rejected():
+    # same colours and layout, other details: the hashes nearly agree, the pictures do not
+    a, b = textured(3), photo(3, 240, 135)
+    rng = np.random.default_rng(3)
+    for _ in range(12):
+        x, y = int(rng.integers(0, 200)), int(rng.integers(0, 100))
+        fill = tuple(int(v) for v in rng.integers(0, 255, 3))
+        ImageDraw.Draw(b).rectangle(
+            [x, y, x + int(rng.integers(10, 40)), y + int(rng.integers(8, 30))], fill=fill
+        )
+    images = [a, b, a.resize((160, 90))]
+    hashes = hashes_of(images)
+    loose = find_pairs(hashes, DedupeConfig().limits)
+    assert any(i == 0 and j == 1 and k == CANDIDATE for i, j, _, k in loose)
+    pairs, matches = find_duplicates(hashes, DedupeConfig(), _arrays(images))
+    assert not matches[(0, 1)].same and matches[(0, 1)].inliers < geometry.MIN_INLIERS
+    assert set(cluster_labels(3, pairs)) == {0, 1}  # a with its resized copy, b alone
+
+
+def test_geometry_finds_the_crop_and_not_the_frame():
+    img = textured(4)
+    feats = [
+        geometry.features(geometry.prepare(np.asarray(im.convert("L"))))
+        for im in (img, site_copies(img)["zoom"], site_copies(img)["frame"])
+    ]
+    zoom, frame = geometry.match(feats[1], feats[0]), geometry.match(feats[0], feats[2])
+    assert zoom.same and zoom.part == 1 and zoom.inliers >= geometry.MIN_INLIERS
+    assert 0 < zoom.covered <= 1
+    assert frame.same and frame.part == 0  # a border is not picture: the frame holds nothing
+    assert geometry.match(feats[0], feats[0]).part == 0
+
+
 def test_clusters_are_transitive_and_union_find_is_order_free():
     pairs = np.array([[0, 1, 2, 0], [3, 4, 0, 0], [1, 2, 4, 0], [5, 2, 0, 0]])
     labels = cluster_labels(7, pairs)
@@ -117,6 +229,10 @@ def test_keeper_is_the_largest_then_first_by_name():
     names = ["a", "b", "d", "c"]
     assert pick_keeper([0, 1, 2, 3], sizes, names) == 3
     assert pick_keeper([0, 1], sizes, names) == 0
+    # a crop (1, enlarged past its original 0) gives way to the picture it was cut from
+    assert pick_keeper([0, 1, 2, 3], sizes, names, holders={3: 0}) == 0
+    assert pick_keeper([0, 1, 2, 3], sizes, names, holders={3: 2, 2: 0}) == 0
+    assert pick_keeper([2, 3], sizes, names, holders={3: 2, 2: 3}) == 2  # a loop stops
 
 
 # ------------------------------------------------------------------------ the command
@@ -133,6 +249,11 @@ def make_folder(folder: Path) -> None:
     big.convert("P").save(folder / "p2_big.png")
     v2 = variants(photo(2))
     v2["cropped"].convert("RGBA").save(folder / "p2_crop.png")
+    t = textured(5)
+    t.save(folder / "t5.png")
+    # a zoomed crop, enlarged past the original: the keeper is still the original
+    site_copies(t)["zoom"].resize((400, 226)).save(folder / "t5_zoom.jpg", quality=90)
+    site_copies(t)["thumbnail"].save(folder / "t5_thumb.jpg", quality=60)
     (folder / "readme.txt").write_text("not an image")
 
 
@@ -148,11 +269,20 @@ def test_dedupe_command(tmp_path, cli_run):
     assert clusters == {
         "p1.png": ["p1.png", "p1_marked.jpg", "p1_small.jpg"],
         "p2_big.png": ["p2.png", "p2_big.png", "p2_crop.png"],
+        "t5.png": ["t5.png", "t5_thumb.jpg", "t5_zoom.jpg"],
     }
     assert all(len(c["pairs"]) >= len(c["members"]) - 1 for c in report["clusters"])
+    for c in report["clusters"]:
+        for pair in c["pairs"]:
+            assert pair[3] in KINDS and pair[3] != "candidate" and isinstance(pair[2], int)
+            assert len(pair) == 4 or set(pair[4]) <= {"inliers", "covered", "crop"}
+    geometric = [p for c in report["clusters"] for p in c["pairs"] if p[3] == "geometric"]
+    assert geometric and all(len(p) == 5 and p[4]["inliers"] >= 15 for p in geometric)
+    assert any(p[4].get("crop") == "t5_zoom.jpg" for p in geometric)
+    assert report["config"]["verify"] == "geometric" and report["verified"]["confirmed"] >= 2
     assert sorted(report["unique"]) == ["p0.png", "p3.png"]
     written = sorted(p.name for p in out.glob("*.png"))
-    assert written == ["p0.png", "p1.png", "p2_big.png", "p3.png"]
+    assert written == ["p0.png", "p1.png", "p2_big.png", "p3.png", "t5.png"]
     for p in out.glob("*.png"):
         img = Image.open(p)
         assert img.mode == "RGB" and img.size == (96, 64)
@@ -187,6 +317,35 @@ def test_bad_options(tmp_path, cli_run, error_line):
     )
     res = cli_run("dedupe", src, "--out", tmp_path / "o", "--size", "0x5")
     assert res.exit_code == 2 and "size" in res.output
+    assert "--zooms" in error_line(cli_run("dedupe", src, "--out", tmp_path / "o", "--zooms", "x"))
+    assert "--zooms" in error_line(cli_run("dedupe", src, "--out", tmp_path / "o", "--zooms", "2"))
+    res = cli_run("dedupe", src, "--out", tmp_path / "o", "--verify", "magic")
+    assert res.exit_code == 2 and "verify" in res.output
+
+
+def test_unreadable_copy_and_huge_image_with_verification(tmp_path, cli_run, error_line):
+    src = tmp_path / "bgs"
+    src.mkdir()
+    t = textured(6)
+    t.save(src / "t6.png")
+    site_copies(t)["zoom"].save(src / "t6_zoom.png")
+    data = (src / "t6.png").read_bytes()
+    (src / "t6_cut.png").write_bytes(data[: len(data) // 2])
+    (src / "empty.jpg").write_bytes(b"")
+    Image.new("L", (12_000, 10_000)).save(src / "huge.png")  # 120 Mpx, over the limit
+    before = tree_digest(src)
+    line = error_line(cli_run("dedupe", src, "--out", tmp_path / "out"))
+    assert "empty.jpg" in line and "--skip-bad" in line
+    res = cli_run("dedupe", src, "--out", tmp_path / "out", "--skip-bad")
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert sorted(Path(s["file"]).name for s in report["skipped"]) == [
+        "empty.jpg",
+        "huge.png",
+        "t6_cut.png",
+    ]
+    assert [sorted(c["members"]) for c in report["clusters"]] == [["t6.png", "t6_zoom.png"]]
+    assert tree_digest(src) == before
 
 
 # The same-photo pairs of the real backgrounds, checked by eye (bench/bench_dedupe.py's labels).
