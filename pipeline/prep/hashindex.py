@@ -15,8 +15,8 @@ they are within s on one of the first a + 1 substrings or within s - 1 on one of
 of its own (flip masks), and each candidate found there is verified on all 64 bits, vectorised.
 A pair found by several substrings is kept only from the first, so every pair is reported once
 without a global unique. Within a set (b None) a pair whose substring values differ is looked up
-only from the smaller value, halving the lookups and candidates. Memory is bounded: queries go in blocks of KEY_BLOCK neighbour keys and
-candidates are verified in chunks of about CAND_BLOCK.
+only from the smaller value, halving the lookups and candidates. Memory is bounded: queries go
+in blocks of KEY_BLOCK neighbour keys and candidates are verified in chunks of about CAND_BLOCK.
 
 Choosing m (`plan`): a cost model per substring, neighbour keys (queries x flip masks), plus
 expected candidates (queries x index size x flip masks / 2**width, exact for uniform random
@@ -45,10 +45,10 @@ KEY_BLOCK = 1 << 20  # neighbour keys looked up at once
 CAND_BLOCK = 1 << 21  # candidate pairs verified at once (about; one key's bucket is never split)
 BRUTE_BLOCK = 1 << 22  # XOR results held at once by the brute-force path
 # Costs of the cost model, about ns on the 2-core box (fitted with bench/bench_hashindex.py):
-COST_PAIR = 2.0  # brute force, per pair compared
+COST_PAIR = 7.0  # brute force, per pair compared
 COST_KEY = 12.0  # per neighbour key looked up in a table that fits in cache (<= 2**18 slots)
 COST_KEY_FAR = 30.0  # the same in a larger table (a random read from memory)
-COST_CAND = 20.0  # per candidate verified
+COST_CAND = 40.0  # per candidate verified
 COST_SLOT = 1.5  # per table slot counted
 COST_SORT = 60.0  # per index entry sorted into its buckets
 NEAR_WIDTH = 18
@@ -153,14 +153,17 @@ def _brute(
     last: int,
     self_join: bool,
 ) -> NDArray[np.int64]:
-    """Blocked all-pairs XOR + popcount over query rows first..last."""
+    """Blocked all-pairs XOR + popcount over query rows first..last (in a self-join, only
+    against the rows from the block's first one on)."""
     found = [_EMPTY]
     step = max(1, BRUTE_BLOCK // max(1, len(b)))
     for r0 in range(first, last, step):
         r1 = min(r0 + step, last)
-        dist = np.bitwise_count(a[r0:r1, None] ^ b[None, :])
+        c0 = r0 if self_join else 0
+        dist = np.bitwise_count(a[r0:r1, None] ^ b[None, c0:])
         i, j = np.nonzero(dist <= radius)
         i += r0
+        j += c0
         if self_join:
             keep = j > i
             i, j = i[keep], j[keep]
