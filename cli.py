@@ -1094,6 +1094,15 @@ def _echo_train_start(p: dict[str, Any]) -> None:
         f"images {w}x{h}; model {r['config']['model']['name']} base "
         f"{r['config']['model']['base_filters']} ({p['params']:,} parameters)"
     )
+    if "init_weights" in p:
+        click.echo(f"  starting from the weights in {p['init_weights']}")
+        if p["init_overlap"]:
+            n, k = len(p["init_overlap"]), len(s["val_backgrounds"])
+            click.echo(
+                f"Warning: the run those weights come from trained on {n} of this run's {k} "
+                "validation backgrounds, so validation will score them too kindly; train with "
+                "that run's seed and validation settings to hold out the same backgrounds"
+            )
     if p["mask_only"]:
         why = "the dataset has no depth yet" if not p["has_depth"] else "depth weight 0"
         click.echo(f"  mask-only training: {why} (depth head not trained)")

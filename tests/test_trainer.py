@@ -450,6 +450,69 @@ def test_full_disk_then_resume_continues_where_it_stopped(
     assert not leftovers(out)
 
 
+def test_init_weights_starts_from_another_runs_checkpoint(
+    trained: Path, ds_depth: Path, tmp_path: Path
+) -> None:
+    """init_weights (a run folder or a weights file) loads them into the fresh model, also at
+    another image_size; bad ones are one error naming the file and what to do."""
+    from trainer.config import load_config
+    from trainer.train import _build, plan_run
+
+    ds = open_dataset(ds_depth)
+    best = trained / "checkpoints" / "best.weights.h5"
+
+    def build(**over: object):
+        cfg = load_config(write_config(tmp_path / "t.json", **over))
+        return _build(ds, cfg, plan_run(ds, cfg), 0)[0]
+
+    import keras
+
+    ref = keras.models.clone_model(build())
+    ref.load_weights(best)
+    for spec in (str(trained), str(best)):
+        full = build(init_weights=spec, image_size=[32, 48])
+        assert all(np.array_equal(a, b) for a, b in zip(full.get_weights(), ref.get_weights()))
+    fresh = build()
+    assert not all(np.array_equal(a, b) for a, b in zip(fresh.get_weights(), ref.get_weights()))
+    empty = tmp_path / "empty_run"
+    empty.mkdir()
+    bad = [
+        (str(tmp_path / "nope"), ["no such run folder or weights file", "nope"]),
+        (str(empty), ["has no best checkpoint", "empty_run"]),
+    ]
+    for spec, words in bad:
+        with pytest.raises(RunError) as e:
+            build(init_weights=spec)
+        assert all(w in str(e.value) for w in words), str(e.value)
+    with pytest.raises(RunError, match="does not fit this model") as e:
+        build(init_weights=str(best), model={"name": "unet", "base_filters": 8})
+    assert str(best) in str(e.value)
+
+
+def test_init_weights_from_a_run_that_trained_on_the_validation_backgrounds(
+    trained: Path, ds_depth: Path, tmp_path: Path
+) -> None:
+    """A run started from weights that saw this run's validation backgrounds is told so."""
+    from pipeline.splits import split_backgrounds
+    from trainer.config import load_config
+    from trainer.train import run_train
+
+    held = split_backgrounds(4, 1, TINY["seed"])[1]
+    other = next(s for s in range(100) if split_backgrounds(4, 1, s)[1] != held)
+    for seed, overlap in ((TINY["seed"], []), (other, split_backgrounds(4, 1, other)[1])):
+        seen: dict = {}
+
+        def stop_at_start(kind: str, p: dict) -> None:
+            seen.update(p)
+            raise KeyboardInterrupt  # only the start report matters here
+
+        cfg = load_config(write_config(tmp_path / "t.json", seed=seed, init_weights=str(trained)))
+        with pytest.raises(KeyboardInterrupt):
+            run_train(ds_depth, cfg, tmp_path / f"r{seed}", on_event=stop_at_start)
+        assert seen["init_weights"] == str(trained / "checkpoints" / "best.weights.h5")
+        assert seen["init_overlap"] == overlap
+
+
 def test_mask_only_when_the_dataset_has_no_depth(
     ds_plain: Path, trained: Path, tmp_path: Path, cli_run
 ) -> None:

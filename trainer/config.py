@@ -190,6 +190,10 @@ class TrainConfig:
     lr_finder_use: bool = False
     model_optimization: ModelOptimizationConfig = field(default_factory=ModelOptimizationConfig)
     transformations: TransformationsConfig = field(default_factory=TransformationsConfig)
+    # Start from these weights instead of a fresh model: a run folder (its best checkpoint) or
+    # a .weights.h5 file of the same model config, e.g. a run trained at a smaller image_size
+    # to fine-tune at the dataset's own size (progressive resizing). None: fresh weights.
+    init_weights: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

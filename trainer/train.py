@@ -416,8 +416,55 @@ def _build(ds: Dataset, cfg: TrainConfig, plan: TrainPlan, start: int) -> tuple[
     if tf_gpu():
         keras.mixed_precision.set_global_policy("mixed_float16")
     full = build_model(cfg.model, plan.norm)
+    if cfg.init_weights and start == 0:  # a resumed run loads its own checkpoint instead
+        load_init_weights(full, cfg.init_weights)
     pos_weight = data.resolve_pos_weight(cfg.loss.mask_pos_weight, ds.root)
     return full, compile_model(full, plan.heads, cfg, pos_weight, plan.steps)
+
+
+def init_weights_file(spec: str) -> Path:
+    """The weights file that `init_weights` names: a run folder's best checkpoint, or a file."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        best = path / CKPT / "best.weights.h5"
+        if not best.is_file():
+            raise RunError(
+                f"'init_weights': run folder {path} has no best checkpoint ({best}); train it "
+                "for at least one epoch, or name a .weights.h5 file"
+            )
+        return best
+    if not path.is_file():
+        raise RunError(f"'init_weights': no such run folder or weights file: {path}")
+    return path
+
+
+def init_weights_overlap(spec: str, record: dict[str, Any]) -> list[int]:
+    """This run's validation backgrounds that the run `init_weights` names trained on (same
+    dataset folder): its weights have seen them, so validation would score them too kindly.
+    Empty for a weights file or another dataset (nothing to compare)."""
+    path = Path(spec).expanduser()
+    if not (path / "config.json").is_file():
+        return []
+    try:
+        source = read_run(path)
+        same = Path(source["dataset"]["path"]).resolve() == Path(record["dataset"]["path"])
+        trained = set(source["split"]["train_backgrounds"])
+    except (RunError, KeyError, TypeError):
+        return []
+    return sorted(set(record["split"]["val_backgrounds"]) & trained) if same else []
+
+
+def load_init_weights(full: Any, spec: str) -> None:
+    """Load `init_weights` into a freshly built model, or one error naming the file and why."""
+    path = init_weights_file(spec)
+    try:
+        full.load_weights(path)
+    except (ValueError, OSError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RunError(
+            f"'init_weights': {path} does not fit this model ({first[:200]}); use weights of a "
+            "run with the same 'model' config"
+        ) from None
 
 
 def _restore(run_dir: Path, cfg: TrainConfig, full: Any, model: Any, state: dict) -> None:
@@ -428,8 +475,10 @@ def _restore(run_dir: Path, cfg: TrainConfig, full: Any, model: Any, state: dict
         model.optimizer.learning_rate.assign(state.get("lr", cfg.lr))
 
 
-def _start_info(plan: TrainPlan, resume: bool, start: int, full: Any) -> dict[str, Any]:
-    return {
+def _start_info(
+    plan: TrainPlan, resume: bool, start: int, full: Any, cfg: TrainConfig
+) -> dict[str, Any]:
+    info = {
         "record": plan.record,
         "resume": resume,
         "start_epoch": start,
@@ -437,6 +486,10 @@ def _start_info(plan: TrainPlan, resume: bool, start: int, full: Any) -> dict[st
         "has_depth": plan.with_depth,
         "params": full.count_params(),
     }
+    if cfg.init_weights and start == 0:
+        info["init_weights"] = str(init_weights_file(cfg.init_weights))
+        info["init_overlap"] = init_weights_overlap(cfg.init_weights, plan.record)
+    return info
 
 
 def _fit(model: Any, ctx: RunContext, ds: Dataset, plan: TrainPlan, start: int) -> None:
@@ -546,7 +599,7 @@ def run_train(
                 from .legacy import TRANSLATED
 
                 write_json(run_dir / TRANSLATED, translated)
-        event("start", _start_info(plan, resume, start, full))
+        event("start", _start_info(plan, resume, start, full, cfg))
         if start >= cfg.epochs:
             done = "all epochs were already done"
             return TrainReport(run_dir, start, state["best"], cfg.best_metric, {}, 0.0, done)
