@@ -469,11 +469,14 @@ def test_init_weights_starts_from_another_runs_checkpoint(
 
     ref = keras.models.clone_model(build())
     ref.load_weights(best)
+
+    def same(model) -> bool:
+        pairs = zip(model.get_weights(), ref.get_weights(), strict=True)
+        return all(np.array_equal(a, b) for a, b in pairs)
+
     for spec in (str(trained), str(best)):
-        full = build(init_weights=spec, image_size=[32, 48])
-        assert all(np.array_equal(a, b) for a, b in zip(full.get_weights(), ref.get_weights()))
-    fresh = build()
-    assert not all(np.array_equal(a, b) for a, b in zip(fresh.get_weights(), ref.get_weights()))
+        assert same(build(init_weights=spec, image_size=[32, 48]))
+    assert not same(build())
     empty = tmp_path / "empty_run"
     empty.mkdir()
     bad = [
@@ -502,7 +505,7 @@ def test_init_weights_from_a_run_that_trained_on_the_validation_backgrounds(
     for seed, overlap in ((TINY["seed"], []), (other, split_backgrounds(4, 1, other)[1])):
         seen: dict = {}
 
-        def stop_at_start(kind: str, p: dict) -> None:
+        def stop_at_start(kind: str, p: dict, seen: dict = seen) -> None:
             seen.update(p)
             raise KeyboardInterrupt  # only the start report matters here
 
