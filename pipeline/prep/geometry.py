@@ -31,6 +31,7 @@ FEATURES = 500  # SIFT keypoints kept per picture
 RATIO = 0.75  # Lowe's ratio test
 RANSAC_PX = 4.0  # reprojection tolerance at MATCH_SIDE
 MIN_INLIERS = 15
+MIN_KEYPOINTS = 60  # fewer in either picture: too little detail to judge
 MIN_COVER = 0.2  # share of a picture the inliers' convex hull must cover
 PART_AREA = 0.85  # a crop's frame covers at most this share of the picture that holds it
 MAX_SCALE, MAX_SQUEEZE = 8.0, 3.0
@@ -50,12 +51,15 @@ class Features:
 class Match:
     """The geometric agreement of two pictures a, b: inliers of the affine map, the larger of
     the shares of a and of b their hull covers, and `part`: 1 when a is a crop of b (maps into
-    part of it), 2 when b is a crop of a, 0 otherwise; `same` is the decision."""
+    part of it), 2 when b is a crop of a, 0 otherwise; `same` is the decision. `judged` is
+    False when a picture has too little detail for local features (under MIN_KEYPOINTS: flat
+    drawings, fog): then the caller keeps what the hashes said."""
 
     inliers: int
     covered: float
     part: int
     same: bool
+    judged: bool = True
 
 
 NO_MATCH = Match(0, 0.0, 0, False)
@@ -131,6 +135,8 @@ def _maps_into(small: Features, big: Features, affine: NDArray[np.float64]) -> b
 
 def match(a: Features, b: Features) -> Match:
     """The geometric agreement of two pictures' features (see the module docstring)."""
+    if min(len(a.points), len(b.points)) < MIN_KEYPOINTS:
+        return Match(0, 0.0, 0, False, judged=False)
     pa, pb = _ratio_matches(a, b)
     if len(pa) < MIN_INLIERS:
         return Match(len(pa), 0.0, 0, False) if len(pa) else NO_MATCH
