@@ -604,8 +604,9 @@ def _size_text(size: tuple[int, int]) -> str:
     default=DEDUPE.verify,
     show_default=True,
     help="geometric: also take looser hash candidates (whole against window, window against "
-    "window) and keep those that SIFT + RANSAC confirm (crops, thumbnails, frames, captions, "
-    "tone changes); none: the strict hash matches only (faster, fewer found).",
+    "window: thumbnails, zoomed crops, frames, captions) and keep only the pairs that SIFT + "
+    "RANSAC confirm (all but near-identical whole pictures, which need no look); none: the "
+    "strict hash matches only, unverified (faster; merges distinct photos more often).",
 )
 @click.option(
     "--candidate-threshold",

@@ -1,19 +1,31 @@
 """dedupe: clusters of near-duplicate backgrounds, one keeper each, resized for overlay.
 
 Input: a folder SRC of images (any readable format and mode). Output in --out: one RGB PNG per
-cluster (its keeper: the largest resolution, ties broken by file name), resized keeping the
+cluster (its keeper: see below; ties broken by file name), resized keeping the
 aspect ratio and centre-cropped to --size; and `report.json` listing every cluster with its
 members' names, the pairs that joined them and their Hamming distances, plus a summary, the
 skipped and the ignored files.
 
-How duplicates are found: every image gets 11 perceptual hashes (imagehash's 64-bit pHash) of
-a 128-pixel thumbnail: the whole picture, nine 90% windows on a 3x3 grid and the middle band
-(rows 15%-85%). Two images are the same photo when, within the threshold, their whole-picture
-hashes agree (resized, re-encoded, squeezed), or one's whole picture matches one of the other's
-windows (cropped up to ~10%), or their middle bands agree (a watermark strip along the top or
-bottom). Pairs are found by vectorised XOR + popcount over blocks of the hash matrix (no Python
-loop over pairs), in parallel over row blocks; clusters are the connected components of the
-pairs (union-find), so A~B and B~C put A, B, C together.
+How duplicates are found: every image gets pHashes (imagehash's 64-bit pHash, batched) of a
+128-pixel thumbnail: the whole picture, nine 90% windows on a 3x3 grid, the middle band (rows
+15%-85%), nine short-side squares along the long side (what a square thumbnail keeps) and nine
+zoomed windows per --zooms side (see Layout). The strict matches: whole pictures within
+--threshold (resized, re-encoded, squeezed), a whole picture within --crop-threshold of a 90%
+window (cropped up to ~10%), middle bands within --threshold (a watermark strip). With
+--verify geometric (the default) the search also takes looser candidates within
+--candidate-threshold: whole against any window (thumbnails, zoomed crops, frames, captions)
+and window against window (centre square against squares, centre zoom against zooms); then
+every pair except whole pictures within `trusted` bits is confirmed or rejected by local
+features (geometry.py: SIFT, ratio test, RANSAC affine, inliers and covered share), on worker
+processes, in rounds that only check pairs joining clusters not yet joined. Pairs are found by
+vectorised XOR + popcount over blocks of the hash matrix (`find_pairs`, the one candidate
+search), in parallel over row blocks; clusters are the connected components of the confirmed
+pairs (union-find). The keeper is the largest resolution, unless the geometry shows it is a
+crop of another member: then the member that holds it.
+
+report.json pairs are `[a, b, distance, kind]`, kind one of full, window, band, geometric (a
+looser candidate the geometry confirmed), with a fifth element `{inliers, covered[, crop]}`
+where a geometric score was computed (`crop`: the member that maps into part of the other).
 
 Invariants: SRC is never written; outputs are atomic; a rerun overwrites this stage's outputs.
 """
