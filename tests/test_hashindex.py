@@ -234,6 +234,12 @@ def test_multi_pairs_several_right_columns_keep_the_smallest_distance():
     assert_same(got, want)
     # every (i, j, job) once
     assert len(np.unique(got[:, [0, 1, 3]], axis=0)) == len(got)
+    # jobs sharing a left column and limit are searched together, overlapping columns included
+    shared = [(0, [1, 2], 8), (0, [2, 3], 8), (0, [0], 8), (10, [10], 8), (0, [5], 10)]
+    want = multi_brute(h, shared)
+    assert len(np.unique(want[:, 3])) == len(shared)
+    assert_same(multi_pairs(h, shared), want)
+    assert_same(multi_pairs(h, shared, m=0), want)
 
 
 def test_multi_pairs_row_ranges_and_edges():

@@ -361,20 +361,29 @@ def _min_per_pair(pairs: NDArray[np.int64]) -> NDArray[np.int64]:
     return pairs[first]
 
 
-def _job_pairs(
-    hashes: NDArray[np.uint64], job: Job, first: int, last: int, m: int | None
+def _group_pairs(
+    hashes: NDArray[np.uint64],
+    left: int,
+    limit: int,
+    members: list[tuple[int, list[int]]],
+    rows: tuple[int, int],
+    m: int | None,
 ) -> NDArray[np.int64]:
-    left, right, limit = int(job[0]), [int(c) for c in job[1]], int(job[2])
+    """Rows (i, j, d, job) of the jobs `members` ((job index, right columns)) that share a left
+    column and a limit: one search of the left column against all their right columns."""
     q = np.ascontiguousarray(hashes[:, left])
-    if right == [left] and (first, last) == (0, len(hashes)):
-        # symmetric: search within the column once and mirror
+    if len(members) == 1 and members[0][1] == [left] and rows == (0, len(hashes)):
+        # one symmetric job: search within the column once and mirror
         half = radius_pairs(q, None, limit, m=m)
-        return np.concatenate([half, half[:, [1, 0, 2]]])
-    n = len(hashes)
-    index = np.ascontiguousarray(hashes[:, right]).ravel()  # row-major: entry r * len + c
-    pairs = radius_pairs(q, index, limit, first, last, m=m)
-    pairs[:, 1] //= len(right)
-    return pairs[pairs[:, 0] != pairs[:, 1]] if n else pairs
+        pairs = np.concatenate([half, half[:, [1, 0, 2]]])
+        return np.column_stack([pairs, np.full(len(pairs), members[0][0], np.int64)])
+    cols = [c for _, right in members for c in right]
+    tags = np.array([n for n, right in members for _ in right], np.int64)
+    index = np.ascontiguousarray(hashes[:, cols]).ravel()  # row-major: entry r * len + c
+    pairs = radius_pairs(q, index, limit, *rows, m=m)
+    j, c = np.divmod(pairs[:, 1], len(cols))
+    keep = pairs[:, 0] != j
+    return np.stack([pairs[keep, 0], j[keep], pairs[keep, 2], tags[c[keep]]], axis=1)
 
 
 def multi_pairs(
@@ -390,12 +399,15 @@ def multi_pairs(
     limit): row i matches row j (i != j) when hashes[i, left] is within `limit` bits of any
     hashes[j, c], c in the right columns; the distance is the smallest of those. Pairs are
     ordered (a symmetric job gives both (i, j) and (j, i)); rows sorted by (i, j, job).
-    Only rows i in first..last are searched.
+    Only rows i in first..last are searched. Jobs that share a left column and a limit (dedupe's
+    nine windows) are searched together, in one index of all their right columns.
     """
     arr = _check_jobs(hashes, jobs)
-    first, last = _check_rows(first, last, len(arr))
+    rows = _check_rows(first, last, len(arr))
+    groups: dict[tuple[int, int], list[tuple[int, list[int]]]] = {}
+    for n, (left, right, limit) in enumerate(jobs):
+        groups.setdefault((int(left), int(limit)), []).append((n, [int(c) for c in right]))
     found = [np.zeros((0, 4), np.int64)]
-    for n, job in enumerate(jobs):
-        pairs = _job_pairs(arr, job, first, last, m)
-        found.append(np.column_stack([pairs, np.full(len(pairs), n, np.int64)]))
+    for (left, limit), members in groups.items():
+        found.append(_group_pairs(arr, left, limit, members, rows, m))
     return _min_per_pair(np.concatenate(found))
