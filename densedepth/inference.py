@@ -4,19 +4,20 @@ Pre-processing is upstream's: RGB / 255 clipped to [0, 1], no mean or std. Post-
 upstream's `predict`: depth = clip(maxDepth / output, minDepth, maxDepth) / maxDepth with
 minDepth 10 and maxDepth 1000, a "normalised depth" in [0.01, 1] (x 10 m).
 
-`DepthEngine` runs the same maths inside one `tf.function` per (batch, height, width): uint8
-images in, normalised depth at the input's own resolution out. `load_engine` is how every
-caller (the depth stage here and on cluster workers, `depth-image`, the benchmarks) gets one: it
-loads a checkpoint, chooses the precision for the device it runs on, and checks a reduced
-precision against float32 on the first batch. `input_scale=2` feeds the image
-enlarged 2x (bilinear, half-pixel centres) so the half-resolution output lands exactly on the
-input's pixel grid; `input_scale=1` feeds it as it is and enlarges the output 2x the same way.
-Either way output pixel (i, j) is the depth at input pixel (i, j).
+`DepthEngine` runs the same maths in keras.ops, compiled by the backend's own jit
+(`densedepth.backend.compile_forward`: one `tf.function` on TensorFlow, `jax.jit` per input
+shape on JAX): uint8 images in, normalised depth at the input's own resolution out.
+`load_engine` is how every caller (the depth stage here and on cluster workers, `depth-image`,
+the benchmarks) gets one: it loads a checkpoint, chooses the precision for the device it runs
+on, and checks a reduced precision against float32 on the first batch.
+`input_scale=2` feeds the image enlarged 2x (bilinear, half-pixel centres) so the
+half-resolution output lands exactly on the input's pixel grid; `input_scale=1` feeds it as it
+is and enlarges the output 2x the same way. Either way output pixel (i, j) is the depth at
+input pixel (i, j).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 from dataclasses import dataclass
@@ -81,9 +82,9 @@ def predict(
 
 
 def _translate(e: Exception, batch_size: int) -> Exception:
-    import tensorflow as tf
+    from .backend import is_out_of_memory
 
-    if isinstance(e, tf.errors.ResourceExhaustedError) or "out of memory" in str(e).lower():
+    if is_out_of_memory(e):
         return InferenceError(
             f"out of memory running the model at batch size {batch_size}; "
             f"try a smaller --batch-size (e.g. {max(1, batch_size // 2)})"
@@ -92,9 +93,9 @@ def _translate(e: Exception, batch_size: int) -> Exception:
 
 
 def gpu_available() -> bool:
-    import tensorflow as tf
+    from .backend import gpu_available as _gpu
 
-    return bool(tf.config.list_physical_devices("GPU"))
+    return _gpu()
 
 
 @dataclass(frozen=True)
@@ -113,31 +114,28 @@ class DepthEngine:
     sends back; the shards store float16)."""
 
     def __init__(self, model: Any, settings: EngineSettings, dtype: str = "float32") -> None:
-        import tensorflow as tf
+        from .backend import compile_forward
 
         self.model = model
         self.settings = settings
-        self.dtype = tf.as_dtype(dtype)
-        self._fn = tf.function(
-            self._forward,
-            input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)],
-            jit_compile=settings.xla,
-            reduce_retracing=True,
-        )
+        self.dtype = str(dtype)
+        self._fn = compile_forward(self._forward, model, settings.xla)
 
-    def _forward(self, images: Any) -> Any:
-        import tensorflow as tf
+    def _forward(self, images: Any, run_model: Any) -> Any:
+        from keras import ops
 
-        hw = tf.shape(images)[1:3]
-        x = tf.cast(images, tf.float32) / 255.0
+        from .backend import resize_bilinear
+
+        shape = ops.shape(images)
+        h, w = shape[1], shape[2]
+        x = ops.cast(images, "float32") / 255.0
         if self.settings.input_scale == 2:
-            x = tf.image.resize(x, hw * 2, method="bilinear")
-        y = self.model(tf.cast(x, self.model.compute_dtype), training=False)
-        y = tf.cast(y, tf.float32)
-        d = tf.clip_by_value(MAX_DEPTH / y, MIN_DEPTH, MAX_DEPTH) / MAX_DEPTH
+            x = resize_bilinear(x, (h * 2, w * 2))
+        y = ops.cast(run_model(ops.cast(x, self.model.compute_dtype)), "float32")
+        d = ops.clip(MAX_DEPTH / y, MIN_DEPTH, MAX_DEPTH) / MAX_DEPTH
         if self.settings.input_scale == 1:
-            d = tf.image.resize(d, hw, method="bilinear")
-        return tf.cast(d[..., 0], self.dtype)
+            d = resize_bilinear(d, (h, w))
+        return ops.cast(d[..., 0], self.dtype)
 
     def __call__(self, images: NDArray[np.uint8]) -> NDArray[Any]:
         h, w = images.shape[1:3]
@@ -148,8 +146,8 @@ class DepthEngine:
                 f"{w * scale}x{h * scale}, whose sides are not multiples of 32"
             )
         try:
-            return self._fn(images).numpy()
-        except Exception as e:  # noqa: BLE001 - TF raises its own error types
+            return self._fn(images)
+        except Exception as e:  # noqa: BLE001 - each backend raises its own error types
             raise _translate(e, len(images)) from None
 
 
@@ -225,6 +223,10 @@ class Engine:
         arch = architecture_of(model32)
         self.name = f"DenseDepth {arch.encoder} F={arch.filters}"
         self.gpu, self.auto, self.dtype = gpu, auto, dtype
+        from .backend import backend
+
+        self.backend = backend()
+        self.device_label = "gpu:0" if gpu else "cpu"  # load_engine sets the full label
         self.check: dict[str, float] | None = None
         self.device: str | None = None  # an explicit device that every call is pinned to
         settings = dataclasses.replace(settings, precision=precision)
@@ -276,28 +278,31 @@ def load_engine(
     dtype: str = "float32",
 ) -> Engine:
     """The depth engine for a checkpoint file (or a float32 DenseDepth model already loaded),
-    run on `device` ("gpu", "cpu"; None: a GPU when TensorFlow sees one). Called where the model
-    runs (on a cluster worker, the worker), since the device decides: precision `auto` (see
-    `choose_precision`) and xla None mean float16 and XLA on a GPU, float32 and no XLA on a
-    CPU. dtype: of the depth returned (float16 halves what a GPU sends back)."""
+    run on `device` ("gpu", "cpu"; None: a GPU when the Keras backend sees one). Called where
+    the model runs (on a cluster worker, the worker), since the device decides: precision
+    `auto` (see `choose_precision`) and xla None mean float16 and XLA on a GPU, float32 and no
+    XLA on a CPU (on JAX, always XLA: its jit compiles each shape, so short batches are padded
+    to the compiled one). dtype: of the depth returned (float16 halves what a GPU sends back)."""
+    from .backend import backend, device_label
     from .checkpoint import load_checkpoint
 
     if device not in (None, "gpu", "cpu"):
         raise InferenceError(f"device must be gpu or cpu, got {device}")
     gpu = gpu_available() if device is None else device == "gpu"
     chosen = choose_precision(precision, gpu)
+    if backend() == "jax":
+        xla = True
     settings = EngineSettings(input_scale, chosen, gpu if xla is None else xla)
     with _on(device):
         model32 = load_checkpoint(weights) if isinstance(weights, str | Path) else weights
         engine = Engine(model32, chosen, precision == "auto", settings, dtype, gpu)
     engine.device = device
+    engine.device_label = device_label(device)
     return engine
 
 
 def _on(device: str | None) -> Any:
-    """A TensorFlow device scope for an explicit device ("cpu" on a machine with a GPU)."""
-    if device is None:
-        return contextlib.nullcontext()
-    import tensorflow as tf
+    """The backend's device scope for an explicit device ("cpu" on a machine with a GPU)."""
+    from .backend import device_scope
 
-    return tf.device("/GPU:0" if device == "gpu" else "/CPU:0")
+    return device_scope(device)

@@ -21,8 +21,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import keras
-from keras import layers, ops
+from .backend import check_backend
+
+check_backend()  # before Keras is imported: a backend whose package is missing is one clear error
+
+import keras  # noqa: E402
+from keras import layers, ops  # noqa: E402
 
 ENCODERS = {"densenet169": (32, 1664), "densenet201": (48, 1920)}  # conv4 blocks, channels
 WIDTHS = ("full", "half")

@@ -15,12 +15,14 @@ image up to the compiled batch size; padded rows are dropped). Depth for ordinar
 
 Invariants:
 - A shard is rewritten atomically (temporary file, rename) with its depth, whose attributes
-  record the model, the checkpoint and its sha256, the input scale and the precision. A rerun
+  record the model, the checkpoint and its sha256, the input scale, the precision and the Keras
+  backend and device that ran the model (`tensorflow`/`jax`, `cpu`/`gpu:0 (name)`). A rerun
   skips shards whose attributes match (resume), so a killed run loses at most the shards in
   flight; a failed write (a full disk) is one OutputError and leaves no temporary file.
 - After each shard the manifest's record of it (`bytes`, `sha256`) is updated, so `verify` and
   overlay's resume keep working; `stages.depth` records the model, checkpoint and settings.
-- Locally the model runs in this process (one TensorFlow runtime using every core, or the GPU);
+- Locally the model runs in this process (one Keras backend runtime, TensorFlow or JAX, using
+  every core, or the GPU);
   `workers` reader threads decode the next batches and writer threads compress and write
   finished shards while the model runs, so on a CPU the stage runs at the model's own speed.
 - Reduced precision is checked against float32 on the first batch; the differences are
@@ -159,6 +161,8 @@ class DepthJob:
             "checkpoint_sha256": self.sha256,
             "input_scale": self.input_scale,
             "precision": engine.precision,
+            "backend": engine.backend,
+            "device": engine.device_label,
         }
 
     def settings(self, engine: Any) -> dict[str, Any]:
