@@ -324,7 +324,7 @@ def methods() -> dict[str, Method]:
     return out
 
 
-CANDIDATE_THRESHOLDS = [12, 16, 20]
+CANDIDATE_THRESHOLDS = [12, 16]
 
 
 def quality(sample: int, seeds: list[int], sets: list[str]) -> None:
