@@ -159,5 +159,11 @@ def run_depth_images(
     if rows:
         sheet = out / "montage.png"
         write_png(sheet, montage(rows))
-    settings = {"model": engine.name, "precision": engine.precision, "check": engine.check}
+    settings = {
+        "model": engine.name,
+        "precision": engine.precision,
+        "check": engine.check,
+        "backend": engine.backend,
+        "device": engine.device_label,
+    }
     return ImageDepthReport(written, on_bad.skipped, sheet, time.perf_counter() - t0, settings)
