@@ -1,4 +1,4 @@
-"""Depth-stage benchmark on the CPU: the stage against the model alone, in one run.
+"""Depth-stage benchmark on the CPU: the stage against the model alone, per Keras backend.
 
 The published checkpoints cannot be downloaded here, so the model is the full-width DenseDepth
 (DenseNet-169, F = 1664, 42.8M parameters: the published architecture and compute) with
@@ -12,7 +12,10 @@ Measured, at 224x224 model input (`--input-scale 1`, the input size of upstream'
   3. the depth stage (`run_depth`) on the dataset: steady rate (after the first batch) and
      overall (with model loading and tracing);
   4. 2 and 3 again in bfloat16, and the stage's bfloat16 depth against its float32 depth.
-Writes bench/out/depth/results.json and prints a markdown table.
+Each installed backend (BENCH_DEPTH_BACKENDS, default: tensorflow and jax where installed)
+runs in its own process (KERAS_BACKEND is fixed when Keras is imported) on the same checkpoint
+and dataset. Writes bench/out/depth/results_<backend>.json and prints one markdown table, the
+backends side by side.
 
 Environment: BENCH_DEPTH_BG, BENCH_DEPTH_FG (default 8 and 8: 64 composites),
 BENCH_DEPTH_BATCH (default 16), BENCH_DEPTH_PRECISIONS (default "float32 bfloat16"),
@@ -101,15 +104,22 @@ def composites(ds: Path) -> np.ndarray:
 
 
 def model_alone(model: Any, images: np.ndarray, batch: int, repeats: int = 2) -> float:
-    """Composites/s of the model in a tf.function at `batch` (steady state, after warm-up)."""
-    import tensorflow as tf
+    """Composites/s of the model compiled by the backend's jit (densedepth.backend) at
+    `batch`, uint8 in (only a cast and /255 around it), steady state after warm-up."""
+    from keras import ops
 
-    fn = tf.function(lambda x: model(tf.cast(x, model.compute_dtype), training=False))
-    x = tf.constant(images[:batch].astype(np.float32) / 255)
-    fn(x).numpy()  # trace + warm-up
+    from densedepth.backend import compile_forward
+
+    fn = compile_forward(
+        lambda x, run: run(ops.cast(ops.cast(x, "float32") / 255, model.compute_dtype)),
+        model,
+        xla=False,
+    )
+    x = np.ascontiguousarray(images[:batch])
+    fn(x)  # trace + warm-up
     t = time.perf_counter()
     for _ in range(repeats):
-        fn(x).numpy()
+        fn(x)
     return repeats * batch / (time.perf_counter() - t)
 
 
@@ -120,7 +130,7 @@ def upstream_predict(model: Any, images: np.ndarray, n: int = 16) -> float:
     densedepth.predict(model, x[:2], batch_size=2)  # trace + warm-up
     t = time.perf_counter()
     densedepth.predict(model, x, batch_size=2)
-    return n / (time.perf_counter() - t)
+    return len(x) / (time.perf_counter() - t)
 
 
 def stage(ds: Path, ckpt: Path, precision: str, batch: int, input_scale: int = 1) -> dict:
@@ -156,7 +166,10 @@ def precision_row(
     engine = densedepth.load_engine(model32, precision, "cpu", input_scale=1, xla=False)
     alone = model_alone(engine.model, images, BATCH)
     print(f"{precision} model alone (batch {BATCH}): {alone:.2f}/s", flush=True)
-    ds = base if precision == "float32" else make_dataset(OUT / precision, N_BG, N_FG)
+    import keras
+
+    tag = f"{keras.backend.backend()}_{precision}"
+    ds = base if precision == "float32" else make_dataset(OUT / tag, N_BG, N_FG)
     st = stage(ds, ckpt, precision, BATCH)
     st["model_alone"] = alone
     st["stage_over_model"] = st["steady_rate"] / alone
@@ -169,33 +182,65 @@ def precision_row(
     return st, stored_depth(ds)
 
 
-def print_table(results: dict[str, Any]) -> None:
+def print_table(by_backend: dict[str, dict[str, Any]]) -> None:
     print()
     print(
-        "| precision | upstream predict b2 | model alone | stage steady | stage overall | "
-        "stage / model | stage / upstream | mean, max abs diff vs float32 |"
+        "| backend | device | precision | upstream predict b2 | model alone | stage steady | "
+        "stage overall | stage / model | stage / upstream | mean, max abs diff vs float32 | "
+        "load before |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for precision in PRECISIONS:
-        r = results[precision]
-        d = r.get("vs_float32")
-        diff = f"{d['mean_abs']:.1e}, {d['max_abs']:.1e}" if d else "-"
-        print(
-            f"| {precision} | {results['upstream_predict_b2']:.2f}/s | {r['model_alone']:.2f}/s "
-            f"| {r['steady_rate']:.2f}/s | {r['overall_rate']:.2f}/s | "
-            f"{r['stage_over_model']:.0%} | {r['stage_over_upstream']:.2f}x | {diff} |"
-        )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for backend, results in by_backend.items():
+        for precision in PRECISIONS:
+            r = results[precision]
+            d = r.get("vs_float32")
+            diff = f"{d['mean_abs']:.1e}, {d['max_abs']:.1e}" if d else "-"
+            print(
+                f"| {backend} | {results['device']} | {precision} | "
+                f"{results['upstream_predict_b2']:.2f}/s | {r['model_alone']:.2f}/s "
+                f"| {r['steady_rate']:.2f}/s | {r['overall_rate']:.2f}/s | "
+                f"{r['stage_over_model']:.0%} | {r['stage_over_upstream']:.2f}x | {diff} | "
+                f"{results['load_before']:.1f} |"
+            )
+
+
+def installed_backends() -> list[str]:
+    import importlib.util
+
+    asked = os.environ.get("BENCH_DEPTH_BACKENDS")
+    if asked:
+        return asked.split()
+    return [b for b in ("tensorflow", "jax") if importlib.util.find_spec(b) is not None]
 
 
 def main() -> None:
+    """One child process per backend, then the table of all of them."""
+    OUT.mkdir(parents=True, exist_ok=True)
+    full_width_checkpoint(OUT)  # made once, on the default backend, shared by every backend
+    by_backend = {}
+    for backend in installed_backends():
+        env = {**os.environ, "KERAS_BACKEND": backend}
+        subprocess.run([sys.executable, __file__, "--one"], env=env, check=True)
+        by_backend[backend] = json.loads((OUT / f"results_{backend}.json").read_text())
+    print_table(by_backend)
+
+
+def one_backend() -> None:
+    """The benchmark on this process's backend (KERAS_BACKEND)."""
+    import keras
+
     import densedepth
 
-    OUT.mkdir(parents=True, exist_ok=True)
+    backend = keras.backend.backend()
     ckpt = full_width_checkpoint(OUT)
-    base = make_dataset(OUT / "f32", N_BG, N_FG)
+    base = make_dataset(OUT / f"{backend}_f32", N_BG, N_FG)
     images = composites(base)
-    model32 = densedepth.load_engine(ckpt, "float32", "cpu").model
+    engine = densedepth.load_engine(ckpt, "float32", "cpu")
+    model32 = engine.model
     results: dict[str, Any] = {
+        "backend": backend,
+        "device": engine.device_label,
+        "load_before": os.getloadavg()[0],
         "composites": len(images),
         "batch": BATCH,
         "input": "224x224",
@@ -215,9 +260,12 @@ def main() -> None:
                 "mean_abs": float(diff.mean()),
                 "max_abs": float(diff.max()),
             }
-    (OUT / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    print_table(results)
+    (OUT / f"results_{backend}.json").write_text(json.dumps(results, indent=1) + "\n")
+    print(f"{backend}: {json.dumps(results)}", flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    if "--one" in sys.argv:
+        one_backend()
+    else:
+        main()
