@@ -213,15 +213,40 @@ def test_clusters_are_transitive_and_union_find_is_order_free():
     assert list(cluster_labels(7, pairs[::-1])) == list(labels)
 
 
-def test_pairs_do_not_depend_on_blocks_or_workers():
+def brute_pairs(h: np.ndarray, limits) -> np.ndarray:
+    """The candidate search by definition: every row against every other row, each job."""
+    from pipeline.prep.dedupe import _canonical, _jobs, pair_distance
+
+    n = len(h)
+    hit = np.zeros((n, n), bool)
+    for lk, rk, limit in _jobs(h, limits):
+        hit |= np.bitwise_count(h[:, lk][:, None] ^ h[None, :, rk]) <= limit
+    np.fill_diagonal(hit, False)
+    r, c = np.nonzero(hit)
+    dist, kind = pair_distance(h[r], h[c], limits)
+    return _canonical(np.stack([r, c, dist, kind], axis=1))
+
+
+def test_pairs_are_the_brute_force_ones_whatever_the_workers():
     images = [photo(s, 64, 48) for s in range(5)]
     images += [im.resize((50, 40)) for im in images]
     h = hashes_of(images)
     whole = find_pairs(h, LIMITS)
     assert len(whole) >= 5
-    assert np.array_equal(whole, find_pairs(h, LIMITS, block=(3, 4)))
+    assert np.array_equal(whole, brute_pairs(h, LIMITS))
     assert np.array_equal(whole, find_pairs_parallel(h, LIMITS, Backend.local(2), rows_per_task=3))
     assert np.all(whole[:, 0] < whole[:, 1])
+    # many rows of random hashes with planted near-copies: the index path, not brute force
+    rng = np.random.default_rng(0)
+    big = rng.integers(0, 2**63, size=(3000, h.shape[1]), dtype=np.uint64)
+    flips = np.uint64(1) << rng.integers(0, 64, size=(300, 3)).astype(np.uint64)
+    big[1000:1300, 0] = big[:300, 0] ^ flips[:, 0] ^ flips[:, 1]
+    big[2000:2300, 5] = big[:300, 0] ^ flips[:, 2]
+    for limits in (LIMITS, (10, 8, 10, 16)):  # strict: the index; loose candidates: all-pairs
+        want = brute_pairs(big, limits)
+        assert len(want) >= 590
+        assert np.array_equal(find_pairs(big, limits), want)
+        assert np.array_equal(find_pairs(big, limits, block=(7, 1000)), want)
 
 
 def test_keeper_is_the_largest_then_first_by_name():
