@@ -346,6 +346,8 @@ def test_bad_options(tmp_path, cli_run, error_line):
     assert "--zooms" in error_line(cli_run("dedupe", src, "--out", tmp_path / "o", "--zooms", "2"))
     res = cli_run("dedupe", src, "--out", tmp_path / "o", "--verify", "magic")
     assert res.exit_code == 2 and "verify" in res.output
+    line = error_line(cli_run("dedupe", src, "--out", tmp_path / "o", "--candidate-threshold", 40))
+    assert "--candidate-threshold" in line
 
 
 def test_unreadable_copy_and_huge_image_with_verification(tmp_path, cli_run, error_line):
