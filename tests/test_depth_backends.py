@@ -1,7 +1,7 @@
 """Depth on every installed Keras backend gives the same maps as on TensorFlow.
 
 Keras fixes its backend when first imported, so the JAX side runs in subprocesses with
-KERAS_BACKEND=jax, on the half-width test checkpoint in the published Keras 2.2.4 layout
+KERAS_BACKEND=jax and TensorFlow blocked from import (as on a JAX + CUDA machine without it), on the half-width test checkpoint in the published Keras 2.2.4 layout
 (test_densedepth_fixtures), and is compared with this (TensorFlow) process: `densedepth.predict`
 at 224 and 448 model input, and `cli.py depth` on the session's small dataset (`with_depth`).
 """
@@ -28,12 +28,23 @@ ROOT = Path(__file__).resolve().parents[1]
 SIDES = (224, 448)
 
 # Run in one KERAS_BACKEND=jax process (one start-up for both): predict on the saved images
-# and write the depth, then `cli.py depth` on a dataset.
+# and write the depth, then `cli.py depth` on a dataset. TensorFlow cannot be imported there,
+# as on a JAX + CUDA machine without it: any import of it on the depth path fails the test.
 JAX_SIDE = """
-import sys, numpy as np, keras, densedepth
+import sys, importlib.abc
+
+class NoTensorFlow(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("tensorflow", "tf_keras"):
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)")
+        return None
+
+sys.meta_path.insert(0, NoTensorFlow())
+import numpy as np, keras, densedepth
 from click.testing import CliRunner
 from cli import cli
 assert keras.backend.backend() == "jax", keras.backend.backend()
+assert "tensorflow" not in sys.modules
 ckpt, src, dst, root, *settings = sys.argv[1:]
 model = densedepth.load_model(ckpt)
 x = np.load(src)
@@ -42,6 +53,7 @@ res = CliRunner().invoke(cli, ["depth", root, "--weights", ckpt, *settings])
 print(res.output)
 if res.exception is not None and not isinstance(res.exception, SystemExit):
     raise res.exception
+assert not [m for m in sys.modules if m.split(".")[0] == "tensorflow"], "TensorFlow was imported"
 sys.exit(res.exit_code)
 """
 
