@@ -1,9 +1,11 @@
 """Depth on every installed Keras backend gives the same maps as on TensorFlow.
 
-Keras fixes its backend when first imported, so the JAX side runs in subprocesses with
-KERAS_BACKEND=jax and TensorFlow blocked from import (as on a JAX + CUDA machine without it), on the half-width test checkpoint in the published Keras 2.2.4 layout
-(test_densedepth_fixtures), and is compared with this (TensorFlow) process: `densedepth.predict`
-at 224 and 448 model input, and `cli.py depth` on the session's small dataset (`with_depth`).
+Keras fixes its backend when first imported, so the JAX side runs in a subprocess with
+KERAS_BACKEND=jax and TensorFlow blocked from import (as on a JAX + CUDA machine without it),
+on the half-width test checkpoint in the published Keras 2.2.4 layout
+(test_densedepth_fixtures), and is compared with this (TensorFlow) process:
+`densedepth.predict` at 224 and 448 model input, and `cli.py depth` on the session's small
+dataset (`with_depth`).
 """
 
 from __future__ import annotations
