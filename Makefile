@@ -65,8 +65,11 @@ bench: $(STAMP)
 	$(PY) bench/bench_export.py
 
 # DenseDepth on a GPU (the device machine): composites/s and GPU utilisation at 224 and 448.
-bench-gpu: $(STAMP)
-	$(PY) bench/bench_gpu.py
+# The device machine carries JAX + CUDA without TensorFlow and cannot reach the registry: no
+# venv there (the script names the wheels to carry); JAX unless KERAS_BACKEND says otherwise.
+GPU_PY := $(if $(wildcard $(PY)),$(PY),python3)
+bench-gpu:
+	KERAS_BACKEND=$${KERAS_BACKEND:-jax} $(GPU_PY) bench/bench_gpu.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

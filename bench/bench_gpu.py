@@ -13,10 +13,22 @@ stage), BENCH_GPU_BATCH_224 / BENCH_GPU_BATCH_448 (default 256 / 64), BENCH_GPU_
 (model alone; default "float16 bfloat16 float32"), BENCH_GPU_SECONDS (per model-alone
 measurement, default 10), BENCH_GPU_SCALES (input scales, default "1 2": 224 and 448).
 `--allow-cpu --quick` runs a tiny version anywhere (to check the script itself).
+
+Backend: whatever Keras is set to; `make bench-gpu` sets KERAS_BACKEND=jax unless it is set,
+for the device machine carries JAX + CUDA and no TensorFlow (nothing on the depth path imports
+TensorFlow under JAX; tests/test_depth_backends.py blocks it to prove so). Before anything,
+the script checks that the packages the depth path needs are importable and names those that
+are missing. Such a machine cannot reach the registries, so the wheels are carried: here,
+`python bench/bench_gpu.py --wheels DIR [DIST ...]` downloads this venv's versions of those
+named (default: all but numpy and ml_dtypes, which jax brings) for CPython 3.12 on x86-64 Linux
+into DIR; there, `pip install --no-deps --no-index DIR/*.whl`, then run
+it from the source tree (it needs no `pip install -e .`).
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import json
 import math
 import os
@@ -45,6 +57,62 @@ PRECISIONS = os.environ.get(
 ).split()
 SECONDS = float(os.environ.get("BENCH_GPU_SECONDS", "2" if QUICK else "10"))
 SCALES = [int(v) for v in os.environ.get("BENCH_GPU_SCALES", "1" if QUICK else "1 2").split()]
+
+
+# (module, distribution) that the depth path imports under KERAS_BACKEND=jax, besides jax
+# itself (found by importing cli.py, densedepth and the stage, and running a model, with
+# TensorFlow blocked).
+DEPTH_NEEDS = [
+    ("numpy", "numpy"),
+    ("PIL", "pillow"),
+    ("cv2", "opencv-python-headless"),
+    ("simplejpeg", "simplejpeg"),
+    ("h5py", "h5py"),
+    ("joblib", "joblib"),
+    ("click", "click"),
+    ("tqdm", "tqdm"),
+    ("psutil", "psutil"),
+    ("cloudpickle", "cloudpickle"),
+    ("keras", "keras"),
+    ("absl", "absl-py"),
+    ("rich", "rich"),
+    ("markdown_it", "markdown-it-py"),
+    ("mdurl", "mdurl"),
+    ("pygments", "Pygments"),
+    ("namex", "namex"),
+    ("optree", "optree"),
+    ("ml_dtypes", "ml_dtypes"),
+    ("packaging", "packaging"),
+    ("typing_extensions", "typing_extensions"),
+]
+
+
+def missing_packages() -> list[str]:
+    """Distributions of DEPTH_NEEDS that cannot be imported here."""
+    return [dist for module, dist in DEPTH_NEEDS if importlib.util.find_spec(module) is None]
+
+
+def download_wheels(folder: Path, dists: list[str]) -> None:
+    """This venv's versions of `dists` (default: every one of DEPTH_NEEDS but numpy and
+    ml_dtypes, which come with jax) as wheels for CPython 3.12 on x86-64 Linux."""
+    known = {dist.lower() for _, dist in DEPTH_NEEDS}
+    unknown = [d for d in dists if d.lower() not in known]
+    if unknown:
+        sys.exit(f"bench-gpu: {', '.join(unknown)} is not among the depth path's packages")
+    dists = dists or [d for _, d in DEPTH_NEEDS if d not in ("numpy", "ml_dtypes")]
+    pins = [f"{dist}=={importlib.metadata.version(dist)}" for dist in dists]
+    cmd = [
+        sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+        "--python-version", "3.12", "--implementation", "cp", "--abi", "cp312",
+        "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux_2_17_x86_64",
+        "--platform", "manylinux2014_x86_64", "--platform", "any", "-d", str(folder), *pins,
+    ]  # fmt: skip
+    folder.mkdir(parents=True, exist_ok=True)
+    subprocess.run(cmd, check=True)
+    wheels = sorted(folder.glob("*.whl"))
+    size = sum(w.stat().st_size for w in wheels) / 2**20
+    print(f"{len(wheels)} wheels ({size:.0f} MiB) in {folder}; on the GPU machine:")
+    print(f"  pip install --no-deps --no-index {folder}/*.whl && make bench-gpu")
 
 
 class GpuSampler:
@@ -206,24 +274,46 @@ def stage_row(results: list[dict[str, Any]], ds: Path, ckpt: Path, scale: int) -
 
 
 def main() -> None:
-    import tensorflow as tf
+    if "--wheels" in sys.argv:
+        folder, *dists = sys.argv[sys.argv.index("--wheels") + 1 :]
+        download_wheels(Path(folder).resolve(), dists)
+        return
+    from densedepth.backend import requested_backend
 
-    gpus = tf.config.list_physical_devices("GPU")
+    backend = requested_backend()
+    if importlib.util.find_spec(backend) is None:
+        print(f"bench-gpu: KERAS_BACKEND={backend} but {backend} is not installed here")
+        sys.exit(2)
+    lacking = missing_packages()
+    if lacking:
+        print(
+            f"bench-gpu: this machine lacks {', '.join(lacking)}; make their wheels on a "
+            f"machine with the registry: python bench/bench_gpu.py --wheels wheels/ "
+            f"{' '.join(lacking)}; carry wheels/ here and pip install --no-deps --no-index "
+            "wheels/*.whl"
+        )
+        sys.exit(2)
+    from densedepth.backend import device_label, gpu_available
+
+    gpus = gpu_available()
     if not gpus and "--allow-cpu" not in sys.argv:
         print(
-            "bench-gpu: TensorFlow sees no GPU here; run it on the device machine "
+            f"bench-gpu: Keras ({backend}) sees no GPU here; run it on the device machine "
             "(or pass --allow-cpu --quick to check the script)."
         )
         sys.exit(2)
-    for g in gpus:
-        tf.config.experimental.set_memory_growth(g, True)
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        for g in tf.config.list_physical_devices("GPU"):
+            tf.config.experimental.set_memory_growth(g, True)
     from bench_depth import full_width_checkpoint
 
     import densedepth
 
     OUT.mkdir(parents=True, exist_ok=True)
     results: list[dict[str, Any]] = []
-    name = tf.config.experimental.get_device_details(gpus[0]).get("device_name") if gpus else "cpu"
+    name = f"{backend} {device_label(None)}"
     t = time.perf_counter()
     ckpt = full_width_checkpoint(OUT)
     ds = make_assets_dataset(OUT, SAMPLES)
