@@ -67,16 +67,38 @@ def test_precompressed_mask_chunks_give_the_same_shard(tmp_path: Path) -> None:
         fmt.write_shard(tmp_path / "bad.h5", dataclasses.replace(shard, mask_chunks=chunks[:1]), 7)
 
 
-def test_instance_chunk_is_the_shuffled_stream_for_any_ids() -> None:
-    """The fast path (every id under 256) gives the same bytes as shuffle + deflate; ids of 256
-    and over take the general path; both decompress to the HDF5 shuffle layout."""
+def test_instance_chunk_is_the_shuffled_stream_for_any_ids(tmp_path: Path) -> None:
+    """Every chunk decompresses to the HDF5 shuffle layout of its ids, whatever rows hold cars
+    (none, all, the first or the last, bands of any height): the fast path (ids under 256)
+    deflates only the rows with cars and splices cached runs of zeros; ids of 256 and over take
+    the general path (plain shuffle + deflate). HDF5 reads the chunks back as the ids."""
     import zlib
 
-    ids = hand_shard().instance_masks[2]
-    for a in (ids, ids * 200, np.zeros_like(ids)):
+    rng = np.random.default_rng(0)
+    maps = [hand_shard().instance_masks[2], np.zeros((9, 13), np.uint16)]
+    maps += [np.full((3, 5), 255, np.uint16), np.eye(6, dtype=np.uint16) * 7]
+    for _ in range(200):
+        h, w = (int(v) for v in rng.integers(1, 30, 2))
+        a = np.zeros((h, w), np.uint16)
+        for _ in range(int(rng.integers(0, 4))):
+            y, x, dy, dx = (int(v) for v in rng.integers(0, (h, w, 8, 8)))
+            a[y : y + dy + 1, x : x + dx + 1] = rng.integers(1, 256)
+        maps.append(a)
+    for a in maps:
         raw = a.astype("<u2").view(np.uint8).reshape(-1, 2).T.tobytes()
-        assert fmt.instance_chunk(a) == zlib.compress(raw, fmt.INSTANCE_GZIP)
-        assert zlib.decompress(fmt.instance_chunk(a)) == raw
+        chunk = fmt.instance_chunk(a)
+        assert zlib.decompress(chunk) == raw
+        assert fmt.instance_chunk(a, a.any(axis=1)) == chunk
+    big = maps[0] * 200
+    raw = big.astype("<u2").view(np.uint8).reshape(-1, 2).T.tobytes()
+    assert fmt.instance_chunk(big) == zlib.compress(raw, fmt.INSTANCE_GZIP)
+    shard = hand_shard()
+    ids = shard.instance_masks
+    chunks = [fmt.instance_chunk(m) for m in ids]
+    shard = dataclasses.replace(shard, instance_masks=None)
+    fmt.write_shard(tmp_path / "s.h5", dataclasses.replace(shard, instance_chunks=chunks), 7)
+    with h5py.File(tmp_path / "s.h5", "r") as f:
+        np.testing.assert_array_equal(f["instance_mask"][()], ids)
 
 
 def test_refresh_record_knows_what_this_process_wrote(tmp_path: Path) -> None:
