@@ -810,8 +810,25 @@ precision_option = click.option(
 )
 
 
+def _model_names() -> list[str]:
+    from densedepth.weights import model_names
+
+    return model_names()
+
+
 @cli.command()
 @dataset_arg
+@click.option(
+    "--model",
+    "-m",
+    "model",
+    default=None,
+    metavar="NAME|PATH",
+    help="The depth model: " + ", ".join(_model_names()) + " (CC-BY-NC-4.0 weights: "
+    "non-commercial), a DenseDepth .h5/.keras file, or a keras-hub preset folder. Default: "
+    "densedepth-nyu (or --weights / $DENSEDEPTH_WEIGHTS). DenseDepth stores normalised depth, "
+    "Depth Anything relative disparity (per image min-max to [0, 1]).",
+)
 @weights_option
 @click.option(
     "--batch-size",
@@ -820,9 +837,25 @@ precision_option = click.option(
     help="Composites per model call (default 8 on a CPU, 64 on a GPU); lower it if memory runs "
     "out.",
 )
-@input_scale_option
+@click.option(
+    "--input-scale",
+    type=click.Choice(["1", "2"]),
+    default=None,
+    help="DenseDepth (default 2): 2 feeds the composite enlarged 2x, so the model's "
+    "half-resolution output has the composite's size; 1 feeds it as it is and enlarges the "
+    "output 2x (4x faster, coarser). Depth Anything (default: the preset's size, 518x518 for "
+    "the published presets): the square input side is the multiple of 14 nearest to "
+    "the scale x the composite's longer side. Either way the output is resized back to the "
+    "composite's size, pixel-aligned.",
+)
 @precision_option
 @click.option("--xla/--no-xla", default=None, help="XLA-compile the model (default: on a GPU).")
+@click.option(
+    "--replace",
+    is_flag=True,
+    help="Redo every shard's depth, also when the dataset has depth from another model (a "
+    "dataset never mixes models; without --replace that is an error).",
+)
 @click.option(
     "--worker-resource",
     default="GPU",
@@ -839,27 +872,35 @@ precision_option = click.option(
 @handle_errors
 def depth(
     dataset: Path,
+    model: str | None,
     weights_spec: str | None,
     batch_size: int | None,
-    input_scale: str,
+    input_scale: str | None,
     precision: str,
     xla: bool | None,
+    replace: bool,
     worker_resource: str,
     backend: Backend,
 ) -> None:
-    """Add a DenseDepth depth map to every composite of DATASET (in its shards, pixel-aligned,
-    resumable). Stats and preview include it once they are run again."""
+    """Add a depth map (DenseDepth, or Depth Anything V2 with --model) to every composite of
+    DATASET (in its shards, pixel-aligned, resumable). Stats and preview include it once they
+    are run again."""
     import dataclasses
 
+    from densedepth.anything import licence_notice
     from pipeline.depth import DepthConfig, run_depth
 
     config = DepthConfig(
         weights=weights_spec,
         batch_size=batch_size or 0,
-        input_scale=int(input_scale),
+        input_scale=None if input_scale is None else int(input_scale),
         precision=precision,
         xla=xla,
+        model=model,
+        replace=replace,
     )
+    if notice := licence_notice(model or ""):
+        click.echo(notice)
     if backend.is_cluster and worker_resource.lower() != "none":
         backend = dataclasses.replace(backend, resources={worker_resource: 1})
     with progress_bar("depth") as bar, download_bar() as on_download:
@@ -877,12 +918,14 @@ def _echo_depth(rep: Any) -> None:
         f"  shards made {rep.made}, already done {rep.reused}; {rep.seconds:.1f} s "
         f"(model {rep.model_seconds:.1f} s; {rep.steady_rate:.2f} samples/s after the first batch)"
     )
+    size = f"input {s['input_size']}x{s['input_size']}" if s.get("input_size") else ""
     click.echo(
         f"  {s.get('model', 'DenseDepth')}, {Path(s['checkpoint']).name} "
         f"(sha256 {s['checkpoint_sha256'][:12]}), "
-        f"input scale {s['input_scale']}, {s['precision']}{' + XLA' if s['xla'] else ''}, "
-        f"batch {s['batch_size']}"
+        f"{size or 'input scale ' + str(s['input_scale'])}, "
+        f"{s['precision']}{' + XLA' if s['xla'] else ''}, batch {s['batch_size']}"
     )
+    click.echo(f"  stored: {s.get('kind', 'normalised_depth')}")
     if s.get("precision_check"):
         c = s["precision_check"]
         click.echo(
@@ -938,18 +981,28 @@ def depth_image(
 
 @cli.group()
 def weights() -> None:
-    """The published DenseDepth checkpoints (nyu, kitti): cache and download."""
+    """The published depth models (DenseDepth nyu, kitti; Depth Anything V2): cache and
+    download."""
 
 
 @weights.command("fetch")
-@click.argument("name", required=False, type=click.Choice(["nyu", "kitti"]))
+@click.argument("name", required=False, type=click.Choice(["nyu", "kitti", *_model_names()]))
 @handle_errors
 def weights_fetch(name: str | None) -> None:
-    """Download checkpoint NAME into the cache (default: $DENSEDEPTH_WEIGHTS if set, else nyu);
-    a finished download is kept, a partial one resumed. Prints the file's path."""
-    from densedepth.weights import resolve_weights
+    """Download model NAME into the cache (default: $DENSEDEPTH_WEIGHTS if set, else nyu);
+    a finished download is kept, a partial one resumed. Prints the file's (or, for Depth
+    Anything, the keras-hub preset folder's) path; pass it as --model PATH elsewhere."""
+    from densedepth.anything import PRESETS, fetch_preset, licence_notice, preset_sha256
+    from densedepth.weights import DENSEDEPTH_MODELS, resolve_weights
     from pipeline.files import sha256_file
 
+    if name in PRESETS:
+        if notice := licence_notice(name):
+            click.echo(notice)
+        folder = fetch_preset(name)
+        click.echo(f"weights: {folder} (keras-hub preset folder, sha256 {preset_sha256(folder)})")
+        return
+    name = DENSEDEPTH_MODELS.get(name or "", name)
     with download_bar() as on_download:
         path = resolve_weights(name, download=True, progress=on_download)
     size = path.stat().st_size

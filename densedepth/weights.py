@@ -306,3 +306,68 @@ def fetch(
         f"cannot download {source.file} ({'; '.join(reasons)}). To add it by hand: "
         + how_to_get(source, dest)
     )
+
+
+# ----------------------------------------------------------------------- the model choice
+
+# `--model` names of the DenseDepth checkpoints (the old `nyu`/`kitti` names stay valid).
+DENSEDEPTH_MODELS = {"densedepth-nyu": "nyu", "densedepth-kitti": "kitti"}
+NORMALISED_DEPTH = "normalised_depth"
+RELATIVE_DISPARITY = "relative_disparity"
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """What `--model` (and `--weights`) resolved to: the family (`densedepth`, `anything`),
+    a local checkpoint file or preset folder, the name asked for, and the kind of its output."""
+
+    family: str
+    path: Path
+    name: str
+
+    @property
+    def kind(self) -> str:
+        return NORMALISED_DEPTH if self.family == "densedepth" else RELATIVE_DISPARITY
+
+
+def model_names() -> list[str]:
+    from .anything import PRESETS
+
+    return [*DENSEDEPTH_MODELS, *PRESETS]
+
+
+def resolve_model(
+    model: str | None,
+    weights: str | None = None,
+    download: bool = True,
+    progress: Progress | None = None,
+) -> ModelChoice:
+    """`--model` and `--weights` -> a local model. model None: DenseDepth from `weights`
+    ($DENSEDEPTH_WEIGHTS, else nyu), today's behaviour; a DenseDepth name or a file: a DenseDepth
+    checkpoint; a Depth Anything name: keras-hub's download and cache; a folder: a keras-hub
+    preset folder. `weights` names a DenseDepth file, so it cannot go with another model."""
+    from .anything import PRESETS, read_config, resolve_preset
+
+    if model is None:
+        return ModelChoice("densedepth", resolve_weights(weights, download, progress), "densedepth")
+    if weights is not None:
+        raise WeightsError(
+            f"--weights names a DenseDepth checkpoint and --model {model} a model too; give "
+            "one: --model PATH takes a DenseDepth .h5/.keras file or a preset folder"
+        )
+    if model in DENSEDEPTH_MODELS:
+        return ModelChoice(
+            "densedepth", resolve_weights(DENSEDEPTH_MODELS[model], download, progress), model
+        )
+    if model in PRESETS:
+        return ModelChoice("anything", resolve_preset(model, download), model)
+    path = Path(model).expanduser()
+    if path.is_dir():
+        read_config(path)  # a CheckpointError now for a folder that is not a depth model
+        return ModelChoice("anything", path, str(path))
+    if path.is_file():
+        return ModelChoice("densedepth", path, str(path))
+    raise WeightsError(
+        f"unknown --model {model!r}: give one of {', '.join(model_names())}, a DenseDepth "
+        ".h5/.keras file or a keras-hub preset folder"
+    )

@@ -47,6 +47,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from densedepth.inference import PRECISIONS
+from densedepth.weights import NORMALISED_DEPTH
 
 from . import codec
 from . import dataset as fmt
@@ -60,21 +61,28 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class DepthConfig:
-    """How depth is made. weights: `nyu`, `kitti`, a path, or None ($DENSEDEPTH_WEIGHTS, else
-    nyu). precision `auto`: float16 on a GPU (checked against float32 on the first batch, with
+    """How depth is made. model: None (DenseDepth from `weights`, today's default), a name of
+    `densedepth.weights.model_names()` or a path (DenseDepth file, keras-hub preset folder).
+    weights: DenseDepth's `nyu`, `kitti`, a path, or None ($DENSEDEPTH_WEIGHTS, else nyu).
+    input_scale: DenseDepth 2 or 1 (None: 2); Depth Anything None (the preset's size) or the
+    factor whose multiple of 14 nearest to it x the composite's longer side is the input side.
+    precision `auto`: float16 on a GPU (checked against float32 on the first batch, with
     float32 as the fallback), float32 on a CPU, decided where the model runs. batch_size 0:
-    automatic (64 on a GPU, 8 on a CPU). xla None: on a GPU only."""
+    automatic (64 on a GPU, 8 on a CPU). xla None: on a GPU only. replace: redo every shard,
+    even one with depth from another model."""
 
     weights: str | None = None
     batch_size: int = 0
-    input_scale: int = 2
+    input_scale: int | None = 2
     precision: str = "auto"
     xla: bool | None = None
+    model: str | None = None
+    replace: bool = False
 
     def __post_init__(self) -> None:
         if self.batch_size < 0:
             raise PipelineError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.input_scale not in (1, 2):
+        if self.input_scale not in (None, 1, 2):
             raise PipelineError(f"--input-scale must be 1 or 2, got {self.input_scale}")
         if self.precision not in PRECISIONS:
             raise PipelineError(
@@ -103,37 +111,47 @@ class DepthJob:
     the engine where the model runs)."""
 
     root: Path
-    weights: Path
+    weights: Path  # a DenseDepth checkpoint file, or a Depth Anything preset folder
     sha256: str
     hw: tuple[int, int]
-    input_scale: int
+    input_scale: int | None
     precision: str
     xla: bool | None
     batch_size: int
+    kind: str = NORMALISED_DEPTH
+    model_name: str = "densedepth"
+    input_size: int = 0  # Depth Anything's square input side (0: DenseDepth)
 
     @classmethod
-    def of(cls, root: Path, weights: Path, hw: tuple[int, int], config: DepthConfig) -> DepthJob:
+    def of(cls, root: Path, choice: Any, hw: tuple[int, int], config: DepthConfig) -> DepthJob:
+        """The job for a `densedepth.weights.ModelChoice` on composites of size hw."""
+        hw = (int(hw[0]), int(hw[1]))
+        if choice.family == "densedepth":
+            scale = 2 if config.input_scale is None else config.input_scale
+            return cls(
+                root, choice.path, sha256_file(choice.path), hw, scale, config.precision,
+                config.xla, config.batch_size, NORMALISED_DEPTH, choice.name,
+            )  # fmt: skip
+        from densedepth.anything import input_side, preset_sha256, preset_side
+
+        side = input_side(hw, config.input_scale, preset_side(choice.path))
         return cls(
-            root,
-            weights,
-            sha256_file(weights),
-            (int(hw[0]), int(hw[1])),
-            config.input_scale,
-            config.precision,
-            config.xla,
-            config.batch_size,
-        )
+            root, choice.path, preset_sha256(choice.path), hw, config.input_scale,
+            config.precision, config.xla, config.batch_size, choice.kind, choice.name, side,
+        )  # fmt: skip
 
     def resume_key(self) -> dict[str, Any]:
         """The shard attributes that must match for a shard's depth to be kept."""
-        key: dict[str, Any] = {"checkpoint_sha256": self.sha256, "input_scale": self.input_scale}
+        key: dict[str, Any] = {"checkpoint_sha256": self.sha256}
+        key.update({"input_size": self.input_size} if self.input_size else {})
+        key.update({} if self.input_size else {"input_scale": self.input_scale})
         if self.precision != "auto":
             key["precision"] = self.precision
         return key
 
     @property
-    def engine_spec(self) -> tuple[Path, str, int, bool | None]:
-        return self.weights, self.precision, self.input_scale, self.xla
+    def engine_spec(self) -> tuple[Path, str, int | None, bool | None, int]:
+        return self.weights, self.precision, self.input_scale, self.xla, self.input_size
 
     def load_engine(self) -> Any:
         """The engine, loaded in this process (see `densedepth.load_engine`)."""
@@ -142,9 +160,12 @@ class DepthJob:
     def asked(self) -> dict[str, Any]:
         """The settings as asked, before an engine decides `auto`, None and 0."""
         return {
+            "kind": self.kind,
+            "model_name": self.model_name,
             "checkpoint": str(self.weights),
             "checkpoint_sha256": self.sha256,
             "input_scale": self.input_scale,
+            **({"input_size": self.input_size} if self.input_size else {}),
             "precision": self.precision,
             "xla": self.xla,
             "batch_size": self.batch_size,
@@ -154,12 +175,21 @@ class DepthJob:
         return self.batch_size or (64 if engine.gpu else 8)
 
     def attrs(self, engine: Any) -> dict[str, Any]:
-        """The depth attributes of every shard this job writes (with `engine`)."""
+        """The depth attributes of every shard this job writes (with `engine`): the kind of
+        depth, the model, its checkpoint file or preset folder and sha256, and the settings."""
+        extra: dict[str, Any] = {}
+        if self.input_size:
+            from densedepth.anything import NORMALISATION
+
+            extra = {"input_size": self.input_size, "normalisation": NORMALISATION}
         return {
+            "kind": self.kind,
             "model": engine.name,
+            "model_name": self.model_name,
             "checkpoint": str(self.weights),
             "checkpoint_sha256": self.sha256,
-            "input_scale": self.input_scale,
+            "input_scale": 0 if self.input_scale is None else self.input_scale,
+            **extra,
             "precision": engine.precision,
             "backend": engine.backend,
             "device": engine.device_label,
@@ -225,15 +255,44 @@ def depth_attrs_of(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def _plan(job: DepthJob, manifest: dict[str, Any]) -> _Plan:
+def depth_kind(manifest: dict[str, Any]) -> str | None:
+    """The kind of the dataset's depth (`normalised_depth`, `relative_disparity`), None when it
+    has none; depth made before kinds were recorded is DenseDepth's normalised depth."""
+    stage = manifest.get("stages", {}).get("depth")
+    if not stage:
+        return None
+    return stage.get("config", {}).get("kind", NORMALISED_DEPTH)
+
+
+def _refuse_other_model(job: DepthJob, found: dict[str, dict[str, Any]]) -> None:
+    """A dataset never mixes models: depth from another checkpoint or preset is an error."""
+    other = {f: a for f, a in found.items() if a.get("checkpoint_sha256") != job.sha256}
+    if not other:
+        return
+    file, attrs = next(iter(sorted(other.items())))
+    was = attrs.get("model_name") or attrs.get("model") or "a model"
+    raise PipelineError(
+        f"{job.root} already has depth from another model in {len(other)} shards ({file}: "
+        f"{was}, {attrs.get('kind', NORMALISED_DEPTH)}, checkpoint sha256 "
+        f"{str(attrs.get('checkpoint_sha256'))[:12]}; asked for {job.model_name}, sha256 "
+        f"{job.sha256[:12]}); a dataset never mixes models: run depth on a copy of the dataset "
+        "in another folder, or pass --replace to redo every shard with this model"
+    )
+
+
+def _plan(job: DepthJob, manifest: dict[str, Any], replace_all: bool = False) -> _Plan:
     """Which shards need depth; a shard renamed into place whose record the manifest never got
-    (killed in between) has its record refreshed."""
+    (killed in between) has its record refreshed. Depth from another model is refused (before
+    anything is written) unless replace_all, which redoes every shard."""
     key = job.resume_key()
     recs = sorted(manifest["shards"], key=lambda r: r["first"])
+    found = {r["file"]: depth_attrs_of(job.root / r["file"]) for r in recs}
+    if not replace_all:
+        _refuse_other_model(job, {f: a for f, a in found.items() if a is not None})
     todo, reused = [], 0
     for i, rec in enumerate(recs):
         path = job.root / rec["file"]
-        attrs = depth_attrs_of(path)
+        attrs = None if replace_all else found[rec["file"]]
         if attrs is not None and all(attrs.get(k) == v for k, v in key.items()):
             reused += 1
             if rec.get("bytes") != path.stat().st_size:
@@ -255,14 +314,14 @@ def run_depth(
     backend: local runs the model in this process, with `backend.workers` threads decoding
     composites and writing shards around it; dask runs one task per shard on the cluster's
     workers, each needing `backend.resources` (e.g. {"GPU": 1})."""
-    from densedepth.weights import resolve_weights
+    from densedepth.weights import resolve_model
 
     t0 = time.perf_counter()
     root = Path(root)
     manifest = fmt.require_finished(root, then="run depth")
-    weights = resolve_weights(config.weights, download=True, progress=on_download)
-    job = DepthJob.of(root, weights, manifest["image_size"], config)
-    plan = _plan(job, manifest)
+    choice = resolve_model(config.model, config.weights, download=True, progress=on_download)
+    job = DepthJob.of(root, choice, manifest["image_size"], config)
+    plan = _plan(job, manifest, config.replace)
     if not plan.todo:
         plan.stage()["status"] = "complete"
         plan.save()
@@ -491,21 +550,27 @@ def _chain(first: _Batch, rest: Iterator[_Batch]) -> Iterator[_Batch]:
 # ------------------------------------------------------------------ depth on a Dask cluster
 
 
-def _load_engine(weights: Path, precision: str, input_scale: int, xla: bool | None) -> Any:
+def _load_engine(
+    weights: Path, precision: str, input_scale: int | None, xla: bool | None, input_size: int = 0
+) -> Any:
     from densedepth.inference import load_engine
 
+    if input_size:
+        return load_engine(weights, precision, input_size=input_size, xla=xla, dtype="float16")
     return load_engine(weights, precision, input_scale=input_scale, xla=xla, dtype="float16")
 
 
 @functools.lru_cache(maxsize=1)
-def _worker_engine(weights: Path, precision: str, input_scale: int, xla: bool | None) -> Any:
+def _worker_engine(
+    weights: Path, precision: str, input_scale: int | None, xla: bool | None, input_size: int = 0
+) -> Any:
     """This worker process's engine, loaded once and kept for every shard it is given."""
-    if not weights.is_file():
+    if not (weights.is_dir() if input_size else weights.is_file()):
         raise PipelineError(
             f"a Dask worker cannot find the weights {weights}; put them on storage every worker "
             "mounts at the same path"
         )
-    return _load_engine(weights, precision, input_scale, xla)
+    return _load_engine(weights, precision, input_scale, xla, input_size)
 
 
 def depth_shard(job: DepthJob, rec: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
