@@ -18,7 +18,6 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline import dataset as fmt
 from pipeline.dataset import open_dataset
 
 pytest.importorskip("keras_hub")
