@@ -20,6 +20,7 @@ from __future__ import annotations
 import bisect
 import functools
 import hashlib
+import itertools
 import json
 import os
 import threading
@@ -185,6 +186,42 @@ def _dataset(f: h5py.File, name: str, data: NDArray[Any], **kw: Any) -> None:
     # it later in a multi-threaded process (a Dask worker): flush now, so file space is
     # allocated in the same order every time and the bytes do not depend on the process.
     f.flush()
+
+
+def _gzip_dataset(f: h5py.File, name: str, data: NDArray[Any], level: int) -> None:
+    """`_dataset(f, name, data, compression="gzip", compression_opts=level)` with h5py's own
+    chunk shape, and the same bytes, but the chunks deflated on threads (zlib releases the GIL;
+    HDF5's filter runs them one by one on this thread) and written directly, in the order HDF5
+    writes them. Edge chunks are padded with zeros, HDF5's fill value."""
+    if data.size == 0:
+        _dataset(f, name, data, compression="gzip", compression_opts=level)
+        return
+    ds = f.create_dataset(
+        name,
+        shape=data.shape,
+        dtype=data.dtype,
+        chunks=True,
+        compression="gzip",
+        compression_opts=level,
+        track_times=False,
+    )
+    shape = ds.chunks
+    corners = list(
+        itertools.product(*(range(0, n, c) for n, c in zip(data.shape, shape, strict=True)))
+    )
+
+    def deflate(corner: tuple[int, ...]) -> bytes:
+        block = data[tuple(slice(o, o + c) for o, c in zip(corner, shape, strict=True))]
+        if block.shape != shape:
+            full = np.zeros(shape, data.dtype)
+            full[tuple(slice(0, n) for n in block.shape)] = block
+            block = full
+        return zlib.compress(np.ascontiguousarray(block), level)
+
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        for corner, chunk in zip(corners, pool.map(deflate, corners), strict=True):
+            ds.id.write_direct_chunk(corner, chunk)
+    f.flush()  # as _dataset does
 
 
 def _h5_properties() -> tuple[h5py.h5p.PropFCID, h5py.h5p.PropFAID]:
@@ -753,9 +790,9 @@ def write_assets(
     with h5_written_to(path) as f:
         f.attrs["format"] = FORMAT
         f.attrs["format_version"] = FORMAT_VERSION
-        _dataset(f, "backgrounds", backgrounds, compression="gzip", compression_opts=1)
+        _gzip_dataset(f, "backgrounds", np.ascontiguousarray(backgrounds, np.uint8), 1)
         _dataset(f, "bg_names", np.array(bg_names, dtype=object), dtype=strings)
-        _dataset(f, "fg_data", flat.astype(np.uint8), compression="gzip", compression_opts=1)
+        _gzip_dataset(f, "fg_data", flat.astype(np.uint8), 1)
         _dataset(f, "fg_offsets", offsets)
         _dataset(f, "fg_shapes", shapes)
         _dataset(f, "fg_names", np.array(fg_names, dtype=object), dtype=strings)

@@ -224,8 +224,8 @@ class ShardJob:
 class _WorkerAssets:
     """Per-process cache: the assets of a dataset, ready to paste."""
 
-    def __init__(self, path: Path, mirrors: int) -> None:
-        assets = fmt.read_assets(path)
+    def __init__(self, path: Path, mirrors: int, assets: fmt.Assets | None = None) -> None:
+        assets = fmt.read_assets(path) if assets is None else assets
         self.backgrounds = assets.backgrounds
         self.fg_sizes = np.array([fg.shape[:2] for fg in assets.foregrounds], dtype=np.int64)
         self.foregrounds, self.mirrors = assets.foregrounds, mirrors
@@ -242,7 +242,12 @@ class _WorkerAssets:
 
 @functools.lru_cache(maxsize=2)
 def _worker_assets(root: str, sha: str, mirrors: int) -> _WorkerAssets:
-    return _WorkerAssets(Path(root) / fmt.ASSETS, mirrors)
+    return _WorkerAssets(Path(root) / fmt.ASSETS, mirrors, _IN_MEMORY.pop((root, sha), None))
+
+
+# The assets this process just stored, by (dataset folder, sha256 of assets.h5): shards made
+# in this process take them from here instead of reading the file back (the same arrays).
+_IN_MEMORY: dict[tuple[str, str], fmt.Assets] = {}
 
 
 def make_shard(job: ShardJob, k: int) -> dict[str, Any]:
@@ -543,7 +548,10 @@ def _assets_record(out: Path, existing: dict[str, Any] | None, inputs: Inputs) -
         fmt.write_assets(
             path, inputs.backgrounds, inputs.bg_names, inputs.foregrounds, inputs.fg_names
         )
-        sha = sha256_file(path)
+        sha = fmt.file_sha256(path)
+    assets = fmt.Assets(inputs.backgrounds, inputs.bg_names, inputs.foregrounds, inputs.fg_names)
+    _IN_MEMORY.clear()
+    _IN_MEMORY[(str(out.resolve()), sha)] = assets
     return {"file": fmt.ASSETS, "sha256": sha}
 
 
@@ -583,11 +591,14 @@ def run_overlay(
     job = ShardJob(str(out.resolve()), config, geom, manifest["assets"]["sha256"], horizons)
     todo = [(job, k) for k in range(num_shards) if k not in done]
     records = dict(done)
-    for rec in map_shards(make_shard, todo, backend, shared_path=job.root):
-        records[rec["first"] // config.shard_size] = rec
-        manifest["shards"] = [records[k] for k in sorted(records)]
-        fmt.write_manifest(out, manifest, sync=False)
-        progress.update(rec["count"])
+    try:
+        for rec in map_shards(make_shard, todo, backend, shared_path=job.root):
+            records[rec["first"] // config.shard_size] = rec
+            manifest["shards"] = [records[k] for k in sorted(records)]
+            fmt.write_manifest(out, manifest, sync=False)
+            progress.update(rec["count"])
+    finally:
+        _IN_MEMORY.clear()
     manifest["stages"]["overlay"]["status"] = "complete"
     fmt.write_manifest(out, manifest)
     return OverlayReport(
