@@ -1160,6 +1160,16 @@ def _echo_train_start(p: dict[str, Any]) -> None:
     if p["mask_only"]:
         why = "the dataset has no depth yet" if not p["has_depth"] else "depth weight 0"
         click.echo(f"  mask-only training: {why} (depth head not trained)")
+    elif "depth_loss" in p:
+        inv = "scale-and-shift-invariant" if p["depth_loss_invariant"] else "not shift-invariant"
+        click.echo(
+            f"  depth loss: {p['depth_loss']} ({inv}; the dataset's depth is {p['depth_kind']})"
+        )
+        if p["depth_kind"] == "relative_disparity" and not p["depth_loss_invariant"]:
+            click.echo(
+                "Warning: relative disparity is known only up to scale and shift; loss.depth "
+                "ssi (or auto) compares it fairly"
+            )
     if p["resume"]:
         click.echo(f"  resuming at epoch {p['start_epoch'] + 1}")
 

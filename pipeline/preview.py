@@ -74,16 +74,21 @@ def instance_overlay(
     return out
 
 
-def depth_colormap(depth: NDArray[np.floating]) -> NDArray[np.uint8]:
-    """depth (H,W) in [0,1], larger = farther -> (H,W,3) uint8 RGB, near bright."""
+def depth_colormap(
+    depth: NDArray[np.floating], kind: str = "normalised_depth"
+) -> NDArray[np.uint8]:
+    """depth (H,W) in [0,1] -> (H,W,3) uint8 RGB, near bright: for `normalised_depth` larger is
+    farther, for `relative_disparity` (Depth Anything) larger is nearer."""
     d = np.asarray(depth, np.float64)
+    if kind == "relative_disparity":
+        d = -d
     lo, hi = float(d.min()), float(d.max())
     norm = (d - lo) / (hi - lo) if hi > lo else np.zeros_like(d)
     gray = np.clip(np.rint((1 - norm) * 255), 0, 255).astype(np.uint8)
     return cv2.applyColorMap(gray, cv2.COLORMAP_INFERNO)[..., ::-1]
 
 
-def tiles_of(sample: fmt.Sample) -> list[NDArray[np.uint8]]:
+def tiles_of(sample: fmt.Sample, kind: str | None = None) -> list[NDArray[np.uint8]]:
     ids = [inst["instance"] for inst in sample.instances]
     if sample.instance_mask is None:
         tiles = [sample.fg_bg, mask_overlay(sample.fg_bg, sample.mask)]
@@ -93,13 +98,16 @@ def tiles_of(sample: fmt.Sample) -> list[NDArray[np.uint8]]:
             instance_overlay(sample.fg_bg, sample.instance_mask, ids, sample.boxes),
         ]
     if sample.depth is not None:
-        tiles.append(depth_colormap(sample.depth))
+        tiles.append(depth_colormap(sample.depth, kind or "normalised_depth"))
     return tiles
 
 
-def contact_sheet(samples: list[fmt.Sample], columns: int | None = None) -> NDArray[np.uint8]:
-    """Samples laid out in a grid of cells; each cell is the sample's tiles side by side."""
-    cells = [np.hstack(_with_gaps(tiles_of(s), axis=1)) for s in samples]
+def contact_sheet(
+    samples: list[fmt.Sample], columns: int | None = None, kind: str | None = None
+) -> NDArray[np.uint8]:
+    """Samples laid out in a grid of cells; each cell is the sample's tiles side by side (kind:
+    of the dataset's depth, see `pipeline.depth.depth_kind`)."""
+    cells = [np.hstack(_with_gaps(tiles_of(s, kind), axis=1)) for s in samples]
     h, w = cells[0].shape[:2]
     cols = columns or max(1, round(math.sqrt(len(cells) * h / w * 1.6)))
     rows = math.ceil(len(cells) / cols)
@@ -136,7 +144,9 @@ def run_preview(root: str | Path, n: int = 16, out: Path | None = None) -> Previ
     """Write the contact sheet of n samples (evenly spaced through the dataset)."""
     with fmt.open_dataset(root) as ds:
         samples = [ds[i] for i in pick_indices(len(ds), n)]
-        sheet = contact_sheet(samples)
+        from .depth import depth_kind
+
+        sheet = contact_sheet(samples, kind=depth_kind(ds.manifest))
         path = Path(out) if out else ds.root / PREVIEW
     codec.write_png(path, sheet, compression=1)
     return PreviewReport(path, len(samples))

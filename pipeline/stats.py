@@ -243,7 +243,15 @@ def summarize(part: StatsPartial, bg: ColorSums, manifest: dict[str, Any]) -> di
     }
     if part.depth.count:
         d = part.depth
-        out["depth"] = {"mean": d.mean, "std": (d.m2 / d.count) ** 0.5, "min": d.lo, "max": d.hi}
+        from .depth import depth_kind
+
+        out["depth"] = {
+            "kind": depth_kind(manifest),
+            "mean": d.mean,
+            "std": (d.m2 / d.count) ** 0.5,
+            "min": d.lo,
+            "max": d.hi,
+        }
     return out
 
 

@@ -209,3 +209,42 @@ def test_bfloat16_on_a_cpu_without_bf16_units_is_explained() -> None:
     assert slow_precision_reason("bfloat16", False, {"avx512_bf16"}) is None
     assert slow_precision_reason("bfloat16", True, set()) is None
     assert slow_precision_reason("float32", False, set()) is None
+
+
+def test_stats_preview_and_export_read_the_kind(with_anything, tmp_path: Path, cli_run) -> None:
+    from pipeline.preview import depth_colormap
+
+    root, _ = with_anything
+    assert cli_run("stats", root, "--workers", "1").exit_code == 0
+    d = json.loads((root / "stats.json").read_text())["depth"]
+    assert d["kind"] == "relative_disparity" and d["min"] == 0 and d["max"] == 1
+    ramp = np.linspace(0, 1, 8)[None].repeat(2, 0)  # larger: farther depth, nearer disparity
+    far_dark = depth_colormap(ramp, "normalised_depth").sum(axis=2)
+    assert far_dark[0, 0] > far_dark[0, -1]
+    assert (depth_colormap(ramp, "relative_disparity").sum(axis=2) == far_dark[:, ::-1]).all()
+    assert cli_run("preview", root, "--n", "2", "--out", tmp_path / "p.png").exit_code == 0
+    out = tmp_path / "export"
+    assert cli_run("export", root, "--out", out, "--workers", "1").exit_code == 0
+    note = json.loads((out / "depth.json").read_text())
+    assert note["kind"] == "relative_disparity" and "larger is nearer" in note["meaning"]
+
+
+def test_the_trainer_settles_a_scale_and_shift_invariant_loss(with_anything, small_dataset):
+    pytest.importorskip("tensorflow")
+    from pipeline.dataset import open_dataset as open_ds
+    from trainer.config import TrainConfig
+    from trainer.losses import DEPTH_LOSSES
+    from trainer.train import settle_depth_loss
+
+    with open_ds(with_anything[0]) as ds:
+        assert settle_depth_loss(TrainConfig(), ds).loss.depth == "ssi"
+    with open_ds(small_dataset) as ds:  # no depth: auto stays DenseDepth's loss
+        assert settle_depth_loss(TrainConfig(), ds).loss.depth == "densedepth"
+    rng = np.random.default_rng(0)
+    true = rng.uniform(0, 1, (2, 8, 8, 1)).astype(np.float32)
+    pred = 3.0 * true + 2.0  # the same map up to scale and shift
+    for name in ("ssi", "ssi_l1"):
+        assert np.asarray(DEPTH_LOSSES[name](true, pred)).max() < 1e-5
+        noisy = np.asarray(DEPTH_LOSSES[name](true, pred + rng.normal(0, 0.3, pred.shape)))
+        assert noisy.min() > 1e-3
+    assert np.asarray(DEPTH_LOSSES["l1"](true, pred)).min() > 1

@@ -60,7 +60,9 @@ def divisor(model: ModelConfig) -> int:
 @dataclass(frozen=True)
 class LossConfig:
     mask: str = "bce+dice"
-    depth: str = "densedepth"
+    # auto: densedepth for DenseDepth's normalised depth, ssi (scale-and-shift-invariant MSE)
+    # for Depth Anything's relative disparity; settled from the dataset when a run starts.
+    depth: str = "auto"
     mask_pos_weight: float | str | None = None
 
 

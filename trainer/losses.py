@@ -84,7 +84,50 @@ def densedepth(y_true: Any, y_pred: Any) -> Any:
     )
 
 
-DEPTH_LOSSES = {"mse": depth_mse, "l1": depth_l1, "ssim": depth_ssim, "densedepth": densedepth}
+def align_scale_shift(y_true: Any, y_pred: Any) -> Any:
+    """y_pred brought to y_true by the per-image least-squares scale s and shift b (MiDaS,
+    Ranftl et al. 2020): argmin over s, b of sum((s * pred + b - true)^2), closed form
+    s = cov(pred, true) / var(pred), b = mean(true) - s mean(pred). Gradients flow through s
+    and b. For relative depth (Depth Anything's disparity), known only up to scale and shift."""
+    t, p = _f32(y_true), _f32(y_pred)
+    mt = ops.mean(t, axis=[1, 2, 3], keepdims=True)
+    mp = ops.mean(p, axis=[1, 2, 3], keepdims=True)
+    var = ops.mean(ops.square(p - mp), axis=[1, 2, 3], keepdims=True)
+    cov = ops.mean((p - mp) * (t - mt), axis=[1, 2, 3], keepdims=True)
+    s = cov / ops.maximum(var, EPS)
+    return s * p + (mt - s * mp)
+
+
+def depth_ssi(y_true: Any, y_pred: Any) -> Any:
+    """Scale-and-shift-invariant MSE: the mean squared error after `align_scale_shift`."""
+    return ops.mean(ops.square(align_scale_shift(y_true, y_pred) - _f32(y_true)), axis=[1, 2, 3])
+
+
+def depth_ssi_l1(y_true: Any, y_pred: Any) -> Any:
+    """Scale-and-shift-invariant L1: mean |error| after the least-squares alignment (MiDaS
+    aligns by median and mean deviation for its L1; least squares is used here for both)."""
+    return ops.mean(ops.abs(align_scale_shift(y_true, y_pred) - _f32(y_true)), axis=[1, 2, 3])
+
+
+DEPTH_LOSSES = {
+    "mse": depth_mse,
+    "l1": depth_l1,
+    "ssim": depth_ssim,
+    "densedepth": densedepth,
+    "ssi": depth_ssi,
+    "ssi_l1": depth_ssi_l1,
+}
+# What depth loss `auto` means for each kind of stored depth (see pipeline.depth.depth_kind).
+AUTO_DEPTH_LOSS = {"normalised_depth": "densedepth", "relative_disparity": "ssi"}
+INVARIANT_LOSSES = ("ssi", "ssi_l1")
+
+
+def resolve_depth_loss(name: str, kind: str | None) -> str:
+    """The depth loss a run uses: `auto` is DenseDepth's loss for normalised depth and the
+    scale-and-shift-invariant MSE for relative disparity; a named loss is kept."""
+    if name != "auto":
+        return name
+    return AUTO_DEPTH_LOSS.get(kind or "normalised_depth", "densedepth")
 
 
 # ------------------------------------------------------------------------------------ metrics
@@ -174,6 +217,6 @@ def build_losses(
     loss: dict[str, Any] = {"mask": mask_loss(cfg.loss.mask, pos_weight)}
     metrics = {"mask": mask_metrics()}
     if "depth" in heads:
-        loss["depth"] = DEPTH_LOSSES[cfg.loss.depth]
+        loss["depth"] = DEPTH_LOSSES[resolve_depth_loss(cfg.loss.depth, None)]
         metrics["depth"] = depth_metrics()
     return loss, metrics

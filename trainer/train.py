@@ -14,6 +14,7 @@ depth head is built but not trained, and predict leaves it out).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -89,6 +90,7 @@ class TrainPlan:
     steps: int
     heads: list[str]
     record: dict[str, Any]
+    depth_kind: str | None = None  # of the dataset's depth (pipeline.depth.depth_kind)
 
 
 @dataclass
@@ -368,6 +370,19 @@ def _settle_config(
     return cfg, saved
 
 
+def settle_depth_loss(cfg: TrainConfig, ds: Dataset) -> TrainConfig:
+    """The config with its depth loss settled for the dataset's kind of depth (`auto`: see
+    `losses.resolve_depth_loss`), so the run record names the loss it trained with."""
+    from pipeline.depth import depth_kind
+
+    from .losses import resolve_depth_loss
+
+    name = resolve_depth_loss(cfg.loss.depth, depth_kind(ds.manifest))
+    if name == cfg.loss.depth:
+        return cfg
+    return dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, depth=name))
+
+
 def _check_size(ds: Dataset, cfg: TrainConfig) -> None:
     h, w = cfg.image_size or ds.manifest["image_size"]
     if fit_sides((h, w), cfg.model) != (h, w):
@@ -393,7 +408,10 @@ def plan_run(ds: Dataset, cfg: TrainConfig) -> TrainPlan:
         )
     heads = run_heads(with_depth, cfg)
     record = make_record(cfg, ds, split, norm, heads, steps)
-    return TrainPlan(with_depth, norm, split, steps, heads, record)
+    from pipeline.depth import depth_kind
+
+    kind = depth_kind(ds.manifest) if with_depth else None
+    return TrainPlan(with_depth, norm, split, steps, heads, record, kind)
 
 
 def _check_same_run(run_dir: Path, ds: Dataset, saved: dict[str, Any], plan: TrainPlan) -> None:
@@ -486,6 +504,12 @@ def _start_info(
         "has_depth": plan.with_depth,
         "params": full.count_params(),
     }
+    if plan.with_depth:
+        from .losses import INVARIANT_LOSSES
+
+        info["depth_kind"] = plan.depth_kind
+        info["depth_loss"] = cfg.loss.depth
+        info["depth_loss_invariant"] = cfg.loss.depth in INVARIANT_LOSSES
     if cfg.init_weights and start == 0:
         info["init_weights"] = str(init_weights_file(cfg.init_weights))
         info["init_overlap"] = init_weights_overlap(cfg.init_weights, plan.record)
@@ -573,6 +597,7 @@ def run_train(
     _prepare_run_dir(run_dir, resume)
     cfg, saved = _settle_config(run_dir, cfg, resume, epochs)
     ds = open_dataset(dataset)
+    cfg = settle_depth_loss(cfg, ds)
     plan = plan_run(ds, cfg)
     if saved is not None:
         _check_same_run(run_dir, ds, saved, plan)

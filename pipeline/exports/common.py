@@ -116,7 +116,34 @@ def prepare_export(
     for sub in (*folders, DONE_DIR):
         make_folder(out / sub)
     write_json(out / MARKER, ident)
+    if ds.has_depth:
+        write_json(out / DEPTH_NOTE, depth_note(ds.manifest))
     remove_temporaries(out, folders)
+
+
+DEPTH_NOTE = "depth.json"
+
+
+def depth_note(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What the exported depth PNGs hold (DIR/depth.json): the kind, the encoding, the model."""
+    from pipeline.depth import depth_kind
+
+    kind = depth_kind(manifest)
+    cfg = manifest["stages"]["depth"].get("config", {})
+    meaning = {
+        "normalised_depth": "DenseDepth's clip(1000 / y, 10, 1000) / 1000: depth / 10 m, larger "
+        "is farther",
+        "relative_disparity": "Depth Anything's relative inverse depth, min-max normalised per "
+        "image to [0, 1]: larger is nearer, known up to scale and shift",
+    }.get(kind or "", "")
+    return {
+        "kind": kind,
+        "meaning": meaning,
+        "png": "16-bit, value = round(depth * 65535)",
+        "model": cfg.get("model"),
+        "model_name": cfg.get("model_name"),
+        "checkpoint_sha256": cfg.get("checkpoint_sha256"),
+    }
 
 
 def remove_temporaries(out: Path, folders: Sequence[str]) -> None:
