@@ -7,9 +7,11 @@ and one dataset per name at that path inside the group, so the kernel of layer `
 `model_weights/conv1/conv/conv1/conv/kernel:0`. Long attribute lists are split over
 `layer_names0`, `layer_names1`, ... (HDF5's 64 KB attribute limit).
 
-Loading reads those arrays with h5py and assigns them to the Keras 3 model by layer name (Keras
-2's `/` is Keras 3's `_`: `conv1/conv` -> `conv1_conv`), checking every layer is present on
-both sides and every shape matches; a mismatch is one `CheckpointError` naming the layer. The
+Loading reads those arrays with h5py and builds the Keras 3 model with them as its variables'
+initial values, by layer name (Keras 2's `/` is Keras 3's `_`: `conv1/conv` -> `conv1_conv`):
+one build, no random initialisation and no second assignment. It then checks every layer is
+present on both sides and every shape matches; a mismatch is one `CheckpointError` naming the
+layer. (`assign_weights` does the same for a model already built.) The
 file's `model_config` is never deserialised: no code from the file runs. The architecture
 (encoder, decoder width) is read off the weights themselves.
 
@@ -133,9 +135,15 @@ def _short(name: str) -> str:
     return name.rsplit("/", 1)[-1].split(":", 1)[0]
 
 
-def assign_weights(model: Any, weights: CheckpointWeights) -> None:
-    """Set every weighted layer of `model` from the checkpoint, by name, after checking that
-    the layers and every shape match (nothing is changed when they do not)."""
+def initial_values(weights: CheckpointWeights) -> dict[str, dict[str, NDArray[Any]]]:
+    """{layer: {weight: array}}, what `build_model(initial=...)` builds the variables from."""
+    return {name: {_short(w): a for w, a in arrays} for name, arrays in weights.layers.items()}
+
+
+def check_weights(model: Any, weights: CheckpointWeights) -> dict[str, Any]:
+    """Check that the checkpoint has exactly the model's weighted layers, each with the
+    model's weights in order and shape; the weighted layers by name, or one CheckpointError
+    naming the first mismatch."""
     wanted = {layer.name: layer for layer in model.layers if layer.weights}
     missing = [n for n in wanted if n not in weights.layers]
     extra = [n for n in weights.layers if n not in wanted]
@@ -170,6 +178,13 @@ def assign_weights(model: Any, weights: CheckpointWeights) -> None:
                     f"checkpoint {weights.path}: layer {name!r} weight {var.name!r} has shape "
                     f"{tuple(arr.shape)}, the model expects {tuple(var.shape)}"
                 )
+    return wanted
+
+
+def assign_weights(model: Any, weights: CheckpointWeights) -> None:
+    """Set every weighted layer of `model` from the checkpoint, by name, after checking that
+    the layers and every shape match (nothing is changed when they do not)."""
+    wanted = check_weights(model, weights)
     # Only once every layer checked out: a bad file never leaves a half-loaded model.
     for name, layer in wanted.items():
         layer.set_weights([a for _, a in weights.layers[name]])
@@ -178,7 +193,7 @@ def assign_weights(model: Any, weights: CheckpointWeights) -> None:
 def load_checkpoint(path: str | Path, precision: str = "float32") -> Any:
     """A DenseDepth Keras model from a checkpoint file: Keras 2.2.4 / legacy HDF5 (`.h5`) or
     Keras 3 (`.keras`)."""
-    from .model import build_model, rebuild
+    from .model import build_model
 
     path = Path(path)
     if not path.is_file():
@@ -192,9 +207,13 @@ def load_checkpoint(path: str | Path, precision: str = "float32") -> Any:
         )
     weights = read_h5_weights(path)
     encoder, filters = architecture_in(weights)
-    model = build_model(encoder, filters=filters, precision=precision)
-    assign_weights(model, weights)
-    return model if precision == "float32" else rebuild(model, precision)
+    # Built once, in the precision asked, its variables made from the file's arrays; the check
+    # after it names any layer or shape that does not match (the model is then dropped).
+    model = build_model(
+        encoder, filters=filters, precision=precision, initial=initial_values(weights)
+    )
+    check_weights(model, weights)
+    return model
 
 
 def _load_keras3(path: Path, precision: str) -> Any:
