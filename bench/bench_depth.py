@@ -20,6 +20,28 @@ backends side by side.
 Environment: BENCH_DEPTH_BG, BENCH_DEPTH_FG (default 8 and 8: 64 composites),
 BENCH_DEPTH_BATCH (default 16), BENCH_DEPTH_PRECISIONS (default "float32 bfloat16"),
 BENCH_OUT (default bench/out).
+
+The real upstream and start-up (`--upstream`, and after the above when BENCH_UPSTREAM_SRC is
+set; skipped with one line when it is not): upstream DenseDepth's own Keras 2 code against
+`cli.py depth`, whole processes, same checkpoint, same BENCH_UPSTREAM_N (512) composites at 224
+input, in one run:
+  - upstream: its model.py, utils.py, loss.py and the January 2019 layers.py
+    (BilinearUpSampling2D with align_corners=True), exported from BENCH_UPSTREAM_SRC (a git
+    directory, e.g. the bare one `fetch github:ialhashim/DenseDepth` gives, or a checkout with
+    .git; a plain folder is used as it is if its layers.py aligns corners) into
+    bench/out/depth/upstream/src, run by bench/upstream_driver.py in its own venv
+    (bench/out/depth/upstream/venv: tensorflow of this venv's version + tf_keras, made once from
+    the registry): `create_model`, the checkpoint by layer name, `load_images` on the
+    composites as PNG files, `predict` at batch 2;
+  - ours: `cli.py depth DATASET --weights CKPT --input-scale 1` on a dataset of the same
+    composites, at each of BENCH_UPSTREAM_BATCHES (default "0 16"; 0: the default batch size);
+  - start-up: where the seconds before the first composite go (imports, reading the
+    checkpoint, building the model with its weights, checking them, the engine, the first
+    batch with its trace, a second batch), in a fresh process; `cli.py depth` on 8 composites
+    and `cli.py depth-image` on one photo (a 224x224 road photo at the default input scale, and
+    the same photo enlarged to 640x480 at --input-scale 1), whole processes.
+Writes bench/out/depth/upstream_results.json and prints a table; the load average is taken
+before every process.
 """
 
 from __future__ import annotations
@@ -43,6 +65,10 @@ N_BG = int(os.environ.get("BENCH_DEPTH_BG", "8"))
 N_FG = int(os.environ.get("BENCH_DEPTH_FG", "8"))
 BATCH = int(os.environ.get("BENCH_DEPTH_BATCH", "16"))
 PRECISIONS = os.environ.get("BENCH_DEPTH_PRECISIONS", "float32 bfloat16").split()
+UPSTREAM_SRC = os.environ.get("BENCH_UPSTREAM_SRC")
+UPSTREAM_N = int(os.environ.get("BENCH_UPSTREAM_N", "512"))
+UPSTREAM_BATCHES = [int(b) for b in os.environ.get("BENCH_UPSTREAM_BATCHES", "0 16").split()]
+UPSTREAM_FILES = ("model.py", "utils.py", "loss.py")  # upstream's newest; layers.py: Jan 2019
 
 
 def full_width_checkpoint(folder: Path) -> Path:
@@ -223,6 +249,7 @@ def main() -> None:
         subprocess.run([sys.executable, __file__, "--one"], env=env, check=True)
         by_backend[backend] = json.loads((OUT / f"results_{backend}.json").read_text())
     print_table(by_backend)
+    upstream_comparison()
 
 
 def one_backend() -> None:
@@ -264,8 +291,246 @@ def one_backend() -> None:
     print(f"{backend}: {json.dumps(results)}", flush=True)
 
 
+# ------------------------------------------------------------ the real upstream, start-up
+
+
+def export_upstream(src: Path, dest: Path) -> Path | None:
+    """Upstream's files for the driver, from a git directory (bare, or a checkout's .git) or
+    a plain folder; None (with one line saying why) when the January 2019 layers.py cannot be
+    had."""
+    git_dir = src if (src / "HEAD").is_file() and (src / "objects").is_dir() else src / ".git"
+    dest.mkdir(parents=True, exist_ok=True)
+    if git_dir.exists():
+
+        def show(rev: str, name: str) -> str:
+            cmd = ["git", f"--git-dir={git_dir}", "show", f"{rev}:{name}"]
+            return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+
+        log = ["git", f"--git-dir={git_dir}", "log", "--format=%H", "--before=2019-02-01", "-1"]
+        rev = subprocess.run([*log, "HEAD", "--", "layers.py"], check=True, capture_output=True)
+        rev = rev.stdout.decode().strip()
+        if not rev:
+            print(f"upstream comparison skipped: {src} has no layers.py from before 2019-02")
+            return None
+        for name in UPSTREAM_FILES:
+            (dest / name).write_text(show("HEAD", name))
+        (dest / "layers.py").write_text(show(rev, "layers.py"))
+    else:
+        for name in (*UPSTREAM_FILES, "layers.py"):
+            shutil.copy(src / name, dest / name)
+    if "align_corners=True" not in (dest / "layers.py").read_text():
+        print(
+            f"upstream comparison skipped: {src}/layers.py is the later half-pixel version; "
+            "point BENCH_UPSTREAM_SRC to the repository's git directory so that the January "
+            "2019 one (align_corners=True, what the checkpoints were trained with) can be taken"
+        )
+        return None
+    return dest
+
+
+def upstream_venv(folder: Path) -> Path:
+    """The upstream venv's python: tensorflow of this venv's version and tf_keras (Keras 2),
+    installed from the registry once."""
+    py = folder / "bin" / "python"
+    if py.is_file():
+        return py
+    from importlib.metadata import version
+
+    tf = version("tensorflow")
+    minor = ".".join(tf.split(".")[:2])
+    print(f"making the upstream venv {folder} (tensorflow=={tf}, tf_keras~={minor}.0)", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", str(folder)], check=True)
+    pip = [str(py), "-m", "pip", "install", "--quiet", f"tensorflow=={tf}"]
+    subprocess.run([*pip, f"tf_keras~={minor}.0", "pillow", "h5py"], check=True)
+    return py
+
+
+def timed(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> dict[str, float]:
+    """Wall time of one whole process (output to `log`), and the load average before it."""
+    load = os.getloadavg()[0]
+    t = time.perf_counter()
+    with open(log, "w") as f:
+        subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    return {"seconds": time.perf_counter() - t, "load_before": load}
+
+
+def write_pngs(images: np.ndarray, folder: Path) -> Path:
+    from PIL import Image
+
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    for i, img in enumerate(images):
+        Image.fromarray(img).save(folder / f"{i:05d}.png")
+    return folder
+
+
+def ours(ds: Path, ckpt: Path, batch: int, work: Path, tag: str = "") -> dict[str, Any]:
+    """`cli.py depth` as a whole process on a fresh copy of `ds`."""
+    run = work / f"ours{tag}_b{batch}"
+    if run.exists():
+        shutil.rmtree(run)
+    shutil.copytree(ds, run)
+    cmd = [sys.executable, "cli.py", "depth", str(run), "--weights", str(ckpt)]
+    cmd += ["--input-scale", "1"] + (["--batch-size", str(batch)] if batch else [])
+    r = timed(cmd, work / f"ours{tag}_b{batch}.log")
+    print(f"cli.py depth, batch {batch or 'default'}: {r['seconds']:.1f} s", flush=True)
+    return r
+
+
+def startup_breakdown() -> None:
+    """Child process (`--startup`): the seconds before the first composite, phase by phase,
+    from the start of this script (the interpreter's own start is in the whole-process
+    figures), written to OUT/startup.json."""
+    t0 = time.perf_counter()
+    times: dict[str, float] = {}
+
+    def mark(name: str) -> None:
+        times[name] = time.perf_counter() - t0 - sum(times.values())
+
+    import keras  # noqa: F401 - the import is what is timed
+
+    import densedepth
+    from densedepth import checkpoint, model
+
+    mark("imports (keras, tensorflow, densedepth)")
+    ckpt = full_width_checkpoint(OUT)
+    weights = checkpoint.read_h5_weights(ckpt)
+    mark("read the checkpoint (h5py)")
+    encoder, filters = checkpoint.architecture_in(weights)
+    net = model.build_model(encoder, filters=filters, initial=checkpoint.initial_values(weights))
+    mark("build the model with its weights")
+    checkpoint.check_weights(net, weights)
+    mark("check the weights")
+    engine = densedepth.load_engine(net, "auto", input_scale=1, dtype="float16")
+    mark("engine (device, precision)")
+    ds = Path(sys.argv[sys.argv.index("--startup") + 1])
+    images = composites(ds)[:8]
+    mark("read 8 composites")
+    engine(images)
+    mark("first batch of 8 (trace + run)")
+    engine(images)
+    mark("second batch of 8 (run)")
+    out = {"times": times, "load_before": float(sys.argv[-1])}
+    (OUT / "startup.json").write_text(json.dumps(out, indent=1) + "\n")
+
+
+def depth_image_runs(ckpt: Path, work: Path) -> dict[str, Any]:
+    """`cli.py depth-image` on one photo, whole processes."""
+    import cv2
+
+    photo = sorted((SHARED / "backgrounds").iterdir())[0]
+    big = work / "photo_640x480.png"
+    img = cv2.imread(str(photo))
+    cv2.imwrite(str(big), cv2.resize(img, (640, 480), interpolation=cv2.INTER_CUBIC))
+    runs = {}
+    for label, path, scale in (
+        ("224x224 photo, default input scale (448 input)", photo, "2"),
+        ("640x480 photo, --input-scale 1 (640x480 input)", big, "1"),
+    ):
+        cmd = [sys.executable, "cli.py", "depth-image", str(path), "--out", str(work / "img")]
+        cmd += ["--weights", str(ckpt), "--input-scale", scale]
+        runs[label] = timed(cmd, work / "depth_image.log")
+        print(f"depth-image {label}: {runs[label]['seconds']:.1f} s", flush=True)
+    return runs
+
+
+def upstream_comparison() -> None:
+    """Upstream's Keras 2 process against `cli.py depth` (see the module docstring)."""
+    if not UPSTREAM_SRC:
+        print(
+            "upstream comparison skipped: set BENCH_UPSTREAM_SRC to DenseDepth's git directory "
+            "or checkout (github:ialhashim/DenseDepth) to time upstream's own code"
+        )
+        return
+    work = OUT / "upstream"
+    src = export_upstream(Path(UPSTREAM_SRC), work / "src")
+    if src is None:
+        return
+    py = upstream_venv(work / "venv")
+    ckpt = full_width_checkpoint(OUT)
+    n_bg = min(100, max(1, -(-UPSTREAM_N // 16)))
+    ds = make_dataset(work, n_bg, max(1, -(-UPSTREAM_N // n_bg)))
+    images = composites(ds)
+    assert len(images) == UPSTREAM_N, f"{len(images)} composites, wanted {UPSTREAM_N}"
+    pngs = write_pngs(images, work / "images")
+    small = make_dataset(work / "small", 8, 1)
+    res: dict[str, Any] = {"composites": len(images), "input": "224x224", "cpus": os.cpu_count()}
+    res["machine"] = platform_line()
+    load = os.getloadavg()[0]
+    cmd = [sys.executable, __file__, "--startup", str(small), f"{load}"]
+    subprocess.run(cmd, check=True, env={**os.environ, "KERAS_BACKEND": "tensorflow"})
+    res["startup"] = json.loads((OUT / "startup.json").read_text())
+    res["cli_depth_8"] = ours(small, ckpt, 0, work, "_small")
+    res["depth_image"] = depth_image_runs(ckpt, work)
+    driver = ROOT / "bench" / "upstream_driver.py"
+    up_json = work / "upstream_result.json"
+    res["upstream"] = timed(
+        [str(py), str(driver), str(src), str(ckpt), str(pngs), str(up_json)], work / "upstream.log"
+    )
+    res["upstream"]["phases"] = json.loads(up_json.read_text())["times"]
+    up_rate = len(images) / res["upstream"]["seconds"]
+    print(f"upstream (Keras 2, predict batch 2): {res['upstream']['seconds']:.1f} s", flush=True)
+    res["ours"] = {}
+    for batch in UPSTREAM_BATCHES:
+        r = ours(ds, ckpt, batch, work)
+        r["rate"] = len(images) / r["seconds"]
+        r["over_upstream"] = r["rate"] / up_rate
+        res["ours"][str(batch)] = r
+    res["upstream"]["rate"] = up_rate
+    (OUT / "upstream_results.json").write_text(json.dumps(res, indent=1) + "\n")
+    print_upstream(res)
+
+
+def platform_line() -> str:
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def print_upstream(res: dict[str, Any]) -> None:
+    up = res["upstream"]
+    print(f"\n{res['composites']} composites at 224 input, whole processes ({res['machine']})")
+    print("| process | seconds | composites/s | vs upstream | load before |")
+    print("| --- | --- | --- | --- | --- |")
+    print(
+        f"| upstream Keras 2, predict batch 2 | {up['seconds']:.1f} | {up['rate']:.2f} | 1.00x "
+        f"| {up['load_before']:.1f} |"
+    )
+    for batch, r in res["ours"].items():
+        name = f"cli.py depth --input-scale 1{' --batch-size ' + batch if batch != '0' else ''}"
+        print(
+            f"| {name} | {r['seconds']:.1f} | {r['rate']:.2f} | {r['over_upstream']:.2f}x | "
+            f"{r['load_before']:.1f} |"
+        )
+    print(
+        "\nupstream phases (s from its start): "
+        + ", ".join(f"{k} {v:.1f}" for k, v in up["phases"].items())
+    )
+    st = res["startup"]
+    print(
+        f"our start-up (s per phase, load before {st['load_before']:.1f}): "
+        + ", ".join(f"{k} {v:.1f}" for k, v in st["times"].items())
+    )
+    r = res["cli_depth_8"]
+    print(f"cli.py depth on 8 composites: {r['seconds']:.1f} s (load {r['load_before']:.1f})")
+    for label, r in res["depth_image"].items():
+        print(f"cli.py depth-image, {label}: {r['seconds']:.1f} s (load {r['load_before']:.1f})")
+
+
 if __name__ == "__main__":
     if "--one" in sys.argv:
         one_backend()
+    elif "--startup" in sys.argv:
+        startup_breakdown()
+    elif "--upstream" in sys.argv:
+        OUT.mkdir(parents=True, exist_ok=True)
+        upstream_comparison()
     else:
         main()
