@@ -10,11 +10,17 @@ prediction.
     engine = densedepth.load_engine("nyu.h5")     # what the depth stage, its cluster workers,
     depth = engine(uint8_images)                  # depth-image and the benchmarks all use
 
+Depth Anything V2 (keras-hub) goes through the same `load_engine`: given a keras-hub preset
+folder it returns `densedepth.anything.AnythingEngine` (uint8 images -> relative disparity in
+[0, 1], per image); `densedepth.weights.resolve_model(--model, --weights)` turns a model name or
+path into a local file or folder.
+
 Modules: `model` (the network), `checkpoint` (reading the published Keras 2.2.4 files and the
 project's own), `weights` (where the files are, cache, download), `inference` (predict, and
 `load_engine`: one loader with one meaning of `auto` precision, float16 on a GPU checked against
-float32 on the first batch, float32 on a CPU). TensorFlow is imported only when a model is
-built or loaded, so `weights` (and `cli.py weights fetch`) start fast.
+float32 on the first batch, float32 on a CPU), `anything` (Depth Anything V2 presets and
+engine). TensorFlow and keras-hub are imported only when a model is built or loaded, so
+`weights` (and `cli.py weights fetch nyu`) start fast.
 """
 
 from __future__ import annotations

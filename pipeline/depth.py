@@ -1,10 +1,15 @@
-"""depth: a DenseDepth depth map for every composite of a dataset.
+"""depth: a depth map for every composite of a dataset, from DenseDepth or Depth Anything V2.
 
-Input: a finished dataset (overlay complete) and a checkpoint (`nyu`, `kitti`, a path, or
-$DENSEDEPTH_WEIGHTS). Output: each shard gains `depth` (n, H, W): upstream's normalised depth
-`clip(1000 / y, 10, 1000) / 1000` at the composite's own resolution, pixel-aligned with it
-(the 224 composite is fed at 448 so the half-resolution output is 224 by default; with
-`input_scale=1` it is fed as it is and the output is enlarged 2x).
+Input: a finished dataset (overlay complete) and a model (`--model`: `densedepth-nyu`, the
+default, `densedepth-kitti`, `depth-anything-v2-small`/`-base`, a DenseDepth checkpoint file or
+a keras-hub preset folder; DenseDepth's `--weights`/$DENSEDEPTH_WEIGHTS as before). Output: each
+shard gains `depth` (n, H, W) at the composite's own resolution, pixel-aligned with it, of one
+kind: DenseDepth's `normalised_depth`, upstream's `clip(1000 / y, 10, 1000) / 1000` (the 224
+composite is fed at 448 so the half-resolution output is 224 by default; with `input_scale=1`
+it is fed as it is and the output is enlarged 2x); or Depth Anything's `relative_disparity`,
+min-max normalised per image (see `densedepth.anything`: fed as an S x S square, S a multiple
+of 14, and resized back). A dataset never mixes models: depth from another checkpoint or
+preset is refused before anything is written, unless `replace` redoes every shard.
 
 One job, two backends: `run_depth` builds one frozen `DepthJob` (dataset, checkpoint and its
 sha256, settings) and hands it to the local streaming pipeline or to the Dask cluster. Both get
@@ -15,7 +20,8 @@ image up to the compiled batch size; padded rows are dropped). Depth for ordinar
 
 Invariants:
 - A shard is rewritten atomically (temporary file, rename) with its depth, whose attributes
-  record the model, the checkpoint and its sha256, the input scale, the precision and the Keras
+  record its kind, the model, the checkpoint (or preset folder) and its sha256, the input scale
+  (Depth Anything: the input size and the normalisation), the precision and the Keras
   backend and device that ran the model (`tensorflow`/`jax`, `cpu`/`gpu:0 (name)`). A rerun
   skips shards whose attributes match (resume), so a killed run loses at most the shards in
   flight; a failed write (a full disk) is one OutputError and leaves no temporary file.
