@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
-from synth import DEPTH_SETTINGS, make_inputs
+from synth import DEPTH_SETTINGS, TINY_TRAIN, add_depth, make_inputs
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -80,6 +80,44 @@ def scenes_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     config = OverlayConfig(positions=3, mirror=True, shard_size=20, scene=scene)
     run_overlay(bgs, [fgs], tmp / "ds", config)
     return tmp / "ds"
+
+
+@pytest.fixture(scope="session")
+def train_ds_plain(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """64 samples of 96x64 (4 backgrounds x 2 cars x 2 mirrors x 4 positions) in shards of 16,
+    no depth, with stats: the trainer tests' dataset. Shared by the whole session: tests copy
+    it before changing it."""
+    tmp = tmp_path_factory.mktemp("train_plain")
+    bgs, fgs = make_inputs(tmp, num_bg=4)
+    args = ["overlay", "-b", bgs, "-f", fgs, "--out", tmp / "ds", "--positions", 4, "--mirror"]
+    res = invoke(*args, "--shard-size", 16, "--workers", 1)
+    assert res.exit_code == 0, res.output
+    assert invoke("stats", tmp / "ds", "--workers", 1).exit_code == 0
+    return tmp / "ds"
+
+
+@pytest.fixture(scope="session")
+def train_ds_depth(train_ds_plain: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """train_ds_plain with (random) depth and its stats again. Shared: copy before changing."""
+    ds = tmp_path_factory.mktemp("train_depth") / "ds"
+    shutil.copytree(train_ds_plain, ds)
+    add_depth(ds)
+    assert invoke("stats", ds, "--workers", 1).exit_code == 0
+    return ds
+
+
+@pytest.fixture(scope="session")
+def tiny_run(train_ds_depth: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run of synth.TINY_TRAIN (3 epochs x 4 steps, both heads) on train_ds_depth, trained
+    once per session: a tiny run costs tens of seconds, mostly tracing. Modules take their own
+    copy (a run folder holds no path of its own): tests write eval/ and export/ into it."""
+    import json
+
+    tmp = tmp_path_factory.mktemp("tiny_run")
+    (tmp / "train.json").write_text(json.dumps(TINY_TRAIN))
+    res = invoke("train", train_ds_depth, "--config", tmp / "train.json", "--out", tmp / "run")
+    assert res.exit_code == 0, res.output
+    return tmp / "run"
 
 
 @pytest.fixture(scope="session")

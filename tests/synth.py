@@ -65,6 +65,26 @@ CARS = ((30, 18, (200, 30, 30), "red"), (22, 20, (30, 60, 220), "blue"))
 # The settings the session's dataset with depth is made with (conftest's `with_depth`).
 DEPTH_SETTINGS = ("--input-scale", "1", "--batch-size", "4")
 
+# The training config of the session's tiny run (conftest's `tiny_run`, used by test_trainer
+# and test_export_model): a U-Net with 4 base filters, 3 epochs of 4 steps on 64 samples.
+TINY_TRAIN = {
+    "seed": 3,
+    "epochs": 3,
+    "steps_per_epoch": 4,
+    "batch_size": 8,
+    "lr": 0.005,
+    "validation": {"backgrounds": 1, "batch_size": 16},
+    "model": {"name": "unet", "base_filters": 4},
+    "scheduler": {"name": "step", "step_epochs": 2, "gamma": 0.5},
+    # Small graphs trace faster (tracing, not computing, is most of a tiny run's time); the
+    # other losses are checked on their own in test_trainer. An integer pos_weight: evaluate
+    # once read only a float one.
+    "loss": {"mask": "bce", "depth": "l1", "mask_pos_weight": 3},
+    "tensorboard_images": 2,
+    # XLA's compile costs twice a tiny run's own time; `make bench` trains with it (the default).
+    "jit_compile": False,
+}
+
 
 def make_inputs(
     folder: Path,

@@ -3,8 +3,9 @@ float16, int8) and ONNX; each run by its own runtime gives Keras' outputs (float
 quantized within loose bounds), `evaluate` on an exported file gives the run's figures, and bad
 input is one Error line.
 
-One run (a U-Net with 4 base filters, 2 epochs of 4 steps on 64 samples of 96x64 with depth)
-and one SavedModel, shared by the whole module: conversions are the slow part."""
+One run (the session's tiny run: a U-Net with 4 base filters, 3 epochs of 4 steps on 64
+samples of 96x64 with depth, shared with test_trainer) and one SavedModel, shared by the
+whole module: conversions are the slow part."""
 
 from __future__ import annotations
 
@@ -14,46 +15,28 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from synth import add_depth, make_inputs
+from synth import make_inputs
 
 from pipeline.dataset import open_dataset
 
-TINY = {
-    "seed": 3,
-    "epochs": 2,
-    "steps_per_epoch": 4,
-    "batch_size": 8,
-    "lr": 0.005,
-    "validation": {"backgrounds": 1, "batch_size": 16},
-    "model": {"name": "unet", "base_filters": 4},
-    "loss": {"mask": "bce", "depth": "l1", "mask_pos_weight": 3},
-    "tensorboard_images": 0,
-    "jit_compile": False,
-}
 FLOAT = ("savedmodel", "tflite", "onnx")
 QUANTIZED = ("dynamic", "float16", "int8")
 
 
 @pytest.fixture(scope="module")
-def ds(tmp_path_factory, cli_run) -> Path:
-    """64 samples (4 backgrounds x 2 cars x 2 mirrors x 4 positions) of 96x64, with depth."""
-    tmp = tmp_path_factory.mktemp("export_ds")
-    bgs, fgs = make_inputs(tmp, num_bg=4)
-    res = cli_run("overlay", "-b", bgs, "-f", fgs, "--out", tmp / "ds", "--positions", 4,
-                  "--mirror", "--shard-size", 16, "--workers", 1)  # fmt: skip
-    assert res.exit_code == 0, res.output
-    add_depth(tmp / "ds")
-    assert cli_run("stats", tmp / "ds", "--workers", 1).exit_code == 0
-    return tmp / "ds"
+def ds(train_ds_depth: Path) -> Path:
+    """64 samples (4 backgrounds x 2 cars x 2 mirrors x 4 positions) of 96x64, with depth (the
+    session's, shared with test_trainer; nothing here changes it)."""
+    return train_ds_depth
 
 
 @pytest.fixture(scope="module")
-def run(ds: Path, tmp_path_factory, cli_run) -> Path:
-    tmp = tmp_path_factory.mktemp("export_run")
-    (tmp / "c.json").write_text(json.dumps(TINY))
-    res = cli_run("train", ds, "--config", tmp / "c.json", "--out", tmp / "run")
-    assert res.exit_code == 0, res.output
-    return tmp / "run"
+def run(tiny_run: Path, tmp_path_factory) -> Path:
+    """This module's copy of the session's tiny run (synth.TINY_TRAIN), which the exports are
+    written into."""
+    run = tmp_path_factory.mktemp("export_run") / "run"
+    shutil.copytree(tiny_run, run)
+    return run
 
 
 @pytest.fixture(scope="module")

@@ -14,51 +14,26 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from synth import add_depth, make_inputs
+from synth import TINY_TRAIN, add_depth, make_inputs
 
 from pipeline.dataset import open_dataset
 from pipeline.errors import ConfigError, DatasetError, RunError
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {
-    "seed": 3,
-    "epochs": 3,
-    "steps_per_epoch": 4,
-    "batch_size": 8,
-    "lr": 0.005,
-    "validation": {"backgrounds": 1, "batch_size": 16},
-    "model": {"name": "unet", "base_filters": 4},
-    "scheduler": {"name": "step", "step_epochs": 2, "gamma": 0.5},
-    # Small graphs trace faster (tracing, not computing, is most of a tiny run's time); the
-    # other losses are checked on their own below. An integer pos_weight: evaluate once read
-    # only a float one.
-    "loss": {"mask": "bce", "depth": "l1", "mask_pos_weight": 3},
-    "tensorboard_images": 2,
-    # XLA's compile costs twice a tiny run's own time; `make bench` trains with it (the default).
-    "jit_compile": False,
-}
+TINY = TINY_TRAIN  # the session's tiny run (conftest's `tiny_run`) is trained with it
 
 
 @pytest.fixture(scope="module")
-def ds_plain(tmp_path_factory, cli_run) -> Path:
-    """64 samples (4 backgrounds x 2 cars x 2 mirrors x 4 positions), no depth, with stats."""
-    tmp = tmp_path_factory.mktemp("plain")
-    bgs, fgs = make_inputs(tmp, num_bg=4)
-    args = ["overlay", "-b", bgs, "-f", fgs, "--out", tmp / "ds", "--positions", 4, "--mirror"]
-    res = cli_run(*args, "--shard-size", 16, "--workers", 1)
-    assert res.exit_code == 0, res.output
-    assert cli_run("stats", tmp / "ds", "--workers", 1).exit_code == 0
-    return tmp / "ds"
+def ds_plain(train_ds_plain: Path) -> Path:
+    """64 samples (4 backgrounds x 2 cars x 2 mirrors x 4 positions), no depth, with stats
+    (the session's, shared with other modules: copy it before changing it)."""
+    return train_ds_plain
 
 
 @pytest.fixture(scope="module")
-def ds_depth(ds_plain: Path, tmp_path_factory, cli_run) -> Path:
-    """ds_plain with depth (and its stats again)."""
-    ds = tmp_path_factory.mktemp("depth") / "ds"
-    shutil.copytree(ds_plain, ds)
-    add_depth(ds)
-    assert cli_run("stats", ds, "--workers", 1).exit_code == 0
-    return ds
+def ds_depth(train_ds_depth: Path) -> Path:
+    """ds_plain with depth (and its stats again); the session's, as ds_plain."""
+    return train_ds_depth
 
 
 def write_config(path: Path, **over: object) -> Path:
@@ -346,13 +321,12 @@ def test_curves_picture() -> None:
 
 
 @pytest.fixture(scope="module")
-def trained(ds_depth: Path, tmp_path_factory, cli_run) -> Path:
-    """3 epochs x 4 steps, both heads."""
-    tmp = tmp_path_factory.mktemp("run")
-    cfg = write_config(tmp / "train.json")
-    res = cli_run("train", ds_depth, "--config", cfg, "--out", tmp / "run")
-    assert res.exit_code == 0, res.output
-    return tmp / "run"
+def trained(tiny_run: Path, tmp_path_factory) -> Path:
+    """3 epochs x 4 steps, both heads: this module's copy of the session's tiny run (TINY on
+    ds_depth, trained once and shared with test_export_model)."""
+    run = tmp_path_factory.mktemp("run") / "run"
+    shutil.copytree(tiny_run, run)
+    return run
 
 
 def test_training_learns_and_writes_its_run(trained: Path) -> None:
