@@ -109,3 +109,17 @@ def test_encoder_is_keras_densenet_layer_for_layer() -> None:
     ref_order = [layer.name for layer in ref.layers if not layer.name.startswith(auto)]
     ours_order = [n for n in ours_layers if not n.startswith(auto)][: len(ref_order)]
     assert ours_order == ref_order
+
+
+def test_depth_image_eager_path_is_the_engines_maths() -> None:
+    """depth-image on one or two images skips the trace: the model called eagerly gives the
+    compiled engine's depth (input scale 1: output enlarged 2x, pixel-aligned)."""
+    import densedepth
+    from pipeline.depth_image import eager_depth
+
+    x = np.random.default_rng(2).integers(0, 256, (1, 64, 96, 3), dtype=np.uint8)
+    engine = densedepth.load_engine(half_model(), "float32", "cpu", input_scale=1, xla=False)
+    ref = engine(x)
+    got = eager_depth(half_model(), x)
+    assert got.shape == ref.shape == (1, 64, 96) and got.dtype == np.float32
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
