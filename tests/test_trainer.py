@@ -298,8 +298,13 @@ def test_losses_and_metrics_on_known_values() -> None:
     assert float(iou.result()) == pytest.approx(8 / 17)
     assert float(dice.result()) == pytest.approx(16 / 25)
     d = np.random.default_rng(0).uniform(0.1, 1, (2, 16, 16, 1)).astype(np.float32)
-    for fn in losses.DEPTH_LOSSES.values():
-        assert float(np.max(fn(d, d))) < 1e-6 and float(np.min(fn(d, d * 0.5))) > 0
+    for name, fn in losses.DEPTH_LOSSES.items():
+        assert float(np.max(fn(d, d))) < 1e-6, name
+        if name in losses.INVARIANT_LOSSES:  # blind to a scale and shift, by design
+            assert float(np.max(fn(d, 0.5 * d + 0.2))) < 1e-6, name
+            assert float(np.min(fn(d, d**2))) > 0, name
+        else:
+            assert float(np.min(fn(d, d * 0.5))) > 0, name
     rmse, delta = losses.DepthRMSE(), losses.DepthDelta()
     rmse.update_state(d, d + 0.1)
     delta.update_state(d, np.concatenate([d[:1], d[1:] * 2]))
