@@ -49,6 +49,7 @@ from pipeline.prep.dedupe import (  # noqa: E402
     find_duplicates,
     find_pairs,
     hash_folder,
+    image_detail,
     image_hashes,
 )
 from pipeline.runner import Backend  # noqa: E402
@@ -226,6 +227,7 @@ class Labelled:
     kinds: list[str]  # "original" or the kind of copy
     images: list[np.ndarray]  # (H, W, 3) uint8
     grays: list[np.ndarray] | None = None  # prepared for geometric matching, when needed
+    detail: list[int] | None = None  # image_detail of each picture, when needed
 
 
 def labelled_set(sample: int, seed: int, extended: bool = False) -> Labelled:
@@ -271,7 +273,9 @@ def geometric(candidate_threshold: int) -> Method:
             data.grays = [
                 geometry.prepare(cv2.cvtColor(im, cv2.COLOR_RGB2GRAY)) for im in data.images
             ]
-        pairs, matches = find_duplicates(hashes, config, data.grays, BACKEND)
+        if data.detail is None:
+            data.detail = [image_detail(im) for im in data.images]
+        pairs, matches = find_duplicates(hashes, config, data.grays, BACKEND, data.detail)
         VERIFIED.append(len(matches))
         return pairs
 
@@ -414,7 +418,7 @@ def timing(n: int, workers: int) -> None:
         t_hash = time.perf_counter() - t0
         t0 = time.perf_counter()
         sources = [str(p) for p in hashed.paths]
-        pairs, matches = find_duplicates(hashed.hashes, config, sources, backend)
+        pairs, matches = find_duplicates(hashed.hashes, config, sources, backend, hashed.detail)
         t_pairs = time.perf_counter() - t0
     t0 = time.perf_counter()
     labels = cluster_labels(len(hashed.paths), pairs)
@@ -435,8 +439,16 @@ def main() -> None:
     ap.add_argument("--sets", nargs="+", default=["old", "extended"], choices=["old", "extended"])
     ap.add_argument("--n", type=int, default=10_000, help="images for the speed test")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument(
+        "--candidates",
+        type=int,
+        nargs="+",
+        default=CANDIDATE_THRESHOLDS,
+        help="--candidate-threshold values compared with geometric verification",
+    )
     args = ap.parse_args()
     global BACKEND
+    CANDIDATE_THRESHOLDS[:] = args.candidates
     BACKEND = Backend.local(args.workers)
     if not args.timing:
         if not DATA.is_dir():

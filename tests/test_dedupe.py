@@ -19,12 +19,14 @@ from pipeline.prep.dedupe import (
     GEOMETRIC,
     KINDS,
     NUM_HASHES,
+    PLAIN_CORNERS,
     DedupeConfig,
     cluster_labels,
     find_duplicates,
     find_pairs,
     find_pairs_parallel,
     hamming,
+    image_detail,
     image_hashes,
     phash_batch,
     pick_keeper,
@@ -191,6 +193,35 @@ def test_similar_but_distinct_photos_stay_apart_and_a_false_candidate_is_rejecte
     pairs, matches = find_duplicates(hashes, DedupeConfig(), _arrays(images))
     assert not matches[(0, 1)].same and matches[(0, 1)].inliers < geometry.MIN_INLIERS
     assert set(cluster_labels(3, pairs)) == {0, 1}  # a with its resized copy, b alone
+
+
+def _field(seed: int, w: int = 224, h: int = 224) -> Image.Image:
+    """A plain picture, as the speed test's: a smooth random colour field, no detail."""
+    small = np.random.default_rng(seed).integers(0, 256, (7, 7, 3), dtype=np.uint8)
+    return Image.fromarray(cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC))
+
+
+def test_a_plain_picture_is_rejected_before_features_but_a_strict_match_is_verified():
+    plain, other, photo_ = _field(3), _field(20), textured(6)  # 14 bits apart: a candidate
+    detail = [image_detail(np.asarray(im)) for im in (plain, other, photo_)]
+    assert detail[0] < PLAIN_CORNERS and detail[1] < PLAIN_CORNERS <= detail[2]
+    small = photo_.resize((120, 68))
+    images = [plain, other, photo_, small, plain.resize((150, 150))]
+    hashes = hashes_of(images)
+    # every looser candidate (and no strict match) of the plain fields, and the photo's copy
+    config = DedupeConfig(trusted=-1)  # nothing taken unlooked: the copies are verified too
+    loose = find_pairs(hashes, config.limits)
+    assert any(k == CANDIDATE and {i, j} <= {0, 1} for i, j, _, k in loose)
+    detail = [image_detail(np.asarray(im)) for im in images]
+    pairs, matches = find_duplicates(hashes, config, _arrays(images), detail=detail)
+    ungated, all_matches = find_duplicates(hashes, config, _arrays(images))
+    assert np.array_equal(pairs, ungated)  # the same decisions...
+    assert (0, 1) in all_matches and not all_matches[(0, 1)].judged
+    assert (0, 1) not in matches  # ...without features for the plain candidates
+    strict = {(int(i), int(j)) for i, j, _, k in loose if k < CANDIDATE}
+    assert (0, 4) in strict and (0, 4) in matches and not matches[(0, 4)].judged
+    assert (2, 3) in matches and matches[(2, 3)].same  # the photo's copy verified as before
+    assert set(cluster_labels(len(images), pairs)) == {0, 1, 2}
 
 
 def test_geometry_finds_the_crop_and_not_the_frame():
