@@ -21,6 +21,7 @@ from pipeline.prep.dedupe import (
     NUM_HASHES,
     PLAIN_CORNERS,
     DedupeConfig,
+    _candidates,
     cluster_labels,
     find_duplicates,
     find_pairs,
@@ -213,6 +214,10 @@ def test_a_plain_picture_is_rejected_before_features_but_a_strict_match_is_verif
     loose = find_pairs(hashes, config.limits)
     assert any(k == CANDIDATE and {i, j} <= {0, 1} for i, j, _, k in loose)
     detail = [image_detail(np.asarray(im)) for im in images]
+    rich = np.array(detail) >= PLAIN_CORNERS
+    # the looser search runs over the detailed pictures only: the same as filtering the full one
+    want = loose[(loose[:, 3] < CANDIDATE) | (rich[loose[:, 0]] & rich[loose[:, 1]])]
+    assert np.array_equal(_candidates(hashes, config.limits, Backend(), detail), want)
     pairs, matches = find_duplicates(hashes, config, _arrays(images), detail=detail)
     ungated, all_matches = find_duplicates(hashes, config, _arrays(images))
     assert np.array_equal(pairs, ungated)  # the same decisions...

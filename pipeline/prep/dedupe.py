@@ -509,6 +509,25 @@ def _confirmed(match: geometry.Match, kind: int) -> bool:
     return match.same or (not match.judged and kind < CANDIDATE)
 
 
+def _candidates(
+    hashes: NDArray[np.uint64],
+    limits: tuple[int, int, int, int],
+    backend: Backend,
+    detail: Sequence[int] | NDArray[np.int64] | None,
+) -> NDArray[np.int64]:
+    """Every strict match and every looser candidate between pictures that are not too plain
+    to judge (all pictures without `detail`). The looser search runs over the detailed rows
+    only: a candidate with a plain picture would be rejected unseen, and the loose search is
+    the costly one (62 comparisons a pair of rows, all-pairs at radius 16)."""
+    if detail is None:
+        return find_pairs_parallel(hashes, limits, backend)
+    strict = find_pairs_parallel(hashes, limits[:3], backend)
+    rich = np.flatnonzero(np.asarray(detail) >= PLAIN_CORNERS)
+    loose = find_pairs_parallel(hashes[rich], limits, backend)
+    loose[:, :2] = rich[loose[:, :2]]
+    return _canonical(np.concatenate([strict, loose]))
+
+
 def find_duplicates(
     hashes: NDArray[np.uint64],
     config: DedupeConfig,
@@ -525,16 +544,14 @@ def find_duplicates(
     would join clusters not joined yet, so a cluster of k copies costs about k verifications,
     not k^2 / 2. Confirmed candidates get the kind "geometric"; strict ones keep theirs.
     `detail` (image_detail of each picture), when given, rejects the looser candidates with a
-    picture too plain to judge before any features are computed (see PLAIN_CORNERS).
+    picture too plain to judge before any features are computed (see PLAIN_CORNERS): they
+    are not even searched for.
     """
-    pairs = find_pairs_parallel(hashes, config.limits, backend)
     if config.verify == "none":
-        return pairs[pairs[:, 3] < CANDIDATE], {}
+        return find_pairs_parallel(hashes, config.limits[:3], backend), {}
+    pairs = _candidates(hashes, config.limits, backend, detail)
     sure = (pairs[:, 3] == 0) & (pairs[:, 2] <= config.trusted)
     kept, rest = [pairs[sure]], pairs[~sure]
-    if detail is not None:
-        plain = np.asarray(detail) < PLAIN_CORNERS
-        rest = rest[(rest[:, 3] < CANDIDATE) | ~(plain[rest[:, 0]] | plain[rest[:, 1]])]
     rest = _fewest(rest[np.lexsort((rest[:, 2], rest[:, 3] >= CANDIDATE))], config.per_image)
     rest = rest[np.lexsort((rest[:, 2], rest[:, 3] >= CANDIDATE))]
     labels = cluster_labels(len(hashes), kept[0])
