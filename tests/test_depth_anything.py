@@ -248,3 +248,22 @@ def test_the_trainer_settles_a_scale_and_shift_invariant_loss(with_anything, sma
         noisy = np.asarray(DEPTH_LOSSES[name](true, pred + rng.normal(0, 0.3, pred.shape)))
         assert noisy.min() > 1e-3
     assert np.asarray(DEPTH_LOSSES["l1"](true, pred)).min() > 1
+
+
+def test_another_input_size_and_precision_redo_the_shards(
+    with_anything, presets, tmp_path: Path, cli_run
+) -> None:
+    """The same preset at --input-scale 2 (the multiple of 14 nearest to 2 x 96: 196) in
+    bfloat16: every shard is made again (no refusal: same model), checked against float32."""
+    root = tmp_path / "ds"
+    shutil.copytree(with_anything[0], root)
+    args = ("--input-scale", "2", "--precision", "bfloat16")
+    res = cli_run("depth", root, "--model", presets["tiny0"], *args)
+    assert res.exit_code == 0 and "shards made 3, already done 0" in res.output
+    assert "input 196x196, bfloat16" in res.output
+    stage = json.loads((root / "manifest.json").read_text())["stages"]["depth"]
+    assert stage["config"]["input_size"] == 196 and stage["config"]["input_scale"] == 2
+    assert 0 < stage["precision_check"]["mean_abs_diff"] < 0.05
+    with open_dataset(root) as ds:
+        depth = np.stack([ds[i].depth for i in range(len(ds))])
+    assert depth.shape == (12, 64, 96) and depth.min() == 0 and depth.max() == 1
