@@ -13,6 +13,7 @@ import pytest
 from PIL import Image, ImageDraw
 from synth import tree_digest
 
+from pipeline.images import read_rgb
 from pipeline.prep import geometry
 from pipeline.prep.dedupe import (
     CANDIDATE,
@@ -31,6 +32,7 @@ from pipeline.prep.dedupe import (
     image_hashes,
     phash_batch,
     pick_keeper,
+    thumbnail,
 )
 from pipeline.runner import Backend
 
@@ -434,3 +436,26 @@ def test_batched_phash_agrees_with_imagehash():
     for g, h in zip(grays, ours, strict=True):
         ref = np.packbits(imagehash.phash(Image.fromarray(g)).hash.ravel()).view(">u8")[0]
         assert hamming(np.uint64(ref), h) <= 6
+
+
+def test_jpeg_thumbnails_are_read_quickly_and_agree_with_a_full_decode(tmp_path):
+    from pipeline.errors import BadImageError
+    from pipeline.prep.dedupe import hash_item, read_thumbnail, thumb_hashes
+
+    big = textured(7, 960, 540)  # decoded at 1/4 scale
+    big.save(tmp_path / "big.jpg", quality=90)
+    rotated = Image.open(tmp_path / "big.jpg")
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # shown turned a quarter
+    rotated.save(tmp_path / "turned.jpg", quality=90, exif=exif)
+    photo(8).save(tmp_path / "small.png")
+    for name, size in (("big.jpg", (960, 540)), ("turned.jpg", (540, 960)), ("small.png", None)):
+        thumb, got = read_thumbnail(tmp_path / name)
+        full = read_rgb(tmp_path / name)
+        assert got == (full.shape[1], full.shape[0]) == (size or got)
+        assert thumb.shape == thumbnail(full).shape
+        assert hamming(thumb_hashes(thumb), image_hashes(full)).max() <= 4
+    data = (tmp_path / "big.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(BadImageError, match="cut.jpg"):
+        hash_item((0, str(tmp_path / "cut.jpg")))

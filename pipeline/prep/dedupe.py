@@ -33,6 +33,7 @@ Invariants: SRC is never written; outputs are atomic; a rerun overwrites this st
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -42,9 +43,10 @@ from typing import Any
 import cv2
 import numpy as np
 from numpy.typing import NDArray
+from PIL import Image, ImageOps
 
 from ..errors import BadImageError, OnBad, PipelineError
-from ..images import fit_crop, list_images, read_rgb
+from ..images import MAX_PIXELS, fit_crop, list_images, read_rgb
 from ..progress import NO_PROGRESS, Progress
 from ..runner import Backend, map_shards
 from . import geometry
@@ -577,12 +579,32 @@ def find_duplicates(
 # ------------------------------------------------------------------------ the stage (I/O)
 
 
+def read_thumbnail(path: str | Path) -> tuple[NDArray[np.uint8], tuple[int, int]]:
+    """The grey `thumbnail` of an image file and the file's (width, height). A JPEG is decoded
+    luma only and, where it is at least twice THUMB on both sides, at 1/2..1/8 scale (Pillow's
+    draft: libjpeg's DCT scaling): 0.6 against 2.1 ms for a 224 px file at load 6, far less
+    for large photos. Anything else, and any file the quick path cannot read, goes through
+    read_rgb, with its checks and its Error lines."""
+    try:
+        with warnings.catch_warnings(), Image.open(path) as img:
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            w, h = img.size
+            if img.format == "JPEG" and img.mode in ("L", "RGB") and 0 < w * h <= MAX_PIXELS:
+                if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF: a quarter turn
+                    w, h = h, w
+                img.draft("L", (THUMB, THUMB))
+                gray = np.asarray(ImageOps.exif_transpose(img.convert("L")))
+                return thumbnail(gray), (w, h)
+    except Exception:  # read_rgb says what is wrong with the file
+        pass
+    rgb = read_rgb(path)
+    return thumbnail(rgb), (rgb.shape[1], rgb.shape[0])
+
+
 def hash_item(job: tuple[int, str], zooms: Sequence[float] = ZOOMS) -> tuple[None, Record]:
     """One (index, path): its size and hashes (nothing to write); raises BadImageError."""
     index, path = job
-    rgb = read_rgb(path)
-    h, w = rgb.shape[:2]
-    thumb = thumbnail(rgb)
+    thumb, (w, h) = read_thumbnail(path)
     return None, {
         "file": Path(path).name,
         "index": index,
