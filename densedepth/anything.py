@@ -28,6 +28,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -175,17 +176,30 @@ def resolve_preset(name: str, download: bool = True) -> Path:
             with contextlib.suppress(FileNotFoundError):
                 get_file(handle, file)
     except Exception as e:  # noqa: BLE001 - kagglehub raises its own (network) error types
-        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        raise WeightsError(f"cannot download {name} ({reason}). " + how_to_get(name)) from None
+        raise WeightsError(f"cannot download {name} ({_reason(e)}). " + how_to_get(name)) from None
     return folder
+
+
+def _reason(e: Exception) -> str:
+    """A download failure in a few words (kagglehub's connection errors run to 400 characters)."""
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    host = re.search(r"host='([^']+)'", text)
+    if host and isinstance(e, OSError | ConnectionError):
+        return f"no connection to {host.group(1)}"
+    return text if len(text) <= 200 else text[:200] + "..."
 
 
 def fetch_preset(name: str) -> Path:
-    """`weights fetch NAME`: the preset through keras-hub's `from_preset` (its own download
-    and cache; the model is loaded once, which checks the files), then its cached folder."""
-    folder = resolve_preset(name)
-    load_task(folder, preset_side(folder), "float32")
-    return folder
+    """`weights fetch NAME`: the preset through keras-hub's own `DepthAnythingDepthEstimator.
+    from_preset` (its download and cache; loading it checks the files), then its cached folder
+    (every file is in the cache by then, so `resolve_preset` downloads nothing more)."""
+    import keras_hub
+
+    try:
+        keras_hub.models.DepthAnythingDepthEstimator.from_preset(PRESETS[name].handle)
+    except Exception as e:  # noqa: BLE001 - kagglehub raises its own (network) error types
+        raise WeightsError(f"cannot download {name} ({_reason(e)}). " + how_to_get(name)) from None
+    return resolve_preset(name)
 
 
 # -------------------------------------------------------------------------------- loading

@@ -181,11 +181,11 @@ def test_offline_fetch_says_how_to_get_the_preset(monkeypatch, cli_run, error_li
     import keras_hub.src.utils.preset_utils as preset_utils
 
     def offline(preset: str, path: str) -> str:
-        raise ConnectionError("Failed to resolve 'api.kaggle.com'")
+        raise ConnectionError("HTTPSConnectionPool(host='api.kaggle.com', port=443): Max retries")
 
     monkeypatch.setattr(preset_utils, "get_file", offline)
     line = error_line(cli_run("weights", "fetch", "depth-anything-v2-small"))
-    assert "cannot download depth-anything-v2-small (Failed to resolve" in line
+    assert "cannot download depth-anything-v2-small (no connection to api.kaggle.com)" in line
     assert "kaggle.com/models/keras/depth-anything" in line and "--model PATH" in line
     res = cli_run("depth", "nowhere", "--model", "depth-anything-v2-base")
     assert res.output.count("CC-BY-NC-4.0") == 1
