@@ -163,11 +163,11 @@ def resolve_preset(name: str, download: bool = True) -> Path:
     """The local folder of published preset `name` (`depth-anything-v2-small`), downloaded into
     keras-hub's cache (kagglehub's) when missing. WeightsError, saying how to get it by hand,
     when it cannot be had."""
+    if not download:
+        raise WeightsError(f"{name} is not downloaded; " + how_to_get(name))
     from keras_hub.src.utils.preset_utils import get_file
 
     handle = PRESETS[name].handle
-    if not download:
-        raise WeightsError(f"{name} is not downloaded; " + how_to_get(name))
     try:
         folder = Path(get_file(handle, _REQUIRED[0])).parent
         for file in _REQUIRED[1:]:

@@ -267,3 +267,22 @@ def test_another_input_size_and_precision_redo_the_shards(
     with open_dataset(root) as ds:
         depth = np.stack([ds[i].depth for i in range(len(ds))])
     assert depth.shape == (12, 64, 96) and depth.min() == 0 and depth.max() == 1
+
+
+def test_model_names_and_paths_resolve_to_a_family(presets, tmp_path: Path, monkeypatch) -> None:
+    from densedepth.errors import WeightsError
+    from densedepth.weights import resolve_model
+
+    monkeypatch.setenv("SYNTHCAR_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("DENSEDEPTH_WEIGHTS", raising=False)
+    ckpt = tmp_path / "mine.h5"
+    ckpt.write_bytes(b"\x89HDF\r\n\x1a\n")
+    assert resolve_model(None, str(ckpt)).family == "densedepth"  # today's --weights
+    choice = resolve_model(str(ckpt))
+    assert (choice.family, choice.kind) == ("densedepth", "normalised_depth")
+    choice = resolve_model(str(presets["tiny0"]))
+    assert (choice.family, choice.kind) == ("anything", "relative_disparity")
+    with pytest.raises(WeightsError, match="kitti.h5 is not in the cache"):
+        resolve_model("densedepth-kitti", download=False)
+    with pytest.raises(WeightsError, match="not downloaded; download the preset folder by hand"):
+        resolve_model("depth-anything-v2-small", download=False)
