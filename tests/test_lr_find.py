@@ -15,7 +15,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from synth import make_inputs
 
 from pipeline.errors import ConfigError
 
@@ -43,14 +42,10 @@ def write_config(path: Path, **over: object) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ds(tmp_path_factory, cli_run) -> Path:
-    """64 samples (4 backgrounds x 2 cars x 2 mirrors x 4 positions), no depth, with stats."""
-    tmp = tmp_path_factory.mktemp("lrds")
-    bgs, fgs = make_inputs(tmp, num_bg=4)
-    args = ["overlay", "-b", bgs, "-f", fgs, "--out", tmp / "ds", "--positions", 4, "--mirror"]
-    assert cli_run(*args, "--shard-size", 16, "--workers", 1).exit_code == 0
-    assert cli_run("stats", tmp / "ds", "--workers", 1).exit_code == 0
-    return tmp / "ds"
+def ds(train_ds_plain: Path) -> Path:
+    """64 samples (4 backgrounds x 2 cars x 2 mirrors x 4 positions), no depth, with stats:
+    the session's (conftest), shared with test_trainer; tests copy it before changing it."""
+    return train_ds_plain
 
 
 def read_csv(path: Path) -> dict[str, np.ndarray]:
