@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import sys
 import tempfile
 import time
@@ -44,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 from pipeline.images import list_images, read_rgb  # noqa: E402
 from pipeline.prep import geometry  # noqa: E402
 from pipeline.prep.dedupe import (  # noqa: E402
+    PLAIN_CORNERS,
     DedupeConfig,
     cluster_labels,
     find_duplicates,
@@ -410,9 +412,9 @@ def timing(n: int, workers: int) -> None:
         )
         print(
             "| images | hashing (s) | pair search + verification (s) | candidates verified | "
-            "clustering (s) | total (s) |"
+            "pictures with features | plain pictures | clustering (s) | total (s) | load |"
         )
-        print("| --- | --- | --- | --- | --- | --- |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         t0 = time.perf_counter()
         hashed = hash_folder(list_images(tmp).images, backend, zooms=config.zooms)
         t_hash = time.perf_counter() - t0
@@ -424,8 +426,12 @@ def timing(n: int, workers: int) -> None:
     labels = cluster_labels(len(hashed.paths), pairs)
     t_clu = time.perf_counter() - t0
     total = t_hash + t_pairs + t_clu
+    featured = len({k for pair in matches for k in pair})
+    plain = int(np.sum(hashed.detail < PLAIN_CORNERS))
+    load = "/".join(f"{x:.2f}" for x in os.getloadavg())
     print(
-        f"| {n:,} | {t_hash:.1f} | {t_pairs:.1f} | {len(matches):,} | {t_clu:.2f} | {total:.1f} |"
+        f"| {n:,} | {t_hash:.1f} | {t_pairs:.1f} | {len(matches):,} | {featured:,} | {plain:,} "
+        f"| {t_clu:.2f} | {total:.1f} | {load} |"
     )
     print(f"\n{len(set(labels.tolist())):,} clusters, {len(pairs):,} pairs")
 

@@ -249,7 +249,13 @@ def thumb_hashes(gray: NDArray[np.uint8], zooms: Sequence[float] = ZOOMS) -> NDA
     parts = [gray, *_windows(gray), band, *_squares(gray)]
     for z in zooms:
         parts += _windows(gray, z)
-    return phash_batch(parts)
+    # the same view twice (a square picture's squares are all the picture) is hashed once
+    keys = [(p.__array_interface__["data"][0], p.shape) for p in parts]
+    first = {key: n for n, key in reversed(list(enumerate(keys)))}
+    unique = sorted(set(first.values()))
+    hashes = phash_batch([parts[n] for n in unique])
+    where = {n: k for k, n in enumerate(unique)}
+    return hashes[[where[first[key]] for key in keys]]
 
 
 def hamming(a: NDArray[np.uint64], b: NDArray[np.uint64]) -> NDArray[np.uint8]:
