@@ -3,16 +3,29 @@ for tests marked `shared_data` (skipped where that folder is missing)."""
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner, Result
-from synth import DEPTH_SETTINGS, TINY_TRAIN, add_depth, make_inputs
+from synth import (
+    DEPTH_SETTINGS,
+    JAX_DEPTH_SCRIPT,
+    JAX_SIDES,
+    TINY_TRAIN,
+    add_depth,
+    make_inputs,
+    smooth_images,
+)
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -120,13 +133,49 @@ def tiny_run(train_ds_depth: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return tmp / "run"
 
 
+def _runs_jax_side(session: pytest.Session) -> bool:
+    """Whether this session runs test_depth_backends' JAX comparison."""
+    if importlib.util.find_spec("jax") is None:
+        return False
+    return any(Path(str(item.fspath)).stem == "test_depth_backends" for item in session.items)
+
+
 @pytest.fixture(scope="session")
-def with_depth(small_dataset: Path, tmp_path_factory, cli_run) -> tuple[Path, str]:
+def jax_depth_started(small_dataset: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The KERAS_BACKEND=jax process of test_depth_backends (synth.JAX_DEPTH_SCRIPT), running:
+    (process, its folder, the images it predicts). `with_depth` starts it, before its own
+    TensorFlow work, wherever the session runs test_depth_backends: its model load and three
+    single-threaded XLA compiles (the longest part of that file) then overlap the TensorFlow
+    tests that come before it. Its output goes to files, not pipes: a full pipe would stall it.
+    """
+    from test_densedepth_fixtures import half_checkpoint
+
+    tmp = tmp_path_factory.mktemp("jax_side")
+    x = {f"s{side}": smooth_images(side, seed=side) for side in JAX_SIDES}
+    np.savez(tmp / "x.npz", **x)
+    root = tmp / "ds"
+    shutil.copytree(small_dataset, root)
+    args = [str(half_checkpoint()), str(tmp / "x.npz"), str(tmp / "d.npz"), str(root)]
+    cmd = [sys.executable, "-c", JAX_DEPTH_SCRIPT, *args, *DEPTH_SETTINGS]
+    env = {**os.environ, "KERAS_BACKEND": "jax"}
+    with open(tmp / "out.txt", "w") as out, open(tmp / "err.txt", "w") as err:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=err)
+    yield proc, tmp, x
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="session")
+def with_depth(small_dataset: Path, tmp_path_factory, cli_run, request) -> tuple[Path, str]:
     """A copy of small_dataset with depth from the half-width test checkpoint (made once per
-    session, shared by the depth tests), and the depth command's output."""
+    session, shared by the depth tests), and the depth command's output. Starts the JAX side
+    of test_depth_backends first where the session runs it (`jax_depth_started`)."""
     pytest.importorskip("tensorflow")
     from test_densedepth_fixtures import half_checkpoint
 
+    if _runs_jax_side(request.session):
+        request.getfixturevalue("jax_depth_started")
     root = tmp_path_factory.mktemp("depth") / "ds"
     shutil.copytree(small_dataset, root)
     res = cli_run("depth", root, "--weights", half_checkpoint(), *DEPTH_SETTINGS)

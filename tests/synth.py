@@ -65,6 +65,49 @@ CARS = ((30, 18, (200, 30, 30), "red"), (22, 20, (30, 60, 220), "blue"))
 # The settings the session's dataset with depth is made with (conftest's `with_depth`).
 DEPTH_SETTINGS = ("--input-scale", "1", "--batch-size", "4")
 
+# test_depth_backends: the sides `densedepth.predict` is compared at, and the script of the
+# one KERAS_BACKEND=jax process (conftest's `jax_depth_started`): predict on the saved images
+# and write the depth, then `cli.py depth` on a dataset. TensorFlow cannot be imported there,
+# as on a JAX + CUDA machine without it: any import of it on the depth path fails the test.
+JAX_SIDES = (224, 448)
+JAX_DEPTH_SCRIPT = """
+import sys, importlib.abc
+
+class NoTensorFlow(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("tensorflow", "tf_keras"):
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)")
+        return None
+
+sys.meta_path.insert(0, NoTensorFlow())
+import numpy as np, keras, densedepth
+from click.testing import CliRunner
+from cli import cli
+assert keras.backend.backend() == "jax", keras.backend.backend()
+assert "tensorflow" not in sys.modules
+ckpt, src, dst, root, *settings = sys.argv[1:]
+model = densedepth.load_model(ckpt)
+x = np.load(src)
+np.savez(dst, **{k: densedepth.predict(model, x[k], batch_size=1) for k in x.files})
+res = CliRunner().invoke(cli, ["depth", root, "--weights", ckpt, *settings])
+print(res.output)
+if res.exception is not None and not isinstance(res.exception, SystemExit):
+    raise res.exception
+assert not [m for m in sys.modules if m.split(".")[0] == "tensorflow"], "TensorFlow was imported"
+sys.exit(res.exit_code)
+"""
+
+
+def smooth_images(side: int, seed: int) -> np.ndarray:
+    """(1, side, side, 3) float32 in [0, 1]: a smooth random picture (like a photo, unlike
+    noise)."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    small = rng.uniform(0, 1, (side // 16, side // 16, 3)).astype(np.float32)
+    return cv2.resize(small, (side, side), interpolation=cv2.INTER_CUBIC).clip(0, 1)[None]
+
+
 # The training config of the session's tiny run (conftest's `tiny_run`, used by test_trainer
 # and test_export_model): a U-Net with 4 base filters, 3 epochs of 4 steps on 64 samples.
 TINY_TRAIN = {

@@ -5,7 +5,8 @@ KERAS_BACKEND=jax and TensorFlow blocked from import (as on a JAX + CUDA machine
 on the half-width test checkpoint in the published Keras 2.2.4 layout
 (test_densedepth_fixtures), and is compared with this (TensorFlow) process:
 `densedepth.predict` at 224 and 448 model input, and `cli.py depth` on the session's small
-dataset (`with_depth`).
+dataset (`with_depth`). That process (synth.JAX_DEPTH_SCRIPT, conftest's `jax_depth_started`)
+is started by `with_depth`, so its model load and XLA compiles overlap the tests before these.
 """
 
 from __future__ import annotations
@@ -20,44 +21,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from synth import DEPTH_SETTINGS
+from synth import JAX_SIDES
 from test_densedepth_fixtures import half_checkpoint, half_model
 
 pytest.importorskip("tensorflow")
 pytest.importorskip("jax")
 
 ROOT = Path(__file__).resolve().parents[1]
-SIDES = (224, 448)
-
-# Run in one KERAS_BACKEND=jax process (one start-up for both): predict on the saved images
-# and write the depth, then `cli.py depth` on a dataset. TensorFlow cannot be imported there,
-# as on a JAX + CUDA machine without it: any import of it on the depth path fails the test.
-JAX_SIDE = """
-import sys, importlib.abc
-
-class NoTensorFlow(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("tensorflow", "tf_keras"):
-            raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)")
-        return None
-
-sys.meta_path.insert(0, NoTensorFlow())
-import numpy as np, keras, densedepth
-from click.testing import CliRunner
-from cli import cli
-assert keras.backend.backend() == "jax", keras.backend.backend()
-assert "tensorflow" not in sys.modules
-ckpt, src, dst, root, *settings = sys.argv[1:]
-model = densedepth.load_model(ckpt)
-x = np.load(src)
-np.savez(dst, **{k: densedepth.predict(model, x[k], batch_size=1) for k in x.files})
-res = CliRunner().invoke(cli, ["depth", root, "--weights", ckpt, *settings])
-print(res.output)
-if res.exception is not None and not isinstance(res.exception, SystemExit):
-    raise res.exception
-assert not [m for m in sys.modules if m.split(".")[0] == "tensorflow"], "TensorFlow was imported"
-sys.exit(res.exit_code)
-"""
+SIDES = JAX_SIDES
 
 
 def run_python(args: list[str], backend: str) -> subprocess.CompletedProcess:
@@ -65,15 +36,6 @@ def run_python(args: list[str], backend: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
     )
-
-
-def images(side: int, seed: int) -> np.ndarray:
-    """A smooth random picture (like a photo, unlike noise) as float32 in [0, 1]."""
-    import cv2
-
-    rng = np.random.default_rng(seed)
-    small = rng.uniform(0, 1, (side // 16, side // 16, 3)).astype(np.float32)
-    return cv2.resize(small, (side, side), interpolation=cv2.INTER_CUBIC).clip(0, 1)[None]
 
 
 def assert_same_depth(a: np.ndarray, b: np.ndarray, what: str) -> None:
@@ -84,34 +46,13 @@ def assert_same_depth(a: np.ndarray, b: np.ndarray, what: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def jax_started(tmp_path_factory, small_dataset: Path):
-    """The JAX process, started before the TensorFlow side is computed (`jax_side`), so that
-    its single-threaded XLA compilation overlaps TensorFlow's work."""
-    tmp = tmp_path_factory.mktemp("jax_side")
-    x = {f"s{side}": images(side, seed=side) for side in SIDES}
-    np.savez(tmp / "x.npz", **x)
-    root = tmp / "ds"
-    shutil.copytree(small_dataset, root)
-    args = [str(half_checkpoint()), str(tmp / "x.npz"), str(tmp / "d.npz"), str(root)]
-    env = {**os.environ, "KERAS_BACKEND": "jax"}
-    # Its output goes to files, not pipes: a full pipe would stall it while TensorFlow works.
-    with open(tmp / "out.txt", "w") as out, open(tmp / "err.txt", "w") as err:
-        cmd = [sys.executable, "-c", JAX_SIDE, *args, *DEPTH_SETTINGS]
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=err)
-    yield proc, tmp, x
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
-
-
-@pytest.fixture(scope="module")
-def jax_side(jax_started, with_depth) -> dict:
+def jax_side(jax_depth_started, with_depth) -> dict:
     """The JAX process's results: `x` and `depth` (inputs, and what `densedepth.predict` gives
     on JAX, at each side in SIDES), `root` (a copy of small_dataset given depth by `cli.py
     depth` on JAX) and `output` (the command's); `tf_depth`: predict's on TensorFlow."""
     import densedepth
 
-    proc, tmp, x = jax_started
+    proc, tmp, x = jax_depth_started  # started by with_depth, before its TensorFlow work
     tf_depth = {k: densedepth.predict(half_model(), v, batch_size=1) for k, v in x.items()}
     proc.wait(timeout=600)
     out, err = ((tmp / name).read_text() for name in ("out.txt", "err.txt"))
