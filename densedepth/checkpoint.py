@@ -219,7 +219,7 @@ def load_checkpoint(path: str | Path, precision: str = "float32") -> Any:
 def _load_keras3(path: Path, precision: str) -> Any:
     import keras
 
-    from .model import BilinearUpSampling2D, architecture_of, rebuild
+    from .model import BilinearUpSampling2D, architecture_of, fuse_batch_norms, rebuild
 
     try:
         model = keras.saving.load_model(
@@ -229,6 +229,7 @@ def _load_keras3(path: Path, precision: str) -> Any:
             safe_mode=True,
         )
         architecture_of(model)
+        fuse_batch_norms(model)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"cannot load Keras model {path} ({e}); " + REFETCH) from None
     return model if precision == "float32" else rebuild(model, precision)

@@ -215,6 +215,40 @@ def _up_block(x: Any, skip: Any, filters: int, name: str, align_corners: bool, i
     return layers.LeakyReLU(negative_slope=0.2, name=f"{name}_leakyreluB")(x)
 
 
+def _fused_batch_norm_call(self: Any, inputs: Any, training: Any = None, mask: Any = None) -> Any:
+    """BatchNormalization.call in inference on TensorFlow as one FusedBatchNormV3 op (what
+    Keras 2 and upstream's code ran) instead of keras.ops' five; anything else: Keras' own."""
+    if training or mask is not None or len(inputs.shape) != 4 or self.axis not in (3, -1):
+        return type(self).call(self, inputs, training=training, mask=mask)
+    import tensorflow as tf
+
+    y, _, _ = tf.compat.v1.nn.fused_batch_norm(
+        tf.cast(inputs, "float32"),  # as Keras does: batch norm is computed in float32
+        self.gamma.value,
+        self.beta.value,
+        mean=self.moving_mean.value,
+        variance=self.moving_variance.value,
+        epsilon=self.epsilon,
+        is_training=False,
+    )
+    return tf.cast(y, self.compute_dtype)
+
+
+def fuse_batch_norms(model: keras.Model) -> keras.Model:
+    """On TensorFlow, give the model's batch norms the fused inference kernel (per layer, so the
+    layers' class and config, and saved files, stay Keras' own). On the full-width model the
+    raw output was bit-identical (Grappler had rewritten keras.ops' ops into the same kernel);
+    what changes is the trace: one graph op per batch norm instead of several plus four
+    variable reads, which halves the first call's trace (bench/depth_results.md). Other
+    backends: unchanged."""
+    if keras.backend.backend() != "tensorflow":
+        return model
+    for layer in model.layers:
+        if isinstance(layer, layers.BatchNormalization) and layer.center and layer.scale:
+            layer.call = _fused_batch_norm_call.__get__(layer)
+    return model
+
+
 def _forget_presets(model: keras.Model) -> None:
     """Give every layer built from arrays its default initializers back, so that its config
     (and a saved `.keras` file) is that of a model built without them, and the arrays are
@@ -252,7 +286,7 @@ def build_model(
         model = keras.Model(img, out, name=f"densedepth_{encoder}_f{F}")
     if initial:
         _forget_presets(model)
-    return model
+    return fuse_batch_norms(model)
 
 
 def weights_of(model: keras.Model) -> dict[str, dict[str, Any]]:

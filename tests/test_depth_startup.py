@@ -123,3 +123,28 @@ def test_depth_image_eager_path_is_the_engines_maths() -> None:
     got = eager_depth(half_model(), x)
     assert got.shape == ref.shape == (1, 64, 96) and got.dtype == np.float32
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_batch_norm_gives_keras_batch_norm_output() -> None:
+    """On TensorFlow the batch norms run as one fused op each (a shorter trace): same output
+    as Keras' own BatchNormalization.call, a smaller graph, the layers' config unchanged."""
+    import keras
+    import tensorflow as tf
+
+    model = load_checkpoint(half_checkpoint())
+    bns = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert len(bns) == 169 and all("call" in vars(layer) for layer in bns)
+    x = np.random.default_rng(4).uniform(0, 1, (2, 64, 96, 3)).astype(np.float32)
+    spec = tf.TensorSpec([None, None, None, 3], tf.float32)
+    fused = tf.function(lambda t: model(t, training=False)).get_concrete_function(spec)
+    got = fused(tf.constant(x)).numpy()
+    for layer in bns:
+        layer.call = type(layer).call.__get__(layer)  # back to Keras' own
+    plain = tf.function(lambda t: model(t, training=False)).get_concrete_function(spec)
+    ref = plain(tf.constant(x)).numpy()
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    assert len(fused.graph.get_operations()) < len(plain.graph.get_operations()) - 500
+    assert (
+        bns[0].get_config()
+        == keras.layers.BatchNormalization.from_config(bns[0].get_config()).get_config()
+    )
