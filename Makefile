@@ -9,7 +9,7 @@ WORKERS ?= 2
 SCENE_ARGS ?= --cars 1-4 --scale 0.6-1.2 --placement ground --truncation 0.1 \
 	--blend none,gaussian,motion,poisson --shadow 0.5
 
-.PHONY: install dataset test bench bench-gpu lint format clean assets train-demo
+.PHONY: install dataset test bench bench-gpu bench-upstream lint format clean assets train-demo
 
 install: $(STAMP)
 
@@ -82,6 +82,11 @@ bench: $(STAMP)
 	$(PY) bench/bench_depth.py
 	$(PY) bench/bench_trainer.py
 	$(PY) bench/bench_export.py
+
+# DenseDepth against upstream's own Keras 2 code, whole processes (bench/depth_results.md):
+# BENCH_UPSTREAM_SRC=<DenseDepth's git directory or checkout>; its venv is made in bench/out/.
+bench-upstream: $(STAMP)
+	$(PY) bench/bench_depth.py --upstream
 
 # DenseDepth on a GPU (the device machine): composites/s and GPU utilisation at 224 and 448.
 # The device machine carries JAX + CUDA without TensorFlow and cannot reach the registry: no
