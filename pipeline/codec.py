@@ -23,9 +23,6 @@ from .files import atomic_write_bytes
 
 CHROMA = {"420": "420", "444": "444"}
 
-# A composite, or a function that makes it (called on the encoder's thread).
-Image = NDArray[np.uint8] | Callable[[], NDArray[np.uint8]]
-
 
 def encode(rgb: NDArray[np.uint8], fmt: str, quality: int = 95, subsampling: str = "420") -> bytes:
     """(H, W, 3) uint8 RGB, C-contiguous -> JPEG or PNG bytes."""
@@ -40,27 +37,25 @@ def encode(rgb: NDArray[np.uint8], fmt: str, quality: int = 95, subsampling: str
 
 
 class Encoder:
-    """Encodes composites on helper threads while the caller makes the next ones (libjpeg-turbo,
+    """Encodes composites on a helper thread while the caller makes the next ones (libjpeg-turbo,
     zlib and OpenCV release the GIL, so one worker process keeps two cores busy).
 
-    `submit(rgb, side, *args)` in sample order (the arrays must not change afterwards; `rgb`
-    may also be a function that makes the image, called on a helper thread, which moves that
-    work off the caller's thread too): the image is encoded and `side(*args)` (other per-sample
-    work that releases the GIL, such as compressing label maps), if given, runs beside it;
-    `results()` then gives the encoded images and `side_results()` the side work's results,
-    both in submission order, whatever the number of threads. Samples go to the threads
-    `batch` at a time: each task costs the caller the GIL for queueing and waking a thread, and
-    a thread needs the GIL back around every call, so fewer, larger tasks keep the threads out
-    of each other's way."""
+    `submit(rgb, side, *args)` in sample order (the arrays must not change afterwards): the
+    image is encoded and `side(*args)` (other per-sample work that releases the GIL, such as
+    compressing label maps), if given, runs beside it; `results()` then gives the encoded images
+    and `side_results()` the side work's results, both in submission order. Samples go to the
+    thread `batch` at a time: each task costs the caller the GIL for queueing and waking the
+    thread, and the thread needs the GIL back around every call, so fewer, larger tasks keep
+    the two threads out of each other's way."""
 
     def __init__(
         self, pool: ThreadPoolExecutor, fmt: str, quality: int, subsampling: str, batch: int = 8
     ) -> None:
         self._pool, self._args, self._batch = pool, (fmt, quality, subsampling), batch
-        self._pending: list[tuple[Image, Callable[..., Any] | None, tuple]] = []
+        self._pending: list[tuple[NDArray[np.uint8], Callable[..., Any] | None, tuple]] = []
         self._futures: list[Future[list[tuple[bytes, Any]]]] = []
 
-    def submit(self, rgb: Image, side: Callable[..., Any] | None = None, *args: Any) -> None:
+    def submit(self, rgb: NDArray[np.uint8], side: Callable[..., Any] | None = None, *args: Any):
         self._pending.append((rgb, side, args))
         if len(self._pending) >= self._batch:
             self._flush()
@@ -81,19 +76,16 @@ class Encoder:
         return [side for _, side in self._done()]
 
 
-def _encode_batch(items: list[tuple[Image, Callable[..., Any] | None, tuple]], args: tuple):
-    return [
-        (encode(rgb() if callable(rgb) else rgb, *args), side(*a) if side else None)
-        for rgb, side, a in items
-    ]
+def _encode_batch(
+    items: list[tuple[NDArray[np.uint8], Callable[..., Any] | None, tuple]], args: tuple
+) -> list[tuple[bytes, Any]]:
+    return [(encode(rgb, *args), side(*a) if side else None) for rgb, side, a in items]
 
 
 @contextmanager
-def encoder(
-    fmt: str, quality: int = 95, subsampling: str = "420", threads: int = 1
-) -> Iterator[Encoder]:
-    """An `Encoder` whose threads end with the block (an error in one surfaces in `results`)."""
-    with ThreadPoolExecutor(threads, thread_name_prefix="encode") as pool:
+def encoder(fmt: str, quality: int = 95, subsampling: str = "420") -> Iterator[Encoder]:
+    """An `Encoder` whose thread ends with the block (an error in it surfaces in `results`)."""
+    with ThreadPoolExecutor(1, thread_name_prefix="encode") as pool:
         yield Encoder(pool, fmt, quality, subsampling)
 
 

@@ -39,7 +39,7 @@ from .files import sha256_file
 from .images import fit_crop, list_images, read_rgb, read_rgba
 from .progress import NO_PROGRESS, Progress
 from .runner import Backend, map_shards
-from .scenes import Cutouts, SceneConfig, draw_candidates, plan_scene
+from .scenes import Cutouts, SceneConfig, draw_candidates, make_scene
 
 log = logging.getLogger(__name__)
 
@@ -290,12 +290,12 @@ def _scene_shard(job: ShardJob, assets: _WorkerAssets, meta: NDArray[Any]) -> fm
     ends = np.append(starts[1:], len(cands))
     rows: list[NDArray[Any]] = []
     masks = np.zeros((len(meta), geom.height, (geom.width + 7) // 8), np.uint8)
-    with codec.encoder(cfg.format, cfg.quality, cfg.subsampling, threads=2) as encoder:
+    with codec.encoder(cfg.format, cfg.quality, cfg.subsampling) as encoder:
         for i, bg_id in enumerate(meta["bg"]):
             bg = assets.backgrounds[bg_id]
             cands_i = cands[starts[i] : ends[i]]
-            scene = plan_scene(cands_i, bg, assets.cutouts, cfg.scene.min_visible)
-            encoder.submit(scene.paint, fmt.scene_label_chunks, scene.instance_mask)
+            scene = make_scene(cands_i, bg, assets.cutouts, cfg.scene.min_visible)
+            encoder.submit(scene.image, fmt.scene_label_chunks, scene.instance_mask)
             rows.append(scene.rows)
             first = scene.rows[scene.first]
             meta["x"][i], meta["y"][i] = first["x"], first["y"]

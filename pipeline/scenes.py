@@ -572,24 +572,6 @@ def render(
 
 
 @dataclass
-class ScenePlan:
-    """One sample chosen but not yet painted: its instance records (id order, far to near), the
-    instance mask, which record is the combination's (first) car, and what `paint` needs.
-    Painting is a pure function of these, so it may run on another thread."""
-
-    rows: NDArray[Any]
-    instance_mask: NDArray[np.uint16]
-    first: int
-    background: NDArray[np.uint8]
-    kept: list[dict[str, Any]]
-    cars: list[tuple[NDArray[np.uint8], NDArray[np.bool_]]]
-    cutouts: Cutouts
-
-    def paint(self) -> NDArray[np.uint8]:
-        return paint(self.kept, self.background, self.cutouts, self.cars)
-
-
-@dataclass
 class Scene:
     """One made sample: its instance records (id order, far to near), the composite, the
     instance mask, and which record is the combination's (first) car."""
@@ -611,14 +593,6 @@ def make_scene(
     candidates: NDArray[Any], background: NDArray[np.uint8], cutouts: Cutouts, min_visible: float
 ) -> Scene:
     """One sample from its candidate cars (slot order; the first is the combination's car)."""
-    plan = plan_scene(candidates, background, cutouts, min_visible)
-    return Scene(plan.rows, plan.paint(), plan.instance_mask, plan.first)
-
-
-def plan_scene(
-    candidates: NDArray[Any], background: NDArray[np.uint8], cutouts: Cutouts, min_visible: float
-) -> ScenePlan:
-    """`make_scene` up to the painting: the cars chosen, their records and the instance mask."""
     hw = background.shape[:2]
     recs = records(candidates)
     cars, labels = zip(*(cutouts.scaled(r) for r in recs), strict=True)
@@ -634,9 +608,9 @@ def plan_scene(
     # One array from the dicts (their keys are in the dtype's order): field-by-field
     # assignment into a record array costs several microseconds a field.
     rows = np.array([tuple(r.values()) for r in kept], candidates.dtype)
+    img = paint(kept, background, cutouts, [(cars[v.pos], labels[v.pos]) for v in views])
     first = next(k for k, v in enumerate(views) if v.pos == 0)
-    chosen = [(cars[v.pos], labels[v.pos]) for v in views]
-    return ScenePlan(rows, inst, first, background, kept, chosen, cutouts)
+    return Scene(rows, img, inst, first)
 
 
 def _tight(v: _View) -> tuple[int, int, int, int]:
