@@ -74,8 +74,8 @@ class DepthConfig:
     factor whose multiple of 14 nearest to it x the composite's longer side is the input side.
     precision `auto`: float16 on a GPU (checked against float32 on the first batch, with
     float32 as the fallback), float32 on a CPU, decided where the model runs. batch_size 0:
-    automatic (64 on a GPU, 8 on a CPU). xla None: on a GPU only. replace: redo every shard,
-    even one with depth from another model."""
+    automatic (64 on a GPU; on a CPU 16 up to 224x224 model input, else 8). xla None: on a GPU
+    only. replace: redo every shard, even one with depth from another model."""
 
     weights: str | None = None
     batch_size: int = 0
@@ -108,6 +108,10 @@ class DepthReport:
     steady_rate: float  # samples/s from the end of the first batch to the end
     checkpoint: Path | None
     settings: dict[str, Any] = field(default_factory=dict)
+
+
+# Largest model input (pixels) that a CPU runs 16 at a time by default (8 above it).
+CPU_BATCH16_PIXELS = 224 * 224
 
 
 @dataclass(frozen=True)
@@ -177,8 +181,23 @@ class DepthJob:
             "batch_size": self.batch_size,
         }
 
+    def model_pixels(self) -> int:
+        """Pixels of one model input: Depth Anything's square side, or DenseDepth's composite
+        times the input scale."""
+        if self.input_size:
+            return self.input_size**2
+        return self.hw[0] * self.hw[1] * (self.input_scale or 1) ** 2
+
     def batch_for(self, engine: Any) -> int:
-        return self.batch_size or (64 if engine.gpu else 8)
+        """As asked, else 64 on a GPU; on a CPU 16 inputs of up to 224x224 pixels and 8 of larger
+        ones (measured: at 224 input 16 runs ~7% faster than 8 on an AVX-512 CPU and the same on
+        an AVX2 one; at 448, 16 is no faster and needs 1.3 GB more). The depth does not depend
+        on the batch size (bit-identical at 8 and 16)."""
+        if self.batch_size:
+            return self.batch_size
+        if engine.gpu:
+            return 64
+        return 16 if self.model_pixels() <= CPU_BATCH16_PIXELS else 8
 
     def attrs(self, engine: Any) -> dict[str, Any]:
         """The depth attributes of every shard this job writes (with `engine`): the kind of

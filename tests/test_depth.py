@@ -270,6 +270,25 @@ def test_auto_means_the_same_everywhere() -> None:
     assert choose_precision("bfloat16", gpu=False) == "bfloat16"
 
 
+def test_the_default_batch_follows_the_device_and_the_input_size() -> None:
+    """Asked: as asked; a GPU: 64; a CPU: 16 up to 224x224 model input, 8 above it."""
+    from types import SimpleNamespace
+
+    from pipeline.depth import DepthJob
+
+    cpu, gpu = SimpleNamespace(gpu=False), SimpleNamespace(gpu=True)
+
+    def job(hw, scale, batch=0, side=0):
+        return DepthJob(Path("."), Path("w"), "", hw, scale, "auto", None, batch, input_size=side)
+
+    assert job((224, 224), 1).batch_for(cpu) == 16
+    assert job((224, 224), 2).batch_for(cpu) == 8  # the default scale: 448 input
+    assert job((112, 112), 2).batch_for(cpu) == 16
+    assert job((224, 224), 1, side=518).batch_for(cpu) == 8  # Depth Anything at its preset size
+    assert job((224, 224), 1).batch_for(gpu) == 64
+    assert job((224, 224), 1, batch=5).batch_for(cpu) == 5
+
+
 def test_a_short_xla_batch_repeats_its_last_image() -> None:
     images = np.arange(2 * 2 * 2 * 3, dtype=np.uint8).reshape(2, 2, 2, 3)
     padded = pad_batch(images, 4)
