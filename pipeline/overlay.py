@@ -597,6 +597,11 @@ def run_overlay(
             manifest["shards"] = [records[k] for k in sorted(records)]
             fmt.write_manifest(out, manifest, sync=False)
             progress.update(rec["count"])
+    except BaseException:
+        # A failed shard stops the other workers (joblib ends them, mid-write perhaps): their
+        # temporaries go now, not only at the next run's start.
+        fmt.remove_stale_temporaries(out)
+        raise
     finally:
         _IN_MEMORY.clear()
     manifest["stages"]["overlay"]["status"] = "complete"
