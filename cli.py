@@ -456,8 +456,8 @@ def stats(dataset: Path, backend: Backend) -> None:
     if s["depth"]:
         d = s["depth"]
         click.echo(
-            f"  depth    mean {d['mean']:.4f}, std {d['std']:.4f}, "
-            f"range {d['min']:.4f}..{d['max']:.4f}"
+            f"  depth    {d.get('kind', 'normalised_depth')}: mean {d['mean']:.4f}, "
+            f"std {d['std']:.4f}, range {d['min']:.4f}..{d['max']:.4f}"
         )
     else:
         click.echo("  depth    none yet (run the depth stage)")

@@ -88,7 +88,7 @@ def test_manifest_shard_attributes_and_other_stages(with_depth, tmp_path: Path, 
         assert set(f) == {"fg_bg", "fg_bg_offsets", "mask", "meta", "depth"}
     assert run_verify(root).ok  # shard records (bytes, sha256) follow the rewritten shards
     res = cli_run("stats", root, "--workers", "1")
-    assert res.exit_code == 0 and "depth    mean" in res.output
+    assert res.exit_code == 0 and "depth    normalised_depth: mean" in res.output
     d = json.loads((root / "stats.json").read_text())["depth"]
     assert 0.01 <= d["min"] <= d["mean"] <= d["max"] <= 1
     assert cli_run("preview", root, "--n", "2", "--out", tmp_path / "p.png").exit_code == 0

@@ -215,7 +215,8 @@ def test_stats_preview_and_export_read_the_kind(with_anything, tmp_path: Path, c
     from pipeline.preview import depth_colormap
 
     root, _ = with_anything
-    assert cli_run("stats", root, "--workers", "1").exit_code == 0
+    res = cli_run("stats", root, "--workers", "1")
+    assert res.exit_code == 0 and "depth    relative_disparity: mean" in res.output
     d = json.loads((root / "stats.json").read_text())["depth"]
     assert d["kind"] == "relative_disparity" and d["min"] == 0 and d["max"] == 1
     ramp = np.linspace(0, 1, 8)[None].repeat(2, 0)  # larger: farther depth, nearer disparity
