@@ -37,6 +37,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from .errors import CheckpointError, InferenceError, WeightsError
+from .inference import EngineViews
 
 log = logging.getLogger(__name__)
 
@@ -318,7 +319,7 @@ def _describe(model: Any) -> str:
     return f"Depth Anything V2 DINOv2 {enc.num_layers}x{enc.hidden_dim}"
 
 
-class AnythingEngine:
+class AnythingEngine(EngineViews):
     """The Depth Anything counterpart of `densedepth.inference.Engine` (same attributes, same
     first-batch precision check and `auto` fallback)."""
 
@@ -345,22 +346,6 @@ class AnythingEngine:
         self.name = _describe(model)
         self._run = AnythingForward(model, settings, folder, dtype)
         self._pending_check = precision != "float32"
-
-    @property
-    def precision(self) -> str:
-        return self._run.settings.precision
-
-    @property
-    def xla(self) -> bool:
-        return self._run.settings.xla
-
-    @property
-    def settings(self) -> AnythingSettings:
-        return self._run.settings
-
-    @property
-    def model(self) -> Any:
-        return self._run.model
 
     def _float32(self) -> AnythingForward:
         settings = dataclasses.replace(self.settings, precision="float32")

@@ -236,7 +236,30 @@ def judge_precision(diff: dict[str, float], precision: str, auto: bool) -> bool:
     return bad and auto
 
 
-class Engine:
+class EngineViews:
+    """What an engine tells of the forward pass it runs (`_run`, with `settings` and `model`):
+    shared by DenseDepth's `Engine` and Depth Anything's."""
+
+    _run: Any
+
+    @property
+    def precision(self) -> str:
+        return self._run.settings.precision
+
+    @property
+    def xla(self) -> bool:
+        return self._run.settings.xla
+
+    @property
+    def settings(self) -> Any:
+        return self._run.settings
+
+    @property
+    def model(self) -> Any:
+        return self._run.model
+
+
+class Engine(EngineViews):
     """A loaded checkpoint ready for depth (made by `load_engine`): uint8 (N, H, W, 3) ->
     normalised depth (N, H, W) as `dtype`, at the precision chosen for its device.
 
@@ -269,22 +292,6 @@ class Engine:
         model = model32 if precision == "float32" else rebuild(model32, precision)
         self._run = DepthEngine(model, settings, dtype=dtype)
         self._model32 = None if precision == "float32" else model32
-
-    @property
-    def precision(self) -> str:
-        return self._run.settings.precision
-
-    @property
-    def xla(self) -> bool:
-        return self._run.settings.xla
-
-    @property
-    def settings(self) -> EngineSettings:
-        return self._run.settings
-
-    @property
-    def model(self) -> Any:
-        return self._run.model
 
     def check_precision(self, images: NDArray[np.uint8]) -> dict[str, float] | None:
         """Compare with float32 on `images` (once; later calls return the first result)."""
