@@ -290,16 +290,21 @@ def _scene_shard(job: ShardJob, assets: _WorkerAssets, meta: NDArray[Any]) -> fm
     ends = np.append(starts[1:], len(cands))
     rows: list[NDArray[Any]] = []
     masks = np.zeros((len(meta), geom.height, (geom.width + 7) // 8), np.uint8)
+    made = []
     with codec.encoder(cfg.format, cfg.quality, cfg.subsampling) as encoder:
         for i, bg_id in enumerate(meta["bg"]):
             bg = assets.backgrounds[bg_id]
             cands_i = cands[starts[i] : ends[i]]
             scene = make_scene(cands_i, bg, assets.cutouts, cfg.scene.min_visible)
-            encoder.submit(scene.image, fmt.scene_label_chunks, scene.instance_mask)
+            encoder.submit(scene.image)
+            # The label chunks are made here, not beside the encoding: they are a dozen short
+            # calls, and each time the encoder thread wants the GIL back between them, this
+            # thread waits (12% slower over 6 alternating rounds of 10K samples).
+            made.append(fmt.scene_label_chunks(scene.instance_mask))
             rows.append(scene.rows)
             first = scene.rows[scene.first]
             meta["x"][i], meta["y"][i] = first["x"], first["y"]
-        images, made = encoder.results(), encoder.side_results()
+        images = encoder.results()
     for i, (packed, _, _) in enumerate(made):
         masks[i] = packed
     return fmt.ShardArrays(
