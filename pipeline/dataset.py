@@ -240,25 +240,54 @@ def create_h5(path: Path) -> h5py.File:
     return h5py.File(h5py.h5f.create(str(path).encode(), h5py.h5f.ACC_TRUNC, fcpl=fcpl, fapl=fapl))
 
 
+@dataclass
+class FileImage:
+    """An HDF5 file's bytes as they will be on disk, built in memory and not yet written
+    (`write_image`): the superblock, then the rest (a view, not a copy, of HDF5's image)."""
+
+    head: bytes
+    rest: memoryview
+
+
+@dataclass
+class _Built:
+    file: h5py.File
+    image: FileImage | None = None
+
+
+@contextmanager
+def h5_built(size_hint: int = 0) -> Iterator[_Built]:
+    """An HDF5 file built in memory (see pipeline.h5image): the block fills `built.file`; once
+    it ends, the file is closed and `built.image` holds its bytes, for `write_image`."""
+    built = _Built(h5image.memory_file(*_h5_properties(), size_hint))
+    try:
+        yield built
+        built.image = FileImage(*h5image.file_image(built.file))
+    finally:
+        built.file.close()
+
+
 @contextmanager
 def h5_written_to(path: Path, size_hint: int = 0) -> Iterator[h5py.File]:
-    """An HDF5 file built in memory and written to `path` atomically when the block ends (see
-    pipeline.h5image: HDF5 itself never writes, so a full disk is one clean OutputError)."""
-    f = h5image.memory_file(*_h5_properties(), size_hint)
-    try:
-        yield f
-        head, rest = h5image.file_image(f)
-    finally:
-        f.close()
-    digest = hashlib.sha256(head)
+    """An HDF5 file built in memory and written to `path` atomically when the block ends (HDF5
+    itself never writes, so a full disk is one clean OutputError)."""
+    with h5_built(size_hint) as built:
+        yield built.file
+    assert built.image is not None
+    write_image(path, built.image)
+
+
+def write_image(path: Path, image: FileImage) -> None:
+    """Write a built file to `path` atomically, remembering its sha256 (for refresh_record)."""
+    digest = hashlib.sha256(image.head)
     # Hash on a thread while the bytes are written (both release the GIL): refresh_record
     # then need not read the file back.
-    hashing = threading.Thread(target=digest.update, args=(rest,))
+    hashing = threading.Thread(target=digest.update, args=(image.rest,))
     hashing.start()
     try:
         with writing(path) as tmp, open(tmp, "wb") as out:
-            out.write(head)
-            out.write(rest)
+            out.write(image.head)
+            out.write(image.rest)
     finally:
         hashing.join()
     _remember_sha256(path, digest.hexdigest())
@@ -289,17 +318,25 @@ def file_sha256(path: Path) -> str:
 
 def write_shard(path: Path, shard: ShardArrays, first: int) -> int:
     """Write a shard atomically; returns its size in bytes."""
-    # No fsync: a killed process loses nothing the page cache holds, and fsync per shard would
-    # cost ~7% of overlay's time. The rename still makes a half-written shard impossible.
+    write_image(path, shard_image(shard, first))
+    return path.stat().st_size
+
+
+def shard_image(shard: ShardArrays, first: int) -> FileImage:
+    """A shard's file, built in memory: what `write_image` writes."""
+    # No fsync when it is written: a killed process loses nothing the page cache holds, and
+    # fsync per shard would cost ~7% of overlay's time. The rename still makes a half-written
+    # shard impossible.
     size = sum(map(len, shard.images)) + shard.masks.nbytes + shard.meta.nbytes
     size += 0 if shard.depth is None else shard.depth.size * 2
     if shard.instance_chunks is not None:
         size += sum(map(len, shard.instance_chunks)) + len(shard.instance_chunks) * 64
     elif shard.instance_masks is not None:  # mostly zeros: gzip keeps a small part of it
         size += shard.instance_masks.nbytes // 8 + shard.instance_masks.shape[0] * 64
-    with h5_written_to(path, size) as f:
-        fill_shard(f, shard, first)
-    return path.stat().st_size
+    with h5_built(size) as built:
+        fill_shard(built.file, shard, first)
+    assert built.image is not None
+    return built.image
 
 
 def fill_shard(f: h5py.File, shard: ShardArrays, first: int) -> None:

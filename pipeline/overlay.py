@@ -15,6 +15,7 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -38,7 +39,7 @@ from .errors import BadImageError, InputFolderError, OnBad, OutputError, Pipelin
 from .files import sha256_file
 from .images import fit_crop, list_images, read_rgb, read_rgba
 from .progress import NO_PROGRESS, Progress
-from .runner import Backend, map_shards
+from .runner import Backend, Staged, map_shards
 from .scenes import Cutouts, SceneConfig, draw_candidates, make_scene
 
 log = logging.getLogger(__name__)
@@ -250,18 +251,36 @@ def _worker_assets(root: str, sha: str, mirrors: int) -> _WorkerAssets:
 _IN_MEMORY: dict[tuple[str, str], fmt.Assets] = {}
 
 
-def make_shard(job: ShardJob, k: int) -> dict[str, Any]:
-    """Make shard k and write it atomically; returns its manifest record."""
+@dataclass
+class _MadeShard:
+    root: Path
+    record: dict[str, Any]
+    image: fmt.FileImage
+
+
+def _make_shard_image(job: ShardJob, k: int) -> _MadeShard:
+    """Shard k's file, built in memory."""
     cfg, geom = job.config, job.geometry
     assets = _worker_assets(job.root, job.assets_sha256, geom.mirrors)
     first = k * cfg.shard_size
     count = min(cfg.shard_size, geom.num_samples - first)
     meta = draw_placements(cfg.seed, geom, assets.fg_sizes, first, count)
     make = _scene_shard if cfg.scenes else _plain_shard
-    shard = make(job, assets, meta)
-    fmt.write_shard(Path(job.root) / fmt.shard_name(k), shard, first)
+    image = fmt.shard_image(make(job, assets, meta), first)
     record = {"file": fmt.shard_name(k), "first": first, "count": count}
-    return fmt.refresh_record(Path(job.root), record)
+    return _MadeShard(Path(job.root), record, image)
+
+
+def _write_shard(made: _MadeShard) -> dict[str, Any]:
+    """Write a made shard atomically; returns its manifest record."""
+    fmt.write_image(made.root / made.record["file"], made.image)
+    return fmt.refresh_record(made.root, made.record)
+
+
+# Make shard k and write it atomically; returns its manifest record. Run here (one worker),
+# each shard is written while the next is made: +7% samples/s, scenes and defaults alike, where
+# a 22 MB shard took 40 ms to write (medians of 4 and 3 alternating rounds).
+make_shard = Staged(_make_shard_image, _write_shard)
 
 
 def _plain_shard(job: ShardJob, assets: _WorkerAssets, meta: NDArray[Any]) -> fmt.ShardArrays:
@@ -596,12 +615,14 @@ def run_overlay(
     job = ShardJob(str(out.resolve()), config, geom, manifest["assets"]["sha256"], horizons)
     todo = [(job, k) for k in range(num_shards) if k not in done]
     records = dict(done)
+    shards = map_shards(make_shard, todo, backend, shared_path=job.root)
     try:
-        for rec in map_shards(make_shard, todo, backend, shared_path=job.root):
-            records[rec["first"] // config.shard_size] = rec
-            manifest["shards"] = [records[k] for k in sorted(records)]
-            fmt.write_manifest(out, manifest, sync=False)
-            progress.update(rec["count"])
+        with contextlib.closing(shards):  # a shard being written ends before the clean-up
+            for rec in shards:
+                records[rec["first"] // config.shard_size] = rec
+                manifest["shards"] = [records[k] for k in sorted(records)]
+                fmt.write_manifest(out, manifest, sync=False)
+                progress.update(rec["count"])
     except BaseException:
         # A failed shard stops the other workers (joblib ends them, mid-write perhaps): their
         # temporaries go now, not only at the next run's start.

@@ -14,16 +14,17 @@ import logging
 import os
 import uuid
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from joblib import Parallel, delayed, parallel_config
 
 from .errors import ClusterError, PipelineError, WorkerError
 
-__all__ = ["BACKENDS", "Backend", "ClusterError", "map_shards"]
+__all__ = ["BACKENDS", "Backend", "ClusterError", "Staged", "map_shards"]
 
 T = TypeVar("T")
 BACKENDS = ("local", "dask")
@@ -156,10 +157,49 @@ def map_shards(
         yield from _map_dask(fn, args, backend, shared_path, writes)
         return
     if backend.workers <= 1 or len(args) <= 1:
+        yield from _map_in_process(fn, args)
+        return
+    yield from _map_local(fn, args, backend.workers)
+
+
+@dataclass(frozen=True)
+class Staged(Generic[T]):
+    """A per-shard function in two steps: `make(*args)`, the work, then `finish(made)`, the
+    part that waits on I/O with the GIL released (writing the shard). Wherever it is called it
+    runs as one function (`Staged(...)(*args)`); `map_shards` in this process runs each
+    shard's finish on a helper thread while the next shard is made."""
+
+    make: Callable[..., Any]
+    finish: Callable[[Any], T]
+
+    def __call__(self, *args: Any) -> T:
+        return self.finish(self.make(*args))
+
+
+def _map_in_process(fn: Callable[..., T], args: list[tuple[Any, ...]]) -> Iterator[T]:
+    """fn over args in order, here; a `Staged` fn's finishing overlaps the next one's making.
+    A result comes only once its finish has ended; whatever stops the loop (an error, Ctrl-C,
+    the caller closing it) first lets a finish under way end."""
+    if not isinstance(fn, Staged):
         for a in args:
             yield fn(*a)
         return
-    yield from _map_local(fn, args, backend.workers)
+    with ThreadPoolExecutor(1, thread_name_prefix="finish") as pool:
+        pending: Future[T] | None = None
+        try:
+            for a in args:
+                made = fn.make(*a)
+                previous = pending
+                ready = previous.result() if previous is not None else None
+                pending = pool.submit(fn.finish, made)  # before the caller takes the last one
+                if previous is not None:
+                    yield ready  # type: ignore[misc]
+            if pending is not None:
+                done, pending = pending, None
+                yield done.result()
+        finally:
+            if pending is not None:
+                wait([pending])
 
 
 def _map_local(fn: Callable[..., T], args: list[tuple[Any, ...]], workers: int) -> Iterator[T]:
